@@ -1,0 +1,55 @@
+"""Shared fixtures for the core tests (CPU, small images)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def shared_data_dir() -> Path | None:
+    """``../shared/data`` beside the repository (or ``$DEEPABDOMINALREG_SHARED_DATA``); ``None`` when absent."""
+    env = os.environ.get("DEEPABDOMINALREG_SHARED_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[3].parent / "shared" / "data")
+    for candidate in candidates:
+        if (candidate / "totalsegmentator").is_dir():
+            return candidate
+    return None
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("../shared/data is not available (a user's clone); real-CT tests skipped")
+    return path
+
+
+def oblique_direction(angle_deg: float = 20.0, flip: bool = True) -> tuple[float, ...]:
+    """A rotation about an oblique axis, optionally composed with a flip of x and y (LPS <-> RAS-like)."""
+    a = np.deg2rad(angle_deg)
+    axis = np.array([1.0, 2.0, 3.0]) / np.sqrt(14.0)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rot = np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+    if flip:
+        rot = rot @ np.diag([-1.0, -1.0, 1.0])
+    return tuple(rot.ravel())
+
+
+@pytest.fixture
+def oblique_image() -> sitk.Image:
+    """A smooth blob image, 24x20x16 voxels, anisotropic spacing, oblique and flipped direction."""
+    z, y, x = np.mgrid[0:16, 0:20, 0:24].astype(np.float32)
+    array = np.exp(-(((x - 11) / 6) ** 2 + ((y - 9) / 5) ** 2 + ((z - 7) / 4) ** 2)) * 1000 - 500
+    image = sitk.GetImageFromArray(array.astype(np.float32))
+    image.SetSpacing((1.5, 0.9, 2.5))
+    image.SetOrigin((-12.0, 30.0, 7.5))
+    image.SetDirection(oblique_direction())
+    return image

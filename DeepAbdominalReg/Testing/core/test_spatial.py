@@ -1,0 +1,94 @@
+"""Spatial transformer, composition, integration, inversion and Jacobian: known answers."""
+
+from __future__ import annotations
+
+import torch
+
+from deepabdominalreg import spatial
+
+
+def _smooth_field(shape=(12, 14, 16), amplitude=1.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, 3, 3, 3, 3, generator=g, dtype=torch.float64) * amplitude
+    return torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
+
+
+def test_identity_warp_is_exact():
+    image = torch.rand(1, 2, 9, 10, 11, dtype=torch.float64)
+    out = spatial.warp(image, torch.zeros(1, 3, 9, 10, 11, dtype=torch.float64))
+    torch.testing.assert_close(out, image, atol=1e-12, rtol=0)
+
+
+def test_integer_translation_is_exact_per_axis():
+    image = torch.rand(1, 1, 8, 9, 10, dtype=torch.float64)
+    for axis in range(3):
+        disp = torch.zeros(1, 3, 8, 9, 10, dtype=torch.float64)
+        disp[:, axis] = 2.0
+        out = spatial.warp(image, disp)
+        src = [slice(None)] * 5
+        dst = [slice(None)] * 5
+        src[2 + axis] = slice(2, None)
+        dst[2 + axis] = slice(0, -2)
+        torch.testing.assert_close(out[tuple(dst)], image[tuple(src)], atol=1e-12, rtol=0)
+
+
+def test_compose_with_inverse_translation_is_identity():
+    disp = torch.zeros(1, 3, 8, 8, 8, dtype=torch.float64)
+    disp[:, 1] = 1.25
+    composed = spatial.compose(-disp, disp)
+    torch.testing.assert_close(composed[:, :, 2:-2, 2:-2, 2:-2], torch.zeros_like(composed[:, :, 2:-2, 2:-2, 2:-2]))
+
+
+def test_jacobian_of_uniform_scaling_is_s_cubed():
+    s = 1.2
+    grid = spatial.identity_grid((10, 11, 12), dtype=torch.float64)
+    det = spatial.jacobian_determinant((s - 1.0) * grid)
+    torch.testing.assert_close(det, torch.full_like(det, s**3), atol=1e-12, rtol=0)
+
+
+def test_jacobian_of_general_linear_field_matches_determinant():
+    a = torch.tensor([[0.1, 0.2, -0.05], [0.0, -0.15, 0.1], [0.3, 0.05, 0.2]], dtype=torch.float64)
+    grid = spatial.identity_grid((9, 9, 9), dtype=torch.float64)
+    disp = torch.einsum("ij,bjdhw->bidhw", a, grid)
+    det = spatial.jacobian_determinant(disp)
+    expected = torch.det(torch.eye(3, dtype=torch.float64) + a)
+    torch.testing.assert_close(det, torch.full_like(det, float(expected)), atol=1e-12, rtol=0)
+
+
+def test_scaling_and_squaring_of_translation_velocity_is_that_translation():
+    vel = torch.zeros(1, 3, 10, 10, 10, dtype=torch.float64)
+    vel[:, 2] = 0.8
+    disp = spatial.integrate_velocity(vel, steps=6)
+    torch.testing.assert_close(disp[:, :, 2:-2, 2:-2, 2:-2], vel[:, :, 2:-2, 2:-2, 2:-2], atol=1e-10, rtol=0)
+
+
+def test_integrated_smooth_velocity_does_not_fold():
+    vel = _smooth_field(amplitude=3.0)
+    disp = spatial.integrate_velocity(vel, steps=7)
+    assert spatial.jacobian_determinant(disp).min() > 0
+
+
+def test_inverse_of_smooth_field_composes_to_identity():
+    disp = _smooth_field(shape=(20, 20, 20), amplitude=0.8)
+    inv = spatial.invert_displacement(disp, iterations=40)
+    margin = int(disp.abs().max().ceil()) + 1  # points that map outside the grid have no inverse there
+    inner = (slice(None), slice(None), slice(margin, -margin), slice(margin, -margin), slice(margin, -margin))
+    # disp(q + inv(q)) = -inv(q) holds exactly at grid points (the fixed point that was solved for)
+    assert spatial.compose(disp, inv)[inner].abs().max() < 1e-6
+    # the other order samples inv between grid points: interpolation error only
+    assert spatial.compose(inv, disp)[inner].abs().max() < 0.1
+
+
+def test_resize_displacement_rescales_vectors():
+    disp = torch.zeros(1, 3, 5, 5, 5, dtype=torch.float64)
+    disp[:, 0] = 1.0  # one coarse voxel along d
+    fine = spatial.resize_displacement(disp, (9, 9, 9))
+    torch.testing.assert_close(fine[:, 0], torch.full_like(fine[:, 0], 2.0))
+    torch.testing.assert_close(fine[:, 1:], torch.zeros_like(fine[:, 1:]))
+
+
+def test_warp_gradcheck_float64():
+    image = torch.rand(1, 1, 4, 4, 4, dtype=torch.float64)
+    disp = (torch.rand(1, 3, 4, 4, 4, dtype=torch.float64) - 0.5) * 0.6
+    disp.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda d: spatial.warp(image, d), (disp,), eps=1e-6, atol=1e-4)

@@ -1,0 +1,318 @@
+"""The ``deepabdominalreg`` command-line tool: register, demo, phantom (see ``deepabdominalreg --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from deepabdominalreg import __version__
+from deepabdominalreg.config import PRESETS, config_from_preset
+from deepabdominalreg.image import (
+    ImageValidationError,
+    read_image,
+    read_labels,
+    write_displacement_field,
+    write_image,
+)
+from deepabdominalreg.landmarks import read_landmarks, write_landmarks
+from deepabdominalreg.models import ModelError
+from deepabdominalreg.registration import ProgressEvent, RegistrationCancelled, RegistrationResult, register_pair
+
+__all__ = ["main", "write_result"]
+
+EXIT_INPUT_ERROR = 2
+EXIT_CANCELLED = 130
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def write_json(data: dict, path: str | os.PathLike) -> Path:
+    """Write JSON atomically (NaN written as null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_nan_to_none(data), indent=2, default=_json_default)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _nan_to_none(value):
+    if isinstance(value, dict):
+        return {str(k): _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return None
+    return value
+
+
+def write_result(
+    result: RegistrationResult,
+    out_dir: str | os.PathLike,
+    *,
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_labels: sitk.Image | None = None,
+    moving_labels: sitk.Image | None = None,
+    report: bool = True,
+    hu_window: tuple[float, float] = (-160.0, 240.0),
+) -> dict[str, Path]:
+    """Write every output of a registration into ``out_dir`` (each file atomically); returns name -> path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "warped": write_image(result.warped_image, out / "warped.nii.gz"),
+        "displacement": write_displacement_field(result.displacement_lps, out / "displacement.nii.gz"),
+        "jacobian": write_image(result.jacobian, out / "jacobian.nii.gz"),
+        "displacement_magnitude": write_image(result.displacement_magnitude, out / "displacement_magnitude.nii.gz"),
+    }
+    if result.body_mask is not None:
+        paths["body_mask"] = write_image(result.body_mask, out / "body_mask.nii.gz")
+    if result.warped_labels is not None:
+        paths["warped_seg"] = write_image(result.warped_labels, out / "warped_seg.nii.gz")
+    if result.inverse_displacement_lps is not None:
+        paths["inverse_displacement"] = write_displacement_field(
+            result.inverse_displacement_lps, out / "inverse_displacement.nii.gz"
+        )
+    if result.warped_moving_landmarks_lps is not None:
+        paths["warped_moving_landmarks"] = write_landmarks(
+            result.warped_moving_landmarks_lps, out / "warped_moving_landmarks.csv"
+        )
+    if report:
+        from deepabdominalreg.report import write_report
+
+        t0 = time.perf_counter()
+        paths["report"] = write_report(
+            out / "report.png",
+            fixed=fixed,
+            moving=moving,
+            warped=result.warped_image,
+            jacobian=result.jacobian,
+            displacement_magnitude=result.displacement_magnitude,
+            fixed_labels=fixed_labels,
+            moving_labels=moving_labels,
+            warped_labels=result.warped_labels,
+            metrics=result.metrics,
+            hu_window=hu_window,
+        )
+        result.metrics.setdefault("stages", {})["report"] = round(time.perf_counter() - t0, 3)
+    paths["metrics"] = write_json(result.metrics, out / "metrics.json")
+    return paths
+
+
+def _read_label_names(path: str | None, seg_path: str | None) -> dict[int, str]:
+    candidates = [Path(path)] if path else []
+    if seg_path and not path:
+        candidates.append(Path(seg_path).resolve().parent / "labels.json")
+    for candidate in candidates:
+        if candidate.exists():
+            data = json.loads(candidate.read_text())
+            return {int(k): str(v) for k, v in data.items()}
+        if path:
+            raise ImageValidationError(f"label names file '{candidate}' does not exist.")
+    return {}
+
+
+def _progress_printer(as_json: bool):
+    last = {"stage": None}
+
+    def show(event: ProgressEvent) -> None:
+        if as_json:
+            print(json.dumps(event.as_dict()), flush=True)
+        elif event.stage != last["stage"] or event.message.endswith(tuple("0123456789s")):
+            print(f"[{event.fraction * 100:5.1f}%] {event.stage}: {event.message}", file=sys.stderr, flush=True)
+            last["stage"] = event.stage
+
+    return show
+
+
+def _build_config(args: argparse.Namespace):
+    overrides = {"device": args.device, "seed": args.seed}
+    if args.model and args.model.lower() not in ("none", ""):
+        overrides["model"] = args.model
+    if args.no_affine:
+        overrides["affine"] = False
+    if args.no_body_mask:
+        overrides["body_mask"] = False
+    if args.io_iterations is not None:
+        overrides["io_iterations"] = args.io_iterations
+    if args.working_spacing is not None:
+        overrides["working_spacing_mm"] = args.working_spacing
+    if args.no_inverse:
+        overrides["compute_inverse"] = False
+    if args.threads:
+        overrides["threads"] = args.threads
+    return config_from_preset(args.preset, **overrides)
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    config = _build_config(args)
+    fixed = read_image(args.fixed, "fixed image")
+    moving = read_image(args.moving, "moving image")
+    moving_labels = read_labels(args.moving_seg, "moving segmentation") if args.moving_seg else None
+    fixed_labels = read_labels(args.fixed_seg, "fixed segmentation") if args.fixed_seg else None
+    if bool(args.fixed_landmarks) != bool(args.moving_landmarks):
+        raise ImageValidationError("give both --fixed-landmarks and --moving-landmarks (same points, same order).")
+    fixed_points = read_landmarks(args.fixed_landmarks, "fixed landmarks") if args.fixed_landmarks else None
+    moving_points = read_landmarks(args.moving_landmarks, "moving landmarks") if args.moving_landmarks else None
+    names = _read_label_names(args.label_names, args.fixed_seg or args.moving_seg)
+    result = register_pair(
+        fixed,
+        moving,
+        config=config,
+        moving_labels=moving_labels,
+        fixed_labels=fixed_labels,
+        fixed_landmarks_lps=fixed_points,
+        moving_landmarks_lps=moving_points,
+        label_names=names,
+        progress=_progress_printer(args.progress_json),
+    )
+    result.metrics["inputs"] = {"fixed": str(args.fixed), "moving": str(args.moving)}
+    paths = write_result(
+        result, args.output_dir, fixed=fixed, moving=moving, fixed_labels=fixed_labels,
+        moving_labels=moving_labels, report=not args.no_report, hu_window=config.hu_window,
+    )
+    _print_summary(result.metrics, paths, as_json=args.progress_json)
+    return 0
+
+
+def _print_summary(metrics: dict, paths: dict[str, Path], as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps({"stage": "finished", "fraction": 1.0, "outputs": {k: str(v) for k, v in paths.items()}}))
+        return
+    lines = [f"runtime {metrics['runtime_s']:.1f} s on {metrics['device']}"]
+    if "dice_mean_after" in metrics:
+        lines.append(
+            f"mean Dice {metrics['dice_mean_before']:.3f} (before) -> {metrics['dice_mean_affine']:.3f} (affine) "
+            f"-> {metrics['dice_mean_after']:.3f} (after)"
+        )
+    if "tre_mean_after_mm" in metrics:
+        lines.append(f"landmark TRE {metrics['tre_mean_before_mm']:.2f} mm -> {metrics['tre_mean_after_mm']:.2f} mm")
+    lines.append(f"folding {metrics['folding_percent']:.3f} % of body voxels, SDlogJ {metrics['sdlogj']:.3f}")
+    for warning in metrics.get("warnings", []):
+        lines.append(f"warning: {warning}")
+    lines.append("outputs: " + ", ".join(str(p) for p in paths.values()))
+    print("\n".join(lines))
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from deepabdominalreg.synthetic import make_phantom_pair, write_pair
+
+    spacing = _parse_spacing(args.spacing)
+    pair = make_phantom_pair(seed=args.seed, spacing_mm=spacing, amplitude_mm=args.amplitude)
+    paths = write_pair(pair, args.output_dir)
+    print("phantom pair written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _parse_spacing(text: str) -> float | tuple[float, float, float]:
+    parts = [float(v) for v in str(text).replace("x", ",").split(",") if v.strip()]
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 3:
+        return (parts[0], parts[1], parts[2])
+    raise ImageValidationError(f"spacing '{text}' must be one number (isotropic) or three (x,y,z), in mm.")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from deepabdominalreg.synthetic import make_phantom_pair, write_pair
+
+    out = Path(args.output_dir)
+    print(f"generating a phantom patient pair (seed {args.seed}, {args.spacing} mm) ...", file=sys.stderr)
+    pair = make_phantom_pair(seed=args.seed, spacing_mm=_parse_spacing(args.spacing))
+    paths = write_pair(pair, out / "input")
+    register_args = argparse.Namespace(
+        fixed=str(paths["fixed"]), moving=str(paths["moving"]), fixed_seg=str(paths["fixed_seg"]),
+        moving_seg=str(paths["moving_seg"]), fixed_landmarks=str(paths["fixed_landmarks"]),
+        moving_landmarks=str(paths["moving_landmarks"]), label_names=str(paths["labels"]),
+        output_dir=str(out), device=args.device, model=args.model, no_affine=False, no_body_mask=False,
+        io_iterations=None, working_spacing=None, no_inverse=False, threads=None, seed=args.seed,
+        preset=args.preset, progress_json=False, no_report=False,
+    )
+    code = _cmd_register(register_args)
+    print(f"report: {out / 'report.png'}")
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepabdominalreg",
+        description="Deep-learning deformable registration of abdominal CT (DeepAbdominalReg core).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_run_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
+        p.add_argument("--model", default=None, help="shipped model name or path to a .pt (default: none = "
+                       "affine + instance optimisation)")
+        p.add_argument("--preset", default="balanced", choices=sorted(PRESETS), help="speed/accuracy preset")
+        p.add_argument("--seed", type=int, default=0)
+
+    reg = sub.add_parser("register", help="register a moving CT onto a fixed CT")
+    reg.add_argument("--fixed", required=True, help="fixed image: NIfTI/NRRD/MHA file or DICOM folder")
+    reg.add_argument("--moving", required=True, help="moving image")
+    reg.add_argument("--moving-seg", help="moving label map (warped to the fixed grid)")
+    reg.add_argument("--fixed-seg", help="fixed label map (for Dice/HD95)")
+    reg.add_argument("--label-names", help="JSON {label id: name} (default: labels.json beside the segmentation)")
+    reg.add_argument("--fixed-landmarks", help="CSV x,y,z (mm, LPS) or Slicer .mrk.json")
+    reg.add_argument("--moving-landmarks", help="corresponding moving landmarks, same order")
+    reg.add_argument("--output-dir", required=True)
+    add_run_options(reg)
+    reg.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
+    reg.add_argument("--no-body-mask", action="store_true", help="keep the CT table and outside air")
+    reg.add_argument("--io-iterations", type=int, default=None, help="instance-optimisation iterations per level "
+                     "(0 = off)")
+    reg.add_argument("--working-spacing", type=float, default=None, help="working grid spacing (mm)")
+    reg.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    reg.add_argument("--no-inverse", action="store_true", help="skip the inverse field")
+    reg.add_argument("--no-report", action="store_true", help="skip report.png")
+    reg.add_argument("--progress-json", action="store_true", help="print progress as JSON lines on stdout")
+    reg.set_defaults(func=_cmd_register)
+
+    demo = sub.add_parser("demo", help="generate a phantom pair, register it, write outputs and report.png")
+    demo.add_argument("--output-dir", default="demo_output")
+    demo.add_argument("--spacing", default="2.0", help="phantom spacing in mm (one value or x,y,z)")
+    add_run_options(demo)
+    demo.set_defaults(func=_cmd_demo)
+
+    ph = sub.add_parser("phantom", help="write a synthetic phantom pair with ground-truth displacement")
+    ph.add_argument("--output-dir", required=True)
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--spacing", default="2.0", help="mm: one value or x,y,z (e.g. 0.8,0.8,2.5)")
+    ph.add_argument("--amplitude", type=float, default=10.0, help="deformation amplitude (mm)")
+    ph.set_defaults(func=_cmd_phantom)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ImageValidationError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except (RegistrationCancelled, KeyboardInterrupt):
+        print("cancelled: no output was written.", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

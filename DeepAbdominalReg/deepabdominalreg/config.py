@@ -1,0 +1,84 @@
+"""Registration parameters, defined once (the Slicer parameter node mirrors these fields)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["RegistrationConfig", "PRESETS", "config_from_preset"]
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """Every knob of :func:`deepabdominalreg.registration.register_pair`.
+
+    Units: HU for intensities, mm for distances, iterations are counts per level.
+    """
+
+    # preprocessing
+    hu_window: tuple[float, float] = (-160.0, 240.0)
+    """HU clipping window before scaling to [0, 1] (soft-tissue window: level 40, width 400)."""
+    working_spacing_mm: float = 3.0
+    """Isotropic spacing of the working grid on which the registration runs (mm)."""
+    max_working_voxels: int = 160
+    """Cap on the working grid's size along any axis (the spacing grows to respect it)."""
+    body_mask: bool = True
+    """Remove the CT table and air outside the patient (van Eijnatten et al. 2021)."""
+
+    # affine pre-alignment
+    affine: bool = True
+    affine_iterations: int = 80
+    """Adam iterations per affine pyramid level."""
+
+    # deformable stage 1: network
+    model: str | None = None
+    """Name of a shipped model or path to a ``.pt`` checkpoint; ``None`` skips the network stage."""
+
+    # deformable stage 2: instance optimisation
+    io_iterations: int = 100
+    """Adam iterations at each coarse instance-optimisation level (0 disables the stage)."""
+    io_fine_iterations: int = 30
+    """Adam iterations at the full working resolution (level factor 1), the most expensive level."""
+    io_levels: tuple[int, ...] = (4, 2, 1)
+    """Pyramid levels as downsampling factors of the working grid, coarse to fine."""
+    io_learning_rate: float = 0.5
+    """Adam learning rate, in working-grid voxels per step, for the control-point displacements."""
+    io_control_spacing: int = 2
+    """Spacing of the displacement control grid, in voxels of the level's grid (smoothness by construction)."""
+    io_ncc_window: int = 5
+    """Local NCC window (voxels)."""
+    io_smoothness_weight: float = 1.0
+    """Weight of the diffusion regulariser (squared spatial gradient of the displacement, in voxels)."""
+    io_jacobian_weight: float = 0.1
+    """Weight of the negative-Jacobian penalty (folding)."""
+
+    # outputs
+    compute_inverse: bool = True
+    """Compute the inverse field (moving -> fixed) and report inverse consistency."""
+    folding_limit_percent: float = 0.5
+    """If folding inside the body exceeds this, instance optimisation reruns with 4x regularisation once."""
+
+    # execution
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
+    seed: int = 0
+    threads: int | None = None
+    """CPU threads for torch (``None``: leave torch's default)."""
+
+    def replace(self, **changes) -> "RegistrationConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, dict] = {
+    "fast": {"io_iterations": 40, "io_levels": (4, 2)},
+    "balanced": {},
+    "accurate": {"io_iterations": 250, "io_levels": (4, 2, 1), "working_spacing_mm": 2.5},
+}
+
+
+def config_from_preset(preset: str = "balanced", **overrides) -> RegistrationConfig:
+    """A :class:`RegistrationConfig` from a named preset (``fast``, ``balanced``, ``accurate``) plus overrides."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return RegistrationConfig(**{**PRESETS[preset], **overrides})
+

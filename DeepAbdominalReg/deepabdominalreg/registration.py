@@ -1,0 +1,482 @@
+"""The registration pipeline: validation -> preprocessing -> affine -> network -> instance optimisation -> outputs.
+
+``register_pair`` is the one entry point used by the CLI, the Slicer module and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from deepabdominalreg import metrics as metrics_lib
+from deepabdominalreg import spatial
+from deepabdominalreg.affine import optimise_affine
+from deepabdominalreg.config import RegistrationConfig
+from deepabdominalreg.image import (
+    Grid,
+    ImageValidationError,
+    make_working_grid,
+    physical_overlap_fraction,
+    points_inside,
+    resample_image,
+    validate_image,
+    validate_labels,
+)
+from deepabdominalreg.instance_optimisation import InstanceOptimisationSettings, instance_optimise
+from deepabdominalreg.models import load_model
+from deepabdominalreg.preprocessing import looks_like_ct, prepare_working_image
+
+__all__ = [
+    "ProgressEvent",
+    "RegistrationCancelled",
+    "RegistrationResult",
+    "register_pair",
+]
+
+
+class RegistrationCancelled(RuntimeError):
+    """Raised inside :func:`register_pair` when ``should_stop()`` returned True."""
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One progress report: ``stage`` name, overall ``fraction`` done (0..1) and a human-readable ``message``."""
+
+    stage: str
+    fraction: float
+    message: str = ""
+
+    def as_dict(self) -> dict:
+        return {"stage": self.stage, "fraction": round(float(self.fraction), 4), "message": self.message}
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+StopCallback = Callable[[], bool]
+
+
+@dataclass
+class RegistrationResult:
+    """Everything :func:`register_pair` produces; all images are on the **fixed** image's grid unless stated.
+
+    ``displacement_lps``: ``sitkVectorFloat32``, mm, LPS; maps a fixed point ``x`` to the moving point ``x + u(x)``
+    (the ITK/Slicer displacement-field convention: ``sitk.DisplacementFieldTransform`` of it resamples moving onto
+    fixed).  ``inverse_displacement_lps``: same convention from moving to fixed, on the **moving** grid.
+    """
+
+    warped_image: sitk.Image
+    displacement_lps: sitk.Image
+    jacobian: sitk.Image
+    displacement_magnitude: sitk.Image
+    metrics: dict
+    affine_fixed_to_moving: sitk.AffineTransform
+    body_mask: sitk.Image | None = None
+    warped_labels: sitk.Image | None = None
+    inverse_displacement_lps: sitk.Image | None = None
+    warped_moving_landmarks_lps: np.ndarray | None = None
+    extras: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Stages:
+    """Times stages, reports progress with overall fractions, and checks for cancellation."""
+
+    WEIGHTS = {
+        "validation": 0.02,
+        "preprocessing": 0.06,
+        "affine": 0.14,
+        "network": 0.05,
+        "instance_optimisation": 0.50,
+        "composition": 0.06,
+        "warping": 0.05,
+        "jacobian": 0.04,
+        "inverse": 0.04,
+        "metrics": 0.04,
+    }
+
+    def __init__(self, progress: ProgressCallback | None, should_stop: StopCallback | None) -> None:
+        self.progress = progress
+        self.should_stop = should_stop
+        self.seconds: dict[str, float] = {}
+        self._done = 0.0
+        self._current: str | None = None
+        self._start = 0.0
+
+    def check(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise RegistrationCancelled("registration cancelled by the user")
+
+    def emit(self, stage: str, within: float, message: str) -> None:
+        if self.progress is not None:
+            fraction = self._done + self.WEIGHTS.get(stage, 0.0) * min(max(within, 0.0), 1.0)
+            self.progress(ProgressEvent(stage, min(fraction, 1.0), message))
+
+    def __call__(self, stage: str, message: str = "") -> "_Stages":
+        self._current = stage
+        self._message = message or stage.replace("_", " ")
+        return self
+
+    def __enter__(self) -> "_Stages":
+        self.check()
+        self._start = time.perf_counter()
+        self.emit(self._current, 0.0, self._message)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        elapsed = time.perf_counter() - self._start
+        self.seconds[self._current] = self.seconds.get(self._current, 0.0) + elapsed
+        if exc_type is None:
+            self._done += self.WEIGHTS.get(self._current, 0.0)
+            self.emit(self._current, 0.0, f"{self._message}: done in {elapsed:.1f} s")
+
+    def iteration_callback(self, stage: str, label: str) -> Callable[[int, int, float], None]:
+        def callback(step: int, total: int, loss: float) -> None:
+            self.check()
+            if step == 1 or step % 10 == 0 or step == total:
+                self.emit(stage, step / max(total, 1), f"{label}: iteration {step}/{total}, loss {loss:.4f}")
+
+        return callback
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
+    requested = (requested or "auto").lower()
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested in ("cuda", "gpu"):
+        if not torch.cuda.is_available():
+            raise ImageValidationError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto.")
+        return torch.device("cuda")
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise ImageValidationError(f"unknown device '{requested}'; use auto, cpu or cuda.")
+
+
+def _labels_on_grid(labels: sitk.Image, reference: sitk.Image, role: str, warnings: list[str]) -> sitk.Image:
+    """The label map on ``reference``'s grid: resampled (nearest) with a warning when its grid differs."""
+    validate_labels(labels, role)
+    labels = sitk.Cast(labels, sitk.sitkUInt16)
+    same = (
+        labels.GetSize() == reference.GetSize()
+        and np.allclose(labels.GetSpacing(), reference.GetSpacing(), atol=1e-4)
+        and np.allclose(labels.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+        and np.allclose(labels.GetDirection(), reference.GetDirection(), atol=1e-5)
+    )
+    if same:
+        return labels
+    warnings.append(f"{role} is on a different grid than its volume; it was resampled (nearest neighbour) onto it.")
+    return resample_image(labels, reference, interpolator="nearest", default_value=0)
+
+
+def _check_landmarks(points, role: str, grid: Grid) -> np.ndarray:
+    points = np.asarray(points, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
+        raise ImageValidationError(f"{role} must be a list of (x, y, z) points in mm (LPS); got shape {points.shape}.")
+    if not np.all(np.isfinite(points)):
+        raise ImageValidationError(f"{role} contain NaN/inf coordinates.")
+    inside = points_inside(grid, points)
+    if not inside.all():
+        bad = np.flatnonzero(~inside)[:5].tolist()
+        raise ImageValidationError(
+            f"{role}: point(s) {bad} (0-based) lie outside the image; check that they are in LPS mm "
+            "(Slicer markups are RAS: negate x and y) and belong to this image."
+        )
+    return points
+
+
+def _disp_vox_to_mm_lps(disp_vox: torch.Tensor, grid: Grid) -> np.ndarray:
+    """``(1, 3, D, H, W)`` voxel displacement (channels d, h, w) -> ``(D, H, W, 3)`` LPS mm, float64."""
+    vox_xyz = disp_vox[0].flip(0).permute(1, 2, 3, 0).double().cpu().numpy()
+    matrix = grid.direction_matrix @ np.diag(grid.spacing)
+    return vox_xyz @ matrix.T
+
+
+def _field_transform(field_mm_zyx3: np.ndarray, grid: Grid) -> sitk.DisplacementFieldTransform:
+    image = grid.image_from_array(np.ascontiguousarray(field_mm_zyx3, dtype=np.float64), is_vector=True)
+    return sitk.DisplacementFieldTransform(image)
+
+
+def dense_displacement_on_grid(transform: sitk.Transform, grid: Grid, slab: int = 32) -> np.ndarray:
+    """``transform(x) - x`` at every voxel of ``grid``: ``(D, H, W, 3)`` float32 LPS mm, computed slab by slab."""
+    out = np.empty((*grid.shape_zyx, 3), dtype=np.float32)
+    nz = grid.size[2]
+    for z0 in range(0, nz, slab):
+        n = min(slab, nz - z0)
+        origin = grid.index_to_physical(np.array([[0.0, 0.0, float(z0)]]))[0]
+        field = sitk.TransformToDisplacementField(
+            transform,
+            sitk.sitkVectorFloat64,
+            [grid.size[0], grid.size[1], n],
+            [float(v) for v in origin],
+            grid.spacing,
+            grid.direction,
+        )
+        out[z0: z0 + n] = sitk.GetArrayViewFromImage(field)
+    return out
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def _label_report(reference, test, names):
+    return metrics_lib.label_overlap_report(reference, test, names)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the pipeline
+# --------------------------------------------------------------------------------------------------------------
+
+
+def register_pair(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    *,
+    config: RegistrationConfig = RegistrationConfig(),
+    moving_labels: sitk.Image | None = None,
+    fixed_labels: sitk.Image | None = None,
+    fixed_landmarks_lps: np.ndarray | None = None,
+    moving_landmarks_lps: np.ndarray | None = None,
+    label_names: dict[int, str] | None = None,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCallback | None = None,
+) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed`` (CT in HU); everything returned lives on the fixed grid.
+
+    Stages (each timed, in ``metrics["stages"]``): validation, preprocessing (working grid, HU window, body mask),
+    affine (centre of mass + optimisation), network (when ``config.model``), instance optimisation, composition
+    (affine + deformable -> one displacement at full resolution), warping, Jacobian, inverse, metrics.
+    Inputs are never modified.  Raises :class:`ImageValidationError` for unusable inputs (before heavy work),
+    :class:`RegistrationCancelled` when ``should_stop()`` turns True, :class:`ModelError` for a bad model.
+    """
+    t_total = time.perf_counter()
+    stages = _Stages(progress, should_stop)
+    warnings: list[str] = []
+    label_names = {int(k): str(v) for k, v in (label_names or {}).items()}
+
+    with stages("validation", "checking inputs"):
+        validate_image(fixed, "fixed image")
+        validate_image(moving, "moving image")
+        fixed_grid = Grid.from_image(fixed)
+        moving_grid = Grid.from_image(moving)
+        if fixed_labels is not None:
+            fixed_labels = _labels_on_grid(fixed_labels, fixed, "fixed segmentation", warnings)
+        if moving_labels is not None:
+            moving_labels = _labels_on_grid(moving_labels, moving, "moving segmentation", warnings)
+        if (fixed_landmarks_lps is None) != (moving_landmarks_lps is None):
+            raise ImageValidationError("landmarks need both a fixed and a moving list (same points, same order).")
+        if fixed_landmarks_lps is not None:
+            fixed_landmarks_lps = _check_landmarks(fixed_landmarks_lps, "fixed landmarks", fixed_grid)
+            moving_landmarks_lps = _check_landmarks(moving_landmarks_lps, "moving landmarks", moving_grid)
+            if len(fixed_landmarks_lps) != len(moving_landmarks_lps):
+                raise ImageValidationError(
+                    f"fixed and moving landmark lists differ in length ({len(fixed_landmarks_lps)} vs "
+                    f"{len(moving_landmarks_lps)}); they must list the same points in the same order."
+                )
+        overlap = physical_overlap_fraction(fixed_grid, moving_grid)
+        if overlap <= 0.0 and not config.affine:
+            raise ImageValidationError(
+                "fixed and moving images do not overlap in physical space and affine pre-alignment is off; "
+                "turn affine on, or check the images' orientation/origin (e.g. a wrong header)."
+            )
+        for role, image in (("fixed", fixed), ("moving", moving)):
+            is_ct, why = looks_like_ct(image)
+            if not is_ct:
+                warnings.append(f"{role} image: {why}")
+        device = resolve_device(config.device)
+        _seed_everything(config.seed)
+        if config.threads:
+            torch.set_num_threads(int(config.threads))
+
+    network = None
+    card = None
+    hu_window = config.hu_window
+    spacing_mm = config.working_spacing_mm
+    if config.model:
+        network, card = load_model(config.model, device)
+        hu_window = card.hu_window
+        spacing_mm = card.input_spacing_mm
+
+    with stages("preprocessing", "resampling to the working grid, HU window, body mask"):
+        w_fixed_grid = make_working_grid(fixed, spacing_mm, config.max_working_voxels)
+        w_moving_grid = make_working_grid(moving, w_fixed_grid.spacing[0])
+        w_fixed = prepare_working_image(fixed, w_fixed_grid, hu_window, config.body_mask)
+        w_moving = prepare_working_image(moving, w_moving_grid, hu_window, config.body_mask)
+        if config.body_mask and (w_fixed.mask.sum() == 0 or w_moving.mask.sum() == 0):
+            raise ImageValidationError(
+                "no body found (nothing above -400 HU) in the "
+                + ("fixed" if w_fixed.mask.sum() == 0 else "moving")
+                + " image; is it a CT in HU? Turn body masking off for other images."
+            )
+
+    with stages("affine", "affine pre-alignment"):
+        affine = optimise_affine(
+            w_fixed_grid, w_fixed.intensity, w_moving_grid, w_moving.intensity,
+            iterations=config.affine_iterations, device=device, optimise=config.affine,
+            callback=stages.iteration_callback("affine", "affine"),
+        ) if (config.affine or overlap <= 0.0) else sitk.AffineTransform(3)
+        moved = prepare_working_image(moving, w_fixed_grid, hu_window, config.body_mask, transform=affine)
+
+    fixed_t = torch.as_tensor(w_fixed.intensity, device=device)[None, None]
+    moving_t = torch.as_tensor(moved.intensity, device=device)[None, None]
+    mask_t = torch.as_tensor(w_fixed.mask, device=device)[None, None]
+    disp = torch.zeros(1, 3, *fixed_t.shape[2:], device=device)
+
+    if network is not None:
+        with stages("network", f"network {card.name}"):
+            with torch.inference_mode():
+                disp = network.predict(fixed_t, moving_t).float().clone()
+
+    io_settings = InstanceOptimisationSettings(
+        levels=tuple(config.io_levels), iterations=config.io_iterations,
+        fine_iterations=config.io_fine_iterations, learning_rate=config.io_learning_rate,
+        control_spacing=config.io_control_spacing, ncc_window=config.io_ncc_window,
+        smoothness_weight=config.io_smoothness_weight, jacobian_weight=config.io_jacobian_weight,
+    )
+    folding_retry = None
+    if config.io_iterations > 0 and config.io_levels:
+        initial = disp
+        with stages("instance_optimisation", "instance optimisation"):
+            disp = instance_optimise(fixed_t, moving_t, initial, mask_t, io_settings,
+                                     callback=stages.iteration_callback("instance_optimisation", "instance optimisation"))
+            folding = _folding_percent(disp, mask_t)
+            if folding > config.folding_limit_percent:
+                stronger = dataclasses.replace(
+                    io_settings, smoothness_weight=io_settings.smoothness_weight * 4,
+                    jacobian_weight=max(io_settings.jacobian_weight, 0.1) * 4,
+                )
+                disp = instance_optimise(fixed_t, moving_t, initial, mask_t, stronger,
+                                         callback=stages.iteration_callback("instance_optimisation", "retry"))
+                folding_retry = {"folding_percent_first": folding, "folding_percent_retry": _folding_percent(disp, mask_t)}
+                warnings.append(
+                    f"folding {folding:.2f}% exceeded {config.folding_limit_percent}%: instance optimisation was "
+                    f"rerun with 4x regularisation (now {folding_retry['folding_percent_retry']:.2f}%)."
+                )
+
+    with stages("composition", "composing affine and deformable fields at full resolution"):
+        deformable_mm = _disp_vox_to_mm_lps(disp, w_fixed_grid)
+        transform = sitk.CompositeTransform([affine, _field_transform(deformable_mm, w_fixed_grid)])
+        displacement_array = dense_displacement_on_grid(transform, fixed_grid)
+        displacement = fixed_grid.image_from_array(displacement_array, is_vector=True)
+        del displacement_array
+
+    with stages("warping", "warping the moving image and labels"):
+        air = float(min(-1024.0, float(sitk.GetArrayViewFromImage(moving).min())))
+        warped = resample_image(moving, fixed, transform, "linear", default_value=air)
+        warped_labels = None
+        if moving_labels is not None:
+            warped_labels = resample_image(moving_labels, fixed, transform, "nearest", default_value=0)
+
+    with stages("jacobian", "Jacobian determinant and displacement magnitude"):
+        jacobian = metrics_lib.jacobian_determinant(displacement)
+        magnitude = metrics_lib.displacement_magnitude(displacement)
+        body_full = resample_image(
+            w_fixed_grid.image_from_array(w_fixed.mask.astype(np.uint8)), fixed, interpolator="nearest"
+        )
+        body_zyx = sitk.GetArrayViewFromImage(body_full).astype(bool)
+
+    inverse_displacement = None
+    warped_moving_landmarks = None
+    inverse_stats: dict = {}
+    if config.compute_inverse:
+        with stages("inverse", "inverse field (moving -> fixed)"):
+            inverse_vox = spatial.invert_displacement(disp)
+            ic = spatial.compose(inverse_vox, disp)  # x -> x + v(x) + v_inv(x + v(x)); zero for an exact inverse
+            ic_mm = np.linalg.norm(_disp_vox_to_mm_lps(ic, w_fixed_grid), axis=-1)[w_fixed.mask]
+            inverse_stats = {
+                "inverse_consistency_mean_mm": float(ic_mm.mean()) if ic_mm.size else 0.0,
+                "inverse_consistency_p95_mm": float(np.percentile(ic_mm, 95)) if ic_mm.size else 0.0,
+                "inverse_consistency_max_mm": float(ic_mm.max()) if ic_mm.size else 0.0,
+            }
+            inverse_transform = sitk.CompositeTransform(
+                [_field_transform(_disp_vox_to_mm_lps(inverse_vox, w_fixed_grid), w_fixed_grid), affine.GetInverse()]
+            )
+            inverse_displacement = moving_grid.image_from_array(
+                dense_displacement_on_grid(inverse_transform, moving_grid), is_vector=True
+            )
+            if moving_landmarks_lps is not None:
+                warped_moving_landmarks = np.array(
+                    [inverse_transform.TransformPoint([float(c) for c in p]) for p in moving_landmarks_lps]
+                )
+
+    with stages("metrics", "metrics"):
+        jac_zyx = sitk.GetArrayViewFromImage(jacobian)
+        metrics: dict = {
+            "device": str(device),
+            "model": {"name": card.name if card else None, "sha256": card.sha256 if card else None},
+            "config": _config_as_dict(config),
+            "working_grid": {"size": list(w_fixed_grid.size), "spacing_mm": w_fixed_grid.spacing[0]},
+            "affine_fixed_to_moving": {
+                "matrix": list(affine.GetMatrix()), "translation_mm": list(affine.GetTranslation()),
+                "center_mm": list(affine.GetCenter()),
+            },
+            "jacobian": metrics_lib.jacobian_statistics(jac_zyx, body_zyx),
+            "displacement": metrics_lib.displacement_statistics(displacement, body_zyx),
+            "inverse": inverse_stats,
+            "warnings": warnings,
+        }
+        if folding_retry:
+            metrics["folding_retry"] = folding_retry
+        metrics["folding_percent"] = metrics["jacobian"]["folding_percent"]
+        metrics["sdlogj"] = metrics["jacobian"]["sdlogj"]
+        if fixed_labels is not None and moving_labels is not None:
+            before = resample_image(moving_labels, fixed, None, "nearest", default_value=0)
+            after_affine = resample_image(moving_labels, fixed, affine, "nearest", default_value=0)
+            metrics["labels"] = {
+                "before": _label_report(fixed_labels, before, label_names),
+                "affine": _label_report(fixed_labels, after_affine, label_names),
+                "after": _label_report(fixed_labels, warped_labels, label_names),
+            }
+            metrics["dice_mean_before"] = metrics["labels"]["before"]["dice_mean"]
+            metrics["dice_mean_affine"] = metrics["labels"]["affine"]["dice_mean"]
+            metrics["dice_mean_after"] = metrics["labels"]["after"]["dice_mean"]
+        if fixed_landmarks_lps is not None:
+            mapped = np.array([transform.TransformPoint([float(c) for c in p]) for p in fixed_landmarks_lps])
+            metrics["landmarks"] = {
+                "count": int(len(fixed_landmarks_lps)),
+                "before": metrics_lib.landmark_errors(fixed_landmarks_lps, moving_landmarks_lps),
+                "after": metrics_lib.landmark_errors(mapped, moving_landmarks_lps),
+            }
+            metrics["tre_mean_before_mm"] = metrics["landmarks"]["before"]["mean"]
+            metrics["tre_mean_after_mm"] = metrics["landmarks"]["after"]["mean"]
+
+    stages.seconds["total"] = time.perf_counter() - t_total
+    metrics["stages"] = {k: round(v, 3) for k, v in stages.seconds.items()}
+    metrics["runtime_s"] = round(stages.seconds["total"], 3)
+    stages.emit("metrics", 1.0, f"done in {metrics['runtime_s']:.1f} s")
+
+    return RegistrationResult(
+        warped_image=warped,
+        displacement_lps=displacement,
+        jacobian=jacobian,
+        displacement_magnitude=magnitude,
+        metrics=metrics,
+        affine_fixed_to_moving=affine,
+        body_mask=sitk.Cast(body_full, sitk.sitkUInt8),
+        warped_labels=warped_labels,
+        inverse_displacement_lps=inverse_displacement,
+        warped_moving_landmarks_lps=warped_moving_landmarks,
+        extras={"transform": transform, "working_grid": w_fixed_grid},
+    )
+
+
+def _folding_percent(disp: torch.Tensor, mask: torch.Tensor) -> float:
+    with torch.no_grad():
+        det = spatial.jacobian_determinant(disp)
+        inside = mask[:, 0].bool()
+        count = int(inside.sum())
+        return 100.0 * float(((det <= 0) & inside).sum()) / max(count, 1)
+
+
+def _config_as_dict(config: RegistrationConfig) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}

@@ -1,0 +1,125 @@
+"""Pure tensor functions for dense displacement fields on a regular voxel grid.
+
+Conventions (all functions):
+
+* images are ``(B, C, D, H, W)`` tensors; D, H, W are the array axes ``z, y, x`` (``k, j, i``) of the grid;
+* a displacement ``disp_vox`` is ``(B, 3, D, H, W)`` in **voxel units of that grid**, channel order ``(d, h, w)``
+  matching the tensor axes; a point at voxel ``p`` maps to ``p + disp_vox(p)``;
+* ``warp(moving, disp)`` samples ``moving`` at ``p + disp(p)``: the output lives on the (fixed) grid of ``disp``.
+
+Conversions to physical LPS millimetres happen in :mod:`deepabdominalreg.registration`, using the grid's spacing
+and direction.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "identity_grid",
+    "warp",
+    "compose",
+    "integrate_velocity",
+    "resize_displacement",
+    "invert_displacement",
+    "jacobian_determinant",
+]
+
+
+def _check_disp(disp: torch.Tensor) -> None:
+    if disp.ndim != 5 or disp.shape[1] != 3:
+        raise ValueError(f"displacement must be (B, 3, D, H, W), got {tuple(disp.shape)}")
+
+
+def identity_grid(shape: tuple[int, int, int], device=None, dtype=torch.float32) -> torch.Tensor:
+    """Voxel coordinates ``(1, 3, D, H, W)`` with channels ``(d, h, w)``."""
+    axes = [torch.arange(s, device=device, dtype=dtype) for s in shape]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+    return grid.unsqueeze(0)
+
+
+def _normalised_sampling_grid(disp: torch.Tensor) -> torch.Tensor:
+    """``p + disp(p)`` in grid_sample's normalised ``(x, y, z)`` = ``(w, h, d)`` order, ``(B, D, H, W, 3)``."""
+    shape = disp.shape[2:]
+    coords = identity_grid(shape, device=disp.device, dtype=disp.dtype) + disp
+    scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape], device=disp.device, dtype=disp.dtype)
+    coords = coords * scale.view(1, 3, 1, 1, 1) - 1.0
+    return coords.permute(0, 2, 3, 4, 1).flip(-1)
+
+
+def warp(
+    image: torch.Tensor,
+    disp: torch.Tensor,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """Sample ``image`` ``(B, C, D, H, W)`` at ``p + disp(p)``; same spatial size as ``disp``.
+
+    ``mode``: ``"bilinear"`` (trilinear in 3D) or ``"nearest"``.  ``padding_mode``: ``"zeros"``, ``"border"``.
+    Identity displacement returns ``image`` exactly (up to float rounding of the normalisation).
+    """
+    _check_disp(disp)
+    if image.ndim != 5:
+        raise ValueError(f"image must be (B, C, D, H, W), got {tuple(image.shape)}")
+    if image.shape[2:] != disp.shape[2:]:
+        raise ValueError(f"image grid {tuple(image.shape[2:])} differs from displacement grid {tuple(disp.shape[2:])}")
+    grid = _normalised_sampling_grid(disp)
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def compose(disp_outer: torch.Tensor, disp_inner: torch.Tensor) -> torch.Tensor:
+    """Displacement of ``outer ∘ inner``: ``p -> p + inner(p) + outer(p + inner(p))``."""
+    return disp_inner + warp(disp_outer, disp_inner, padding_mode="border")
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Scaling and squaring of a stationary velocity field (voxels) into a diffeomorphic displacement (voxels)."""
+    _check_disp(velocity)
+    disp = velocity / (2**steps)
+    for _ in range(steps):
+        disp = compose(disp, disp)
+    return disp
+
+
+def resize_displacement(disp: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Resample a displacement to a grid of ``shape`` covering the same physical box (corner voxels aligned).
+
+    Components are rescaled to the new voxel size: ``(new - 1) / (old - 1)`` per axis.
+    """
+    _check_disp(disp)
+    old = disp.shape[2:]
+    if tuple(old) == tuple(shape):
+        return disp
+    out = F.interpolate(disp, size=tuple(shape), mode="trilinear", align_corners=True)
+    scale = torch.tensor([(n - 1) / max(o - 1, 1) for n, o in zip(shape, old)], dtype=disp.dtype, device=disp.device)
+    return out * scale.view(1, 3, 1, 1, 1)
+
+
+def invert_displacement(disp: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+    """Inverse field by fixed-point iteration ``inv(q) = -disp(q + inv(q))`` (converges for det J > 0 fields)."""
+    _check_disp(disp)
+    inverse = -disp.clone()
+    for _ in range(iterations):
+        inverse = -warp(disp, inverse, padding_mode="border")
+    return inverse
+
+
+def jacobian_determinant(disp: torch.Tensor, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
+    """det(I + grad disp) ``(B, D, H, W)`` by central differences (one-sided at borders), in voxel space.
+
+    ``spacing`` (d, h, w) is only needed when ``disp`` is in physical units on an anisotropic grid.
+    """
+    _check_disp(disp)
+    grads = []
+    for axis, h in zip((2, 3, 4), spacing):
+        grads.append(torch.gradient(disp, dim=axis, spacing=h)[0])
+    # J[b, i, j] = d disp_i / d x_j + delta_ij
+    j = torch.stack(grads, dim=2)  # (B, 3 comps, 3 axes, D, H, W)
+    eye = torch.eye(3, dtype=disp.dtype, device=disp.device).view(1, 3, 3, 1, 1, 1)
+    j = j + eye
+    return (
+        j[:, 0, 0] * (j[:, 1, 1] * j[:, 2, 2] - j[:, 1, 2] * j[:, 2, 1])
+        - j[:, 0, 1] * (j[:, 1, 0] * j[:, 2, 2] - j[:, 1, 2] * j[:, 2, 0])
+        + j[:, 0, 2] * (j[:, 1, 0] * j[:, 2, 1] - j[:, 1, 1] * j[:, 2, 0])
+    )
