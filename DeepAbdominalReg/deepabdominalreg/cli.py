@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,9 +75,28 @@ def write_result(
     report: bool = True,
     hu_window: tuple[float, float] = (-160.0, 240.0),
 ) -> dict[str, Path]:
-    """Write every output of a registration into ``out_dir`` (each file atomically); returns name -> path."""
+    """Write every output of a registration into ``out_dir``; returns name -> path.
+
+    Files are first written into a hidden staging folder inside ``out_dir`` and moved into place only when all of
+    them exist, so an interruption (Ctrl-C, a full disk) leaves ``out_dir`` as it was.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        staged = _write_outputs(result, staging, fixed=fixed, moving=moving, fixed_labels=fixed_labels,
+                                moving_labels=moving_labels, report=report, hu_window=hu_window)
+        paths = {}
+        for name, path in staged.items():
+            target = out / path.name
+            os.replace(path, target)
+            paths[name] = target
+        return paths
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_outputs(result, out: Path, *, fixed, moving, fixed_labels, moving_labels, report, hu_window):
     paths = {
         "warped": write_image(result.warped_image, out / "warped.nii.gz"),
         "displacement": write_displacement_field(result.displacement_lps, out / "displacement.nii.gz"),

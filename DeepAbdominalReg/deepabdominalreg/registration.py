@@ -253,12 +253,48 @@ def register_pair(
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` (CT in HU); everything returned lives on the fixed grid.
 
+    ``moving_labels``/``fixed_labels``: label maps (any grid; resampled onto their volume's grid if needed).
+    ``fixed_landmarks_lps``/``moving_landmarks_lps``: ``(N, 3)`` LPS mm, same points in the same order.
+    ``label_names``: ``{id: name}`` for the metrics.  ``progress`` is called with :class:`ProgressEvent`;
+    ``should_stop()`` returning True cancels at the next stage or iteration.
+
     Stages (each timed, in ``metrics["stages"]``): validation, preprocessing (working grid, HU window, body mask),
     affine (centre of mass + optimisation), network (when ``config.model``), instance optimisation, composition
     (affine + deformable -> one displacement at full resolution), warping, Jacobian, inverse, metrics.
     Inputs are never modified.  Raises :class:`ImageValidationError` for unusable inputs (before heavy work),
     :class:`RegistrationCancelled` when ``should_stop()`` turns True, :class:`ModelError` for a bad model.
+    On CUDA out-of-memory the registration is rerun on the CPU, with a warning in ``metrics["warnings"]``.
     """
+    kwargs = dict(
+        moving_labels=moving_labels, fixed_labels=fixed_labels, fixed_landmarks_lps=fixed_landmarks_lps,
+        moving_landmarks_lps=moving_landmarks_lps, label_names=label_names, progress=progress,
+        should_stop=should_stop,
+    )
+    try:
+        return _register_pair_on_device(fixed, moving, config=config, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        if resolve_device(config.device).type != "cuda":
+            raise
+        torch.cuda.empty_cache()
+        result = _register_pair_on_device(fixed, moving, config=config.replace(device="cpu"), **kwargs)
+        result.metrics["warnings"].append("CUDA ran out of memory; the registration was rerun on the CPU.")
+        return result
+
+
+def _register_pair_on_device(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    *,
+    config: RegistrationConfig = RegistrationConfig(),
+    moving_labels: sitk.Image | None = None,
+    fixed_labels: sitk.Image | None = None,
+    fixed_landmarks_lps: np.ndarray | None = None,
+    moving_landmarks_lps: np.ndarray | None = None,
+    label_names: dict[int, str] | None = None,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCallback | None = None,
+) -> RegistrationResult:
+    """One run of the pipeline on ``config.device`` (see :func:`register_pair`)."""
     t_total = time.perf_counter()
     stages = _Stages(progress, should_stop)
     warnings: list[str] = []
@@ -301,14 +337,12 @@ def register_pair(
     network = None
     card = None
     hu_window = config.hu_window
-    spacing_mm = config.working_spacing_mm
     if config.model:
         network, card = load_model(config.model, device)
-        hu_window = card.hu_window
-        spacing_mm = card.input_spacing_mm
 
     with stages("preprocessing", "resampling to the working grid, HU window, body mask"):
-        w_fixed_grid = make_working_grid(fixed, spacing_mm, config.max_working_voxels)
+        # the instance optimisation always uses the configured HU window; the network uses its card's
+        w_fixed_grid = make_working_grid(fixed, config.working_spacing_mm, config.max_working_voxels)
         w_moving_grid = make_working_grid(moving, w_fixed_grid.spacing[0])
         w_fixed = prepare_working_image(fixed, w_fixed_grid, hu_window, config.body_mask)
         w_moving = prepare_working_image(moving, w_moving_grid, hu_window, config.body_mask)
@@ -334,8 +368,7 @@ def register_pair(
 
     if network is not None:
         with stages("network", f"network {card.name}"):
-            with torch.inference_mode():
-                disp = network.predict(fixed_t, moving_t).float().clone()
+            disp = _network_displacement(network, card, fixed, moving, affine, w_fixed_grid, config, device)
 
     io_settings = InstanceOptimisationSettings(
         levels=tuple(config.io_levels), iterations=config.io_iterations,
@@ -468,6 +501,41 @@ def register_pair(
         warped_moving_landmarks_lps=warped_moving_landmarks,
         extras={"transform": transform, "working_grid": w_fixed_grid},
     )
+
+
+def _network_displacement(
+    network: torch.nn.Module,
+    card,
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    affine: sitk.Transform,
+    working_grid: Grid,
+    config: RegistrationConfig,
+    device: torch.device,
+) -> torch.Tensor:
+    """Run the network on its own grid (the card's spacing and HU window) and return the displacement on the
+    working grid, in working-grid voxels ``(1, 3, D, H, W)``."""
+    net_grid = make_working_grid(fixed, card.input_spacing_mm, config.max_working_voxels)
+    f = prepare_working_image(fixed, net_grid, card.hu_window, config.body_mask)
+    m = prepare_working_image(moving, net_grid, card.hu_window, config.body_mask, transform=affine)
+    with torch.inference_mode():
+        pred = network.predict(
+            torch.as_tensor(f.intensity, device=device)[None, None],
+            torch.as_tensor(m.intensity, device=device)[None, None],
+        ).float()
+    if net_grid == working_grid:
+        return pred.clone()
+    field_mm = net_grid.image_from_array(_disp_vox_to_mm_lps(pred, net_grid).astype(np.float32), is_vector=True)
+    on_working = sitk.GetArrayFromImage(resample_image(field_mm, working_grid, interpolator="linear"))
+    return _mm_lps_to_disp_vox(on_working, working_grid, device)
+
+
+def _mm_lps_to_disp_vox(field_mm_zyx3: np.ndarray, grid: Grid, device: torch.device) -> torch.Tensor:
+    """``(D, H, W, 3)`` LPS mm -> ``(1, 3, D, H, W)`` voxel displacement (channels d, h, w) on ``grid``."""
+    matrix_inv = np.linalg.inv(grid.direction_matrix @ np.diag(grid.spacing))
+    vox_xyz = np.asarray(field_mm_zyx3, dtype=np.float64) @ matrix_inv.T
+    tensor = torch.as_tensor(vox_xyz.astype(np.float32), device=device).permute(3, 0, 1, 2).flip(0)
+    return tensor.unsqueeze(0).contiguous()
 
 
 def _folding_percent(disp: torch.Tensor, mask: torch.Tensor) -> float:

@@ -10,6 +10,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from geometry_helpers import oblique_direction
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -30,17 +32,6 @@ def shared_data() -> Path:
     if path is None:
         pytest.skip("../shared/data is not available (a user's clone); real-CT tests skipped")
     return path
-
-
-def oblique_direction(angle_deg: float = 20.0, flip: bool = True) -> tuple[float, ...]:
-    """A rotation about an oblique axis, optionally composed with a flip of x and y (LPS <-> RAS-like)."""
-    a = np.deg2rad(angle_deg)
-    axis = np.array([1.0, 2.0, 3.0]) / np.sqrt(14.0)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    rot = np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
-    if flip:
-        rot = rot @ np.diag([-1.0, -1.0, 1.0])
-    return tuple(rot.ravel())
 
 
 @pytest.fixture

@@ -1,0 +1,107 @@
+"""The command-line tool on a small phantom pair: outputs, file conventions, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from deepabdominalreg.cli import main
+from deepabdominalreg.image import read_displacement_field
+from deepabdominalreg.landmarks import read_landmarks
+
+EXPECTED = ["warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "displacement_magnitude.nii.gz",
+            "warped_seg.nii.gz", "metrics.json", "report.png", "inverse_displacement.nii.gz"]
+
+
+@pytest.fixture(scope="module")
+def pair_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pair")
+    assert main(["phantom", "--output-dir", str(out), "--seed", "7", "--spacing", "5"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def registered(pair_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("registered")
+    code = main([
+        "register", "--fixed", str(pair_dir / "fixed.nii.gz"), "--moving", str(pair_dir / "moving.nii.gz"),
+        "--fixed-seg", str(pair_dir / "fixed_seg.nii.gz"), "--moving-seg", str(pair_dir / "moving_seg.nii.gz"),
+        "--fixed-landmarks", str(pair_dir / "fixed_landmarks.csv"),
+        "--moving-landmarks", str(pair_dir / "moving_landmarks.csv"),
+        "--output-dir", str(out), "--preset", "fast", "--working-spacing", "5", "--device", "cpu",
+    ])
+    assert code == 0
+    return out
+
+
+def test_register_writes_every_output_on_the_fixed_grid(pair_dir, registered):
+    fixed = sitk.ReadImage(str(pair_dir / "fixed.nii.gz"))
+    for name in EXPECTED:
+        assert (registered / name).exists(), name
+    for name in ["warped.nii.gz", "jacobian.nii.gz", "displacement_magnitude.nii.gz", "warped_seg.nii.gz"]:
+        image = sitk.ReadImage(str(registered / name))
+        assert image.GetSize() == fixed.GetSize()
+        np.testing.assert_allclose(image.GetOrigin(), fixed.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(image.GetDirection(), fixed.GetDirection(), atol=1e-6)
+    assert not [p for p in registered.iterdir() if p.name.startswith(".")], "staging files left behind"
+
+
+def test_metrics_json_contract(registered):
+    metrics = json.loads((registered / "metrics.json").read_text())
+    for key in ("dice_mean_before", "dice_mean_after", "folding_percent", "sdlogj", "runtime_s", "device"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["dice_mean_before"] <= 1.0 and 0.0 <= metrics["dice_mean_after"] <= 1.0
+    assert metrics["dice_mean_after"] > metrics["dice_mean_before"]
+    assert set(metrics["stages"]) >= {"preprocessing", "affine", "instance_optimisation", "warping"}
+    assert "hd95_mm" in next(iter(metrics["labels"]["after"]["per_label"].values()))
+    assert metrics["landmarks"]["after"]["mean"] < metrics["landmarks"]["before"]["mean"]
+
+
+def test_displacement_file_maps_fixed_landmarks_onto_moving(pair_dir, registered):
+    transform = sitk.DisplacementFieldTransform(read_displacement_field(registered / "displacement.nii.gz"))
+    fixed_points = read_landmarks(pair_dir / "fixed_landmarks.csv")
+    moving_points = read_landmarks(pair_dir / "moving_landmarks.csv")
+    mapped = np.array([transform.TransformPoint(tuple(p)) for p in fixed_points])
+    before = np.linalg.norm(fixed_points - moving_points, axis=1).mean()
+    after = np.linalg.norm(mapped - moving_points, axis=1).mean()
+    assert after < 0.5 * before, (before, after)
+    # the same file resamples the moving image onto the fixed grid like warped.nii.gz
+    moving = sitk.ReadImage(str(pair_dir / "moving.nii.gz"), sitk.sitkFloat32)
+    fixed = sitk.ReadImage(str(pair_dir / "fixed.nii.gz"))
+    again = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, -1024.0)
+    warped = sitk.ReadImage(str(registered / "warped.nii.gz"), sitk.sitkFloat32)
+    diff = np.abs(sitk.GetArrayFromImage(again) - sitk.GetArrayFromImage(warped))
+    assert np.median(diff) < 1.0
+
+
+def test_inverse_field_maps_moving_landmarks_back(pair_dir, registered):
+    inverse = sitk.DisplacementFieldTransform(read_displacement_field(registered / "inverse_displacement.nii.gz"))
+    fixed_points = read_landmarks(pair_dir / "fixed_landmarks.csv")
+    moving_points = read_landmarks(pair_dir / "moving_landmarks.csv")
+    back = np.array([inverse.TransformPoint(tuple(p)) for p in moving_points])
+    assert np.linalg.norm(back - fixed_points, axis=1).mean() < 0.5 * np.linalg.norm(
+        fixed_points - moving_points, axis=1).mean()
+
+
+def test_missing_input_is_exit_code_2_with_a_message(tmp_path, capsys):
+    code = main(["register", "--fixed", str(tmp_path / "nope.nii.gz"), "--moving", str(tmp_path / "x.nii.gz"),
+                 "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    assert "fixed image" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_progress_json_lines(pair_dir, tmp_path, capsys):
+    code = main([
+        "register", "--fixed", str(pair_dir / "fixed.nii.gz"), "--moving", str(pair_dir / "moving.nii.gz"),
+        "--output-dir", str(tmp_path), "--preset", "fast", "--working-spacing", "6", "--io-iterations", "5",
+        "--no-report", "--no-inverse", "--progress-json",
+    ])
+    assert code == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert events[-1]["stage"] == "finished" and "displacement" in events[-1]["outputs"]
+    fractions = [e["fraction"] for e in events]
+    assert fractions == sorted(fractions)

@@ -1,0 +1,189 @@
+"""End-to-end pipeline on small phantoms: known translations/affines, identity, Dice, geometry, cancellation."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from geometry_helpers import oblique_direction
+from deepabdominalreg.config import RegistrationConfig, config_from_preset
+from deepabdominalreg.image import Grid, ImageValidationError, resample_image
+from deepabdominalreg.registration import ProgressEvent, RegistrationCancelled, register_pair
+
+FAST = config_from_preset("fast", working_spacing_mm=5.0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def phantom_5mm():
+    from deepabdominalreg.phantom import add_ct_noise, render_phantom
+
+    clean, labels = render_phantom(seed=3, spacing_mm=5.0)
+    return add_ct_noise(clean, seed=1), labels
+
+
+def _image_hash(image: sitk.Image) -> str:
+    h = hashlib.sha256(sitk.GetArrayViewFromImage(image).tobytes())
+    h.update(repr((image.GetSpacing(), image.GetOrigin(), image.GetDirection())).encode())
+    return h.hexdigest()
+
+
+def _field_error_mm(result, true_disp_zyx3: np.ndarray) -> np.ndarray:
+    est = sitk.GetArrayFromImage(result.displacement_lps)
+    body = sitk.GetArrayFromImage(result.body_mask) > 0
+    return np.linalg.norm(est - true_disp_zyx3, axis=-1)[body]
+
+
+def _translated(image, t_mm, interpolator="linear", default=-1024.0):
+    """fixed(x) = moving(x + t): the true displacement (fixed -> moving) is +t everywhere."""
+    return resample_image(image, image, sitk.TranslationTransform(3, tuple(t_mm)), interpolator, default)
+
+
+def test_known_translation_is_recovered_below_1mm(phantom_5mm):
+    moving, _ = phantom_5mm
+    t = np.array([6.5, -4.0, 3.0])
+    fixed = _translated(moving, t)
+    result = register_pair(fixed, moving, config=FAST)
+    err = _field_error_mm(result, np.broadcast_to(t, (*sitk.GetArrayViewFromImage(fixed).shape, 3)))
+    assert err.mean() < 1.0, err.mean()
+    np.testing.assert_allclose(result.affine_fixed_to_moving.GetTranslation(), t, atol=1.0)
+
+
+def test_known_affine_is_recovered_below_1mm(phantom_5mm):
+    moving, _ = phantom_5mm
+    affine = sitk.AffineTransform(3)
+    angle = np.deg2rad(3.0)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine.SetMatrix(tuple((rot * 1.03).ravel()))
+    grid = Grid.from_image(moving)
+    affine.SetCenter(tuple(grid.index_to_physical((np.asarray(grid.size) - 1) / 2)[0]))
+    affine.SetTranslation((3.0, 2.0, -2.0))
+    fixed = resample_image(moving, moving, affine, "linear", -1024.0)
+    result = register_pair(fixed, moving, config=FAST.replace(io_iterations=0))
+    # true displacement at every fixed voxel
+    true = sitk.GetArrayFromImage(sitk.TransformToDisplacementField(
+        affine, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(), fixed.GetSpacing(), fixed.GetDirection()))
+    err = _field_error_mm(result, true)
+    assert err.mean() < 1.0, err.mean()
+
+
+def test_identity_pair_gives_near_zero_displacement(phantom_5mm):
+    moving, _ = phantom_5mm
+    result = register_pair(moving, moving, config=FAST)
+    err = _field_error_mm(result, np.zeros((*sitk.GetArrayViewFromImage(moving).shape, 3)))
+    assert err.mean() < 0.5 and np.percentile(err, 95) < 1.0
+    assert result.metrics["folding_percent"] == 0.0
+
+
+def test_oblique_anisotropic_geometry_end_to_end():
+    from deepabdominalreg.phantom import add_ct_noise, render_phantom
+
+    clean, _ = render_phantom(seed=4, spacing_mm=(4.0, 4.5, 6.0), direction=oblique_direction(15.0))
+    moving = add_ct_noise(clean, seed=2)
+    t = np.array([-5.0, 4.0, 6.0])  # physical LPS mm, whatever the direction
+    fixed = _translated(moving, t)
+    result = register_pair(fixed, moving, config=FAST)
+    for output in (result.warped_image, result.displacement_lps, result.jacobian, result.displacement_magnitude):
+        assert output.GetSize() == fixed.GetSize()
+        np.testing.assert_allclose(output.GetDirection(), fixed.GetDirection(), atol=1e-9)
+        np.testing.assert_allclose(output.GetOrigin(), fixed.GetOrigin(), atol=1e-9)
+        np.testing.assert_allclose(output.GetSpacing(), fixed.GetSpacing(), atol=1e-9)
+    err = _field_error_mm(result, np.broadcast_to(t, (*sitk.GetArrayViewFromImage(fixed).shape, 3)))
+    assert err.mean() < 1.0, err.mean()
+
+
+def test_phantom_pair_registration_improves_dice_and_keeps_labels():
+    from deepabdominalreg.synthetic import make_phantom_pair
+
+    pair = make_phantom_pair(seed=5, spacing_mm=4.0)
+    hashes = [_image_hash(i) for i in (pair.fixed_image, pair.moving_image, pair.moving_labels)]
+    result = register_pair(
+        pair.fixed_image, pair.moving_image, config=FAST.replace(working_spacing_mm=4.0),
+        moving_labels=pair.moving_labels, fixed_labels=pair.fixed_labels,
+        fixed_landmarks_lps=pair.fixed_landmarks_lps, moving_landmarks_lps=pair.moving_landmarks_lps,
+        label_names=pair.label_names,
+    )
+    m = result.metrics
+    assert m["dice_mean_after"] > m["dice_mean_affine"] + 0.05
+    assert m["dice_mean_after"] > 0.8
+    assert m["folding_percent"] < 0.5
+    assert m["tre_mean_after_mm"] < m["tre_mean_before_mm"]
+    warped_values = set(np.unique(sitk.GetArrayViewFromImage(result.warped_labels)).tolist())
+    assert warped_values <= set(np.unique(sitk.GetArrayViewFromImage(pair.moving_labels)).tolist())
+    for key in ("dice_mean_before", "dice_mean_after", "folding_percent", "sdlogj", "runtime_s", "device"):
+        assert key in m
+    assert [_image_hash(i) for i in (pair.fixed_image, pair.moving_image, pair.moving_labels)] == hashes
+
+
+def test_progress_is_monotonic_and_cancel_stops(phantom_5mm):
+    moving, _ = phantom_5mm
+    events: list[ProgressEvent] = []
+    calls = {"n": 0}
+
+    def should_stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 30
+
+    with pytest.raises(RegistrationCancelled):
+        register_pair(moving, moving, config=FAST, progress=events.append, should_stop=should_stop)
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and len(events) > 3
+
+
+def test_network_stage_runs_with_tiny_random_checkpoint(tmp_path, phantom_5mm):
+    from deepabdominalreg.models import save_model
+    from deepabdominalreg.networks import RegistrationUNet, UNetConfig
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(encoder_channels=(4, 8), decoder_channels=(8, 4), final_channels=(4,))
+    card = save_model(RegistrationUNet(cfg), "RegistrationUNet", cfg.as_dict(), tmp_path / "tiny.pt",
+                      name="tiny", input_spacing_mm=6.0, hu_window=(-160.0, 240.0))
+    moving, _ = phantom_5mm
+    result = register_pair(moving, moving, config=FAST.replace(model=str(tmp_path / "tiny.pt"), io_iterations=5,
+                                                                io_fine_iterations=0))
+    assert result.metrics["model"]["sha256"] == card.sha256
+    assert "network" in result.metrics["stages"]
+
+
+def test_mismatched_landmarks_and_outside_points_are_clear_errors(phantom_5mm):
+    moving, _ = phantom_5mm
+    grid = Grid.from_image(moving)
+    centre = grid.index_to_physical((np.asarray(grid.size) - 1) / 2)
+    with pytest.raises(ImageValidationError, match="differ in length"):
+        register_pair(moving, moving, config=FAST, fixed_landmarks_lps=np.vstack([centre, centre]),
+                      moving_landmarks_lps=centre)
+    with pytest.raises(ImageValidationError, match="outside"):
+        register_pair(moving, moving, config=FAST, fixed_landmarks_lps=centre + 5000.0,
+                      moving_landmarks_lps=centre)
+
+
+def test_labels_on_another_grid_are_resampled_with_a_warning(phantom_5mm):
+    moving, labels = phantom_5mm
+    coarse = resample_image(labels, Grid.from_image(resample_image(moving, _coarser(moving))), interpolator="nearest")
+    result = register_pair(moving, moving, config=FAST.replace(io_iterations=0, affine=False),
+                           moving_labels=coarse, fixed_labels=labels)
+    assert any("different grid" in w for w in result.metrics["warnings"])
+    assert result.warped_labels.GetSize() == moving.GetSize()
+
+
+def _coarser(image: sitk.Image) -> Grid:
+    from deepabdominalreg.image import make_working_grid
+
+    return make_working_grid(image, image.GetSpacing()[0] * 1.5)
+
+
+def test_no_overlap_without_affine_is_refused(phantom_5mm):
+    moving, _ = phantom_5mm
+    far = sitk.Image(moving)
+    far.SetOrigin(tuple(np.asarray(moving.GetOrigin()) + 5000.0))
+    with pytest.raises(ImageValidationError, match="do not overlap"):
+        register_pair(far, moving, config=FAST.replace(affine=False))
+
+
+def test_default_config_is_documented_preset():
+    assert config_from_preset("balanced") == RegistrationConfig()
+    with pytest.raises(ValueError, match="unknown preset"):
+        config_from_preset("turbo")
