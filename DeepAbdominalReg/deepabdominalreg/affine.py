@@ -17,7 +17,7 @@ from scipy import ndimage
 from deepabdominalreg.image import Grid, make_working_grid, resample_image
 from deepabdominalreg.losses import local_ncc_loss
 
-__all__ = ["centre_of_mass_lps", "optimise_affine", "downsample_working"]
+__all__ = ["centre_of_mass_lps", "optimise_affine", "downsample_working", "Plateau"]
 
 
 def centre_of_mass_lps(grid: Grid, weights_zyx: np.ndarray) -> np.ndarray:
@@ -30,11 +30,15 @@ def centre_of_mass_lps(grid: Grid, weights_zyx: np.ndarray) -> np.ndarray:
     return grid.index_to_physical(com_zyx[::-1])[0]
 
 
-def downsample_working(grid: Grid, intensity_zyx: np.ndarray, factor: int) -> tuple[Grid, np.ndarray]:
-    """Gaussian-smooth (sigma = factor/2 voxels) and resample an intensity array onto a ``factor`` coarser grid."""
-    if factor <= 1:
+def downsample_working(grid: Grid, intensity_zyx: np.ndarray, spacing_mm: float) -> tuple[Grid, np.ndarray]:
+    """Gaussian-smooth and resample an intensity array onto a coarser isotropic grid of ``spacing_mm``.
+
+    Nothing happens when ``spacing_mm`` is not coarser than the grid's own spacing.
+    """
+    factor = float(spacing_mm) / grid.spacing[0]
+    if factor <= 1.0 + 1e-6:
         return grid, intensity_zyx
-    coarse = make_working_grid(grid, grid.spacing[0] * factor)
+    coarse = make_working_grid(grid, float(spacing_mm))
     smoothed = ndimage.gaussian_filter(intensity_zyx.astype(np.float32), sigma=factor / 2.0)
     resampled = resample_image(grid.image_from_array(smoothed), coarse, interpolator="linear")
     return coarse, sitk.GetArrayFromImage(resampled)
@@ -60,13 +64,29 @@ def _sample_moving(
     return F.grid_sample(moving, normalised.unsqueeze(0), mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
+class Plateau:
+    """Early stopping: True once the loss has not improved by ``tolerance`` for ``patience`` iterations."""
+
+    def __init__(self, patience: int, tolerance: float) -> None:
+        self.patience, self.tolerance = patience, tolerance
+        self.best = float("inf")
+        self.since = 0
+
+    def reached(self, loss: float) -> bool:
+        if loss < self.best - self.tolerance:
+            self.best, self.since = loss, 0
+        else:
+            self.since += 1
+        return self.since >= self.patience
+
+
 def optimise_affine(
     fixed_grid: Grid,
     fixed_intensity: np.ndarray,
     moving_grid: Grid,
     moving_intensity: np.ndarray,
     *,
-    levels: tuple[int, ...] = (4, 2),
+    levels_mm: tuple[float, ...] = (12.0, 6.0),
     iterations: int = 80,
     device: torch.device | str = "cpu",
     optimise: bool = True,
@@ -76,7 +96,9 @@ def optimise_affine(
     """Affine transform (fixed -> moving, LPS mm) aligning two working images (``zyx`` intensities in [0, 1]).
 
     Starts from the centre-of-mass translation; with ``optimise`` it then refines a full affine (12 parameters)
-    with Adam on local NCC at each pyramid ``level`` (downsampling factors of the working grids).
+    with Adam on local NCC at each pyramid level, of isotropic spacing ``levels_mm`` (mm; a level finer than the
+    working grids runs at the working spacing).  The level spacing, not the working spacing, sets the precision:
+    about a tenth of a level voxel.
     ``callback(iteration, total, loss)`` is called every iteration (it may raise to cancel).
     """
     device = torch.device(device)
@@ -87,19 +109,22 @@ def optimise_affine(
     c = torch.as_tensor(centre, dtype=torch.float32, device=device)
     t0 = torch.as_tensor(translation0, dtype=torch.float32, device=device)
     translation_scale = 10.0  # mm per unit of the shift parameter: balances Adam steps of shift vs linear
-    total = len(levels) * iterations if optimise else 0
+    total = len(levels_mm) * iterations if optimise else 0
     step = 0
     if optimise and iterations > 0:
-        for factor in levels:
-            f_grid, f_img = downsample_working(fixed_grid, fixed_intensity, factor)
-            m_grid, m_img = downsample_working(moving_grid, moving_intensity, factor)
+        for level_mm in levels_mm:
+            f_grid, f_img = downsample_working(fixed_grid, fixed_intensity, level_mm)
+            m_grid, m_img = downsample_working(moving_grid, moving_intensity, level_mm)
+            # Adam steps of ~0.2-0.7 mm for the translation: larger on coarse levels
+            shift_lr = 0.02 + 0.05 * min(level_mm, 12.0) / 12.0
             fixed_t = torch.as_tensor(f_img, device=device)[None, None]
             moving_t = torch.as_tensor(m_img, device=device)[None, None]
             points = _physical_points(f_grid, device)
             optimiser = torch.optim.Adam(
-                [{"params": [linear], "lr": 0.004}, {"params": [shift], "lr": 0.05 * min(factor, 4) / 4 + 0.02}]
+                [{"params": [linear], "lr": 0.004}, {"params": [shift], "lr": shift_lr}]
             )
-            for _ in range(iterations):
+            plateau = Plateau(patience=12, tolerance=1e-4)
+            for i in range(iterations):
                 optimiser.zero_grad(set_to_none=True)
                 matrix = torch.eye(3, device=device) + linear
                 mapped = (points - c) @ matrix.T + c + t0 + translation_scale * shift
@@ -112,6 +137,9 @@ def optimise_affine(
                 step += 1
                 if callback is not None:
                     callback(step, total, float(loss.detach()))
+                if plateau.reached(float(loss.detach())):
+                    step += iterations - i - 1  # skipped iterations count as done for the progress
+                    break
     matrix = (np.eye(3) + linear.detach().cpu().numpy().astype(np.float64))
     translation = translation0 + translation_scale * shift.detach().cpu().numpy().astype(np.float64)
     transform = sitk.AffineTransform(3)

@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from deepabdominalreg import __version__
-from deepabdominalreg.config import PRESETS, config_from_preset
+from deepabdominalreg.config import PRESETS, RegistrationConfig, config_from_preset
 from deepabdominalreg.image import (
     ImageValidationError,
     read_image,
@@ -163,10 +163,23 @@ def _progress_printer(as_json: bool):
     return show
 
 
-def _build_config(args: argparse.Namespace):
-    overrides = {"device": args.device, "seed": args.seed}
-    if args.model and args.model.lower() not in ("none", ""):
-        overrides["model"] = args.model
+def _build_config(args: argparse.Namespace) -> RegistrationConfig:
+    """Preset (default balanced), then ``--config FILE`` (JSON of RegistrationConfig fields), then explicit flags."""
+    config = config_from_preset(args.preset or "balanced")
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        try:
+            data = json.loads(path.read_text())
+            config = RegistrationConfig.from_dict(data, base=config)
+        except (OSError, json.JSONDecodeError, ValueError, TypeError) as exc:
+            raise ImageValidationError(f"configuration file '{path}' cannot be used: {exc}") from exc
+    overrides = {}
+    if args.device is not None:
+        overrides["device"] = args.device
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.model is not None:
+        overrides["model"] = None if args.model.lower() in ("none", "") else args.model
     if args.no_affine:
         overrides["affine"] = False
     if args.no_body_mask:
@@ -179,7 +192,7 @@ def _build_config(args: argparse.Namespace):
         overrides["compute_inverse"] = False
     if args.threads:
         overrides["threads"] = args.threads
-    return config_from_preset(args.preset, **overrides)
+    return config.replace(**overrides)
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
@@ -255,8 +268,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from deepabdominalreg.synthetic import make_phantom_pair, write_pair
 
     out = Path(args.output_dir)
-    print(f"generating a phantom patient pair (seed {args.seed}, {args.spacing} mm) ...", file=sys.stderr)
-    pair = make_phantom_pair(seed=args.seed, spacing_mm=_parse_spacing(args.spacing))
+    seed = args.seed or 0
+    print(f"generating a phantom patient pair (seed {seed}, {args.spacing} mm) ...", file=sys.stderr)
+    pair = make_phantom_pair(seed=seed, spacing_mm=_parse_spacing(args.spacing))
     paths = write_pair(pair, out / "input")
     register_args = argparse.Namespace(
         fixed=str(paths["fixed"]), moving=str(paths["moving"]), fixed_seg=str(paths["fixed_seg"]),
@@ -264,7 +278,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         moving_landmarks=str(paths["moving_landmarks"]), label_names=str(paths["labels"]),
         output_dir=str(out), device=args.device, model=args.model, no_affine=False, no_body_mask=False,
         io_iterations=None, working_spacing=None, no_inverse=False, threads=None, seed=args.seed,
-        preset=args.preset, progress_json=False, no_report=False,
+        preset=args.preset, progress_json=False, no_report=False, config=None,
     )
     code = _cmd_register(register_args)
     print(f"report: {out / 'report.png'}")
@@ -280,11 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_run_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
-        p.add_argument("--model", default=None, help="shipped model name or path to a .pt (default: none = "
-                       "affine + instance optimisation)")
-        p.add_argument("--preset", default="balanced", choices=sorted(PRESETS), help="speed/accuracy preset")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="compute device (auto)")
+        p.add_argument("--model", default=None, help="shipped model name, path to a .pt, or 'none' "
+                       "(default: the configured default model)")
+        p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="speed/accuracy preset (balanced)")
+        p.add_argument("--seed", type=int, default=None, help="random seed (0)")
 
     reg = sub.add_parser("register", help="register a moving CT onto a fixed CT")
     reg.add_argument("--fixed", required=True, help="fixed image: NIfTI/NRRD/MHA file or DICOM folder")
@@ -296,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--moving-landmarks", help="corresponding moving landmarks, same order")
     reg.add_argument("--output-dir", required=True)
     add_run_options(reg)
+    reg.add_argument("--config", help="JSON file of RegistrationConfig fields (applied after --preset, before flags)")
     reg.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
     reg.add_argument("--no-body-mask", action="store_true", help="keep the CT table and outside air")
     reg.add_argument("--io-iterations", type=int, default=None, help="instance-optimisation iterations per level "

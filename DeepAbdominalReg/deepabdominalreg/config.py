@@ -29,6 +29,8 @@ class RegistrationConfig:
     affine: bool = True
     affine_iterations: int = 80
     """Adam iterations per affine pyramid level."""
+    affine_levels_mm: tuple[float, ...] = (12.0, 6.0)
+    """Isotropic spacing (mm) of the affine pyramid levels, coarse to fine."""
 
     # deformable stage 1: network
     model: str | None = None
@@ -65,8 +67,22 @@ class RegistrationConfig:
     threads: int | None = None
     """CPU threads for torch (``None``: leave torch's default)."""
 
-    def replace(self, **changes) -> "RegistrationConfig":
+    def replace(self, **changes) -> RegistrationConfig:
         return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready values (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict, base: RegistrationConfig | None = None) -> RegistrationConfig:
+        """A config from ``data`` (e.g. a JSON file), on top of ``base``; unknown keys are a clear error."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"unknown registration settings {unknown}; known: {sorted(known)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return dataclasses.replace(base or cls(), **values)
 
 
 PRESETS: dict[str, dict] = {

@@ -17,9 +17,9 @@ import os
 import struct
 import tempfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -64,7 +64,7 @@ class Grid:
     direction: tuple[float, ...]
 
     @classmethod
-    def from_image(cls, image: sitk.Image) -> "Grid":
+    def from_image(cls, image: sitk.Image) -> Grid:
         return cls(
             size=tuple(int(s) for s in image.GetSize()),
             spacing=tuple(float(s) for s in image.GetSpacing()),
@@ -172,8 +172,8 @@ def _read_dicom_folder(folder: Path, role: str, series_uid: str | None) -> sitk.
             f"  {uid}  ({len(reader.GetGDCMSeriesFileNames(str(folder), uid))} files)" for uid in series
         )
         raise ImageValidationError(
-            f"{role} folder '{folder}' holds {len(series)} DICOM series; choose one with '<folder>::<SeriesInstanceUID>'"
-            f" or move it into its own folder:\n{listing}"
+            f"{role} folder '{folder}' holds {len(series)} DICOM series; choose one with "
+            f"'<folder>::<SeriesInstanceUID>' or move it into its own folder:\n{listing}"
         )
     uid = series_uid or series[0]
     if uid not in series:

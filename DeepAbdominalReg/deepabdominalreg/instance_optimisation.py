@@ -2,7 +2,8 @@
 
 The displacement of each level is parameterised on a control grid ``control_spacing`` voxels apart and
 interpolated trilinearly to the level's grid; the loss is local NCC on the level's grid + diffusion regularisation
-and a negative-Jacobian penalty on the control grid.  Everything is in voxels of the working grid (see :mod:`deepabdominalreg.spatial`).
+and a negative-Jacobian penalty on the control grid.  Everything is in voxels of the working grid
+(see :mod:`deepabdominalreg.spatial`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from deepabdominalreg import spatial
+from deepabdominalreg.affine import Plateau
 from deepabdominalreg.losses import (
     _box_filter,
     diffusion_regulariser,
@@ -86,7 +88,8 @@ def instance_optimise(
         residual_start = start - F.interpolate(control, size=lshape, mode="trilinear", align_corners=True)
         control = control.clone().requires_grad_(True)
         optimiser = torch.optim.Adam([control], lr=settings.learning_rate)
-        for _ in range(iterations):
+        plateau = Plateau(patience=15, tolerance=1e-4)
+        for i in range(iterations):
             optimiser.zero_grad(set_to_none=True)
             disp_l = F.interpolate(control, size=lshape, mode="trilinear", align_corners=True) + residual_start
             warped = spatial.warp(moving_l, disp_l)
@@ -105,6 +108,9 @@ def instance_optimise(
             step += 1
             if callback is not None:
                 callback(step, total, float(loss.detach()))
+            if plateau.reached(float(loss.detach())):
+                step += iterations - i - 1
+                break
         with torch.no_grad():
             disp_l = F.interpolate(control, size=lshape, mode="trilinear", align_corners=True) + residual_start
             disp = spatial.resize_displacement(disp_l, shape)

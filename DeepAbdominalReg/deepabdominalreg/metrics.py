@@ -263,7 +263,7 @@ def _bounding_slices(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
 
 
 def _grow(box: tuple[slice, ...], shape: tuple[int, ...], margin: int) -> tuple[slice, ...]:
-    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, shape, strict=True))
+    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, shape))
 
 
 def _union(box_a: tuple[slice, ...] | None, box_b: tuple[slice, ...] | None) -> tuple[slice, ...] | None:
@@ -271,7 +271,7 @@ def _union(box_a: tuple[slice, ...] | None, box_b: tuple[slice, ...] | None) -> 
         return box_b
     if box_b is None:
         return box_a
-    return tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(box_a, box_b, strict=True))
+    return tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(box_a, box_b))
 
 
 def _surface_distances_cropped(mask_a: np.ndarray, mask_b: np.ndarray, spacing_zyx: tuple[float, ...]) -> dict:

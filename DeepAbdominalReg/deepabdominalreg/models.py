@@ -13,10 +13,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from deepabdominalreg.networks import build_network
+if TYPE_CHECKING:  # torch is imported lazily: the registry (cards, hashes) works without it
+    import torch
 
 __all__ = [
     "ModelError",
@@ -64,7 +64,7 @@ class ModelCard:
     extra: dict
 
     @classmethod
-    def read(cls, card_path: Path) -> "ModelCard":
+    def read(cls, card_path: Path) -> ModelCard:
         try:
             data = json.loads(Path(card_path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -133,6 +133,10 @@ def load_model(name_or_path: str, device: torch.device | str = "cpu") -> tuple[t
 
     Raises :class:`ModelError` with a clear message for a missing, corrupt, tampered or inconsistent model.
     """
+    import torch
+
+    from deepabdominalreg.networks import build_network
+
     card = resolve_model(name_or_path)
     if not card.weights_path.exists():
         raise ModelError(f"weights file '{card.weights_path}' of model '{card.name}' is missing; reinstall the model.")
@@ -183,6 +187,8 @@ def save_model(
     extra: dict | None = None,
 ) -> ModelCard:
     """Save weights (plain tensors only) and write the card beside them with the file's SHA-256."""
+    import torch
+
     weights_path = Path(weights_path)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = {

@@ -79,6 +79,9 @@ class RegistrationResult:
     warped_labels: sitk.Image | None = None
     inverse_displacement_lps: sitk.Image | None = None
     warped_moving_landmarks_lps: np.ndarray | None = None
+    working_displacement_lps: sitk.Image | None = None
+    """The same mapping as ``displacement_lps`` sampled on the (coarser, isotropic) working grid, which covers the
+    fixed image: a light-weight grid transform (e.g. for Slicer) for large scans."""
     extras: dict = field(default_factory=dict)
 
 
@@ -120,12 +123,12 @@ class _Stages:
             fraction = self._done + self.WEIGHTS.get(stage, 0.0) * min(max(within, 0.0), 1.0)
             self.progress(ProgressEvent(stage, min(fraction, 1.0), message))
 
-    def __call__(self, stage: str, message: str = "") -> "_Stages":
+    def __call__(self, stage: str, message: str = "") -> _Stages:
         self._current = stage
         self._message = message or stage.replace("_", " ")
         return self
 
-    def __enter__(self) -> "_Stages":
+    def __enter__(self) -> _Stages:
         self.check()
         self._start = time.perf_counter()
         self.emit(self._current, 0.0, self._message)
@@ -154,7 +157,9 @@ def resolve_device(requested: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested in ("cuda", "gpu"):
         if not torch.cuda.is_available():
-            raise ImageValidationError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto.")
+            raise ImageValidationError(
+                "device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto."
+            )
         return torch.device("cuda")
     if requested == "cpu":
         return torch.device("cpu")
@@ -356,7 +361,8 @@ def _register_pair_on_device(
     with stages("affine", "affine pre-alignment"):
         affine = optimise_affine(
             w_fixed_grid, w_fixed.intensity, w_moving_grid, w_moving.intensity,
-            iterations=config.affine_iterations, device=device, optimise=config.affine,
+            levels_mm=tuple(config.affine_levels_mm), iterations=config.affine_iterations, device=device,
+            optimise=config.affine,
             callback=stages.iteration_callback("affine", "affine"),
         ) if (config.affine or overlap <= 0.0) else sitk.AffineTransform(3)
         moved = prepare_working_image(moving, w_fixed_grid, hu_window, config.body_mask, transform=affine)
@@ -380,8 +386,8 @@ def _register_pair_on_device(
     if config.io_iterations > 0 and config.io_levels:
         initial = disp
         with stages("instance_optimisation", "instance optimisation"):
-            disp = instance_optimise(fixed_t, moving_t, initial, mask_t, io_settings,
-                                     callback=stages.iteration_callback("instance_optimisation", "instance optimisation"))
+            callback = stages.iteration_callback("instance_optimisation", "instance optimisation")
+            disp = instance_optimise(fixed_t, moving_t, initial, mask_t, io_settings, callback=callback)
             folding = _folding_percent(disp, mask_t)
             if folding > config.folding_limit_percent:
                 stronger = dataclasses.replace(
@@ -390,7 +396,10 @@ def _register_pair_on_device(
                 )
                 disp = instance_optimise(fixed_t, moving_t, initial, mask_t, stronger,
                                          callback=stages.iteration_callback("instance_optimisation", "retry"))
-                folding_retry = {"folding_percent_first": folding, "folding_percent_retry": _folding_percent(disp, mask_t)}
+                folding_retry = {
+                    "folding_percent_first": folding,
+                    "folding_percent_retry": _folding_percent(disp, mask_t),
+                }
                 warnings.append(
                     f"folding {folding:.2f}% exceeded {config.folding_limit_percent}%: instance optimisation was "
                     f"rerun with 4x regularisation (now {folding_retry['folding_percent_retry']:.2f}%)."
@@ -402,6 +411,9 @@ def _register_pair_on_device(
         displacement_array = dense_displacement_on_grid(transform, fixed_grid)
         displacement = fixed_grid.image_from_array(displacement_array, is_vector=True)
         del displacement_array
+        working_displacement = w_fixed_grid.image_from_array(
+            dense_displacement_on_grid(transform, w_fixed_grid), is_vector=True
+        )
 
     with stages("warping", "warping the moving image and labels"):
         air = float(min(-1024.0, float(sitk.GetArrayViewFromImage(moving).min())))
@@ -486,7 +498,8 @@ def _register_pair_on_device(
     stages.seconds["total"] = time.perf_counter() - t_total
     metrics["stages"] = {k: round(v, 3) for k, v in stages.seconds.items()}
     metrics["runtime_s"] = round(stages.seconds["total"], 3)
-    stages.emit("metrics", 1.0, f"done in {metrics['runtime_s']:.1f} s")
+    if progress is not None:
+        progress(ProgressEvent("finished", 1.0, f"done in {metrics['runtime_s']:.1f} s"))
 
     return RegistrationResult(
         warped_image=warped,
@@ -499,6 +512,7 @@ def _register_pair_on_device(
         warped_labels=warped_labels,
         inverse_displacement_lps=inverse_displacement,
         warped_moving_landmarks_lps=warped_moving_landmarks,
+        working_displacement_lps=working_displacement,
         extras={"transform": transform, "working_grid": w_fixed_grid},
     )
 

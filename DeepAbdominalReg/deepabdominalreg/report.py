@@ -366,7 +366,7 @@ def write_report(
         grey = [fixed_w, _window(get(planes_of["moving"]), hu_window), warped_w,
                 _checkerboard(fixed_w, warped_w, spacing_rows, sx, tile_mm)]
         axes = [fig.add_axes(rect(row, col)) for col in range(6)]
-        for ax, image in zip(axes, grey, strict=False):
+        for ax, image in zip(axes, grey):
             ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, aspect=aspect, interpolation="bilinear")
         if label_planes["fixed"] is not None:
             _contours(axes[0], get(label_planes["fixed"]))

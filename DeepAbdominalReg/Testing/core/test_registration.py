@@ -14,7 +14,7 @@ from deepabdominalreg.config import RegistrationConfig, config_from_preset
 from deepabdominalreg.image import Grid, ImageValidationError, resample_image
 from deepabdominalreg.registration import ProgressEvent, RegistrationCancelled, register_pair
 
-FAST = config_from_preset("fast", working_spacing_mm=5.0, seed=0)
+FAST = config_from_preset("fast", working_spacing_mm=5.0, io_levels=(2, 1), io_fine_iterations=30, seed=0)
 
 
 @pytest.fixture(scope="module")
