@@ -17,7 +17,7 @@ from scipy import ndimage
 from deepabdominalreg.image import Grid, make_working_grid, resample_image
 from deepabdominalreg.losses import local_ncc_loss
 
-__all__ = ["centre_of_mass_lps", "optimise_affine", "downsample_working", "Plateau"]
+__all__ = ["centre_of_mass_lps", "optimise_affine", "downsample_working"]
 
 
 def centre_of_mass_lps(grid: Grid, weights_zyx: np.ndarray) -> np.ndarray:
@@ -30,18 +30,24 @@ def centre_of_mass_lps(grid: Grid, weights_zyx: np.ndarray) -> np.ndarray:
     return grid.index_to_physical(com_zyx[::-1])[0]
 
 
-def downsample_working(grid: Grid, intensity_zyx: np.ndarray, spacing_mm: float) -> tuple[Grid, np.ndarray]:
+def downsample_working(
+    grid: Grid, intensity_zyx: np.ndarray, spacing_mm: float, field_of_view_zyx: np.ndarray | None = None
+) -> tuple[Grid, np.ndarray, np.ndarray]:
     """Gaussian-smooth and resample an intensity array onto a coarser isotropic grid of ``spacing_mm``.
 
-    Nothing happens when ``spacing_mm`` is not coarser than the grid's own spacing.
+    Returns the coarse grid, its intensities and its field-of-view mask (voxels that hold image data; the coarse
+    grid covers the fine one, so its border voxels may lie outside it).  Nothing is resampled when ``spacing_mm``
+    is not coarser than the grid's own spacing.
     """
+    fov = np.ones(intensity_zyx.shape, bool) if field_of_view_zyx is None else field_of_view_zyx.astype(bool)
     factor = float(spacing_mm) / grid.spacing[0]
     if factor <= 1.0 + 1e-6:
-        return grid, intensity_zyx
+        return grid, intensity_zyx, fov
     coarse = make_working_grid(grid, float(spacing_mm))
     smoothed = ndimage.gaussian_filter(intensity_zyx.astype(np.float32), sigma=factor / 2.0)
     resampled = resample_image(grid.image_from_array(smoothed), coarse, interpolator="linear")
-    return coarse, sitk.GetArrayFromImage(resampled)
+    coarse_fov = resample_image(grid.image_from_array(fov.astype(np.uint8)), coarse, interpolator="nearest")
+    return coarse, sitk.GetArrayFromImage(resampled), sitk.GetArrayFromImage(coarse_fov).astype(bool)
 
 
 def _physical_points(grid: Grid, device: torch.device) -> torch.Tensor:
@@ -56,28 +62,12 @@ def _physical_points(grid: Grid, device: torch.device) -> torch.Tensor:
 def _sample_moving(
     moving: torch.Tensor, moving_grid: Grid, points_lps: torch.Tensor
 ) -> torch.Tensor:
-    """Sample ``moving`` ``(1, 1, d, h, w)`` on ``moving_grid`` at LPS points ``(D, H, W, 3)``; zero outside."""
+    """Sample ``moving`` ``(1, C, d, h, w)`` on ``moving_grid`` at LPS points ``(D, H, W, 3)``; zero outside."""
     m = torch.as_tensor(moving_grid.physical_to_index_matrix(), dtype=torch.float32, device=points_lps.device)
     index = points_lps @ m[:3, :3].T + m[:3, 3]
     size = torch.tensor(moving_grid.size, dtype=torch.float32, device=points_lps.device)
     normalised = index * (2.0 / (size - 1).clamp_min(1)) - 1.0
     return F.grid_sample(moving, normalised.unsqueeze(0), mode="bilinear", padding_mode="zeros", align_corners=True)
-
-
-class Plateau:
-    """Early stopping: True once the loss has not improved by ``tolerance`` for ``patience`` iterations."""
-
-    def __init__(self, patience: int, tolerance: float) -> None:
-        self.patience, self.tolerance = patience, tolerance
-        self.best = float("inf")
-        self.since = 0
-
-    def reached(self, loss: float) -> bool:
-        if loss < self.best - self.tolerance:
-            self.best, self.since = loss, 0
-        else:
-            self.since += 1
-        return self.since >= self.patience
 
 
 def optimise_affine(
@@ -87,18 +77,23 @@ def optimise_affine(
     moving_intensity: np.ndarray,
     *,
     levels_mm: tuple[float, ...] = (12.0, 6.0),
-    iterations: int = 80,
+    iterations: int | tuple[int, ...] = 80,
     device: torch.device | str = "cpu",
     optimise: bool = True,
     ncc_window: int = 5,
+    fixed_field_of_view: np.ndarray | None = None,
+    moving_field_of_view: np.ndarray | None = None,
     callback: Callable[[int, int, float], None] | None = None,
 ) -> sitk.AffineTransform:
     """Affine transform (fixed -> moving, LPS mm) aligning two working images (``zyx`` intensities in [0, 1]).
 
-    Starts from the centre-of-mass translation; with ``optimise`` it then refines a full affine (12 parameters)
-    with Adam on local NCC at each pyramid level, of isotropic spacing ``levels_mm`` (mm; a level finer than the
+    Starts from the centre-of-mass translation; with ``optimise`` it then refines a translation (coarsest level)
+    and a full affine (12 parameters, finer levels) with L-BFGS on local NCC at each pyramid level, of isotropic
+    spacing ``levels_mm`` (mm; a level finer than the
     working grids runs at the working spacing).  The level spacing, not the working spacing, sets the precision:
-    about a tenth of a level voxel.
+    about a tenth of a level voxel.  The similarity counts only voxels inside both fields of view
+    (``*_field_of_view``: ``zyx`` bool masks of voxels holding image data; default all), so that padding at the
+    border of either scan, or a different scan extent, does not bias the result.
     ``callback(iteration, total, loss)`` is called every iteration (it may raise to cancel).
     """
     device = torch.device(device)
@@ -108,38 +103,52 @@ def optimise_affine(
     shift = torch.zeros(3, dtype=torch.float32, device=device, requires_grad=True)
     c = torch.as_tensor(centre, dtype=torch.float32, device=device)
     t0 = torch.as_tensor(translation0, dtype=torch.float32, device=device)
-    translation_scale = 10.0  # mm per unit of the shift parameter: balances Adam steps of shift vs linear
-    total = len(levels_mm) * iterations if optimise else 0
+    translation_scale = 10.0  # mm per unit of the shift parameter: comparable scales for shift and linear part
+    per_level = [int(iterations)] * len(levels_mm) if isinstance(iterations, int) else [int(i) for i in iterations]
+    if len(per_level) != len(levels_mm):
+        raise ValueError("give one iteration count, or one per affine level")
+    total = sum(per_level) if optimise else 0
     step = 0
-    if optimise and iterations > 0:
-        for level_mm in levels_mm:
-            f_grid, f_img = downsample_working(fixed_grid, fixed_intensity, level_mm)
-            m_grid, m_img = downsample_working(moving_grid, moving_intensity, level_mm)
-            # Adam steps of ~0.2-0.7 mm for the translation: larger on coarse levels
-            shift_lr = 0.02 + 0.05 * min(level_mm, 12.0) / 12.0
+    if optimise and total > 0:
+        for level_index, level_mm in enumerate(levels_mm):
+            f_grid, f_img, f_fov = downsample_working(fixed_grid, fixed_intensity, level_mm, fixed_field_of_view)
+            m_grid, m_img, m_fov = downsample_working(moving_grid, moving_intensity, level_mm, moving_field_of_view)
             fixed_t = torch.as_tensor(f_img, device=device)[None, None]
-            moving_t = torch.as_tensor(m_img, device=device)[None, None]
+            fixed_fov_t = torch.as_tensor(f_fov, device=device)[None, None]
+            # intensity and field of view sampled together: channel 1 is 1 inside the moving scan
+            moving_t = torch.as_tensor(np.stack([m_img, m_fov.astype(np.float32)]), device=device)[None]
             points = _physical_points(f_grid, device)
-            optimiser = torch.optim.Adam(
-                [{"params": [linear], "lr": 0.004}, {"params": [shift], "lr": shift_lr}]
-            )
-            plateau = Plateau(patience=12, tolerance=1e-4)
-            for i in range(iterations):
+            # the coarsest level is translation only (as elastix starts with a translation): with few voxels a
+            # free linear part drifts into scaling/shear that the finer levels must undo
+            params = [shift] if (level_index == 0 and len(levels_mm) > 1) else [shift, linear]
+            # L-BFGS with a line search converges to the optimum and stays there; Adam's normalised steps keep
+            # jittering by ~lr around it, which for a 12-parameter problem costs millimetres at the image corners
+            if per_level[level_index] <= 0:
+                continue
+            optimiser = torch.optim.LBFGS(params, lr=1.0, max_iter=per_level[level_index],
+                                          max_eval=int(per_level[level_index] * 1.5),
+                                          history_size=10, line_search_fn="strong_wolfe",
+                                          tolerance_grad=1e-9, tolerance_change=1e-7)
+
+            def closure() -> torch.Tensor:
+                nonlocal step
                 optimiser.zero_grad(set_to_none=True)
                 matrix = torch.eye(3, device=device) + linear
                 mapped = (points - c) @ matrix.T + c + t0 + translation_scale * shift
-                warped = _sample_moving(moving_t, m_grid, mapped)
-                loss = local_ncc_loss(fixed_t, warped, window=ncc_window)
+                sampled = _sample_moving(moving_t, m_grid, mapped)
+                # similarity over the overlap of the two fields of view only (scans of different extent)
+                overlap = fixed_fov_t & (sampled[:, 1:].detach() > 0.999)
+                loss = local_ncc_loss(fixed_t, sampled[:, :1], window=ncc_window, mask=overlap)
                 if not torch.isfinite(loss):
                     raise FloatingPointError("affine optimisation diverged (non-finite loss)")
                 loss.backward()
-                optimiser.step()
-                step += 1
+                step = min(step + 1, total)
                 if callback is not None:
                     callback(step, total, float(loss.detach()))
-                if plateau.reached(float(loss.detach())):
-                    step += iterations - i - 1  # skipped iterations count as done for the progress
-                    break
+                return loss
+
+            optimiser.step(closure)
+            step = sum(per_level[: level_index + 1])
     matrix = (np.eye(3) + linear.detach().cpu().numpy().astype(np.float64))
     translation = translation0 + translation_scale * shift.detach().cpu().numpy().astype(np.float64)
     transform = sitk.AffineTransform(3)

@@ -27,10 +27,11 @@ class RegistrationConfig:
 
     # affine pre-alignment
     affine: bool = True
-    affine_iterations: int = 80
-    """Adam iterations per affine pyramid level."""
+    affine_iterations: int = 40
+    """L-BFGS iterations per affine pyramid level (it usually converges earlier)."""
     affine_levels_mm: tuple[float, ...] = (12.0, 6.0)
-    """Isotropic spacing (mm) of the affine pyramid levels, coarse to fine."""
+    """Isotropic spacing (mm) of the affine pyramid levels, coarse to fine.  Precision is about a tenth of the
+    finest level: ~1 mm at 6 mm (the deformable stages absorb the rest), ~0.3 mm at 4 mm (2-3x slower)."""
 
     # deformable stage 1: network
     model: str | None = None
@@ -88,7 +89,8 @@ class RegistrationConfig:
 PRESETS: dict[str, dict] = {
     "fast": {"io_iterations": 40, "io_levels": (4, 2)},
     "balanced": {},
-    "accurate": {"io_iterations": 250, "io_levels": (4, 2, 1), "working_spacing_mm": 2.5},
+    "accurate": {"io_iterations": 200, "io_fine_iterations": 80, "io_levels": (4, 2, 1), "working_spacing_mm": 2.5,
+                 "affine_levels_mm": (8.0, 4.0)},
 }
 
 

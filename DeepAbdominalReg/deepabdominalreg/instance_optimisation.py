@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from deepabdominalreg import spatial
-from deepabdominalreg.affine import Plateau
 from deepabdominalreg.losses import (
     _box_filter,
     diffusion_regulariser,
@@ -38,6 +37,22 @@ class InstanceOptimisationSettings:
     ncc_window: int = 5
     smoothness_weight: float = 1.0
     jacobian_weight: float = 0.1
+
+
+class Plateau:
+    """Early stopping: True once the loss has not improved by ``tolerance`` for ``patience`` iterations."""
+
+    def __init__(self, patience: int, tolerance: float) -> None:
+        self.patience, self.tolerance = patience, tolerance
+        self.best = float("inf")
+        self.since = 0
+
+    def reached(self, loss: float) -> bool:
+        if loss < self.best - self.tolerance:
+            self.best, self.since = loss, 0
+        else:
+            self.since += 1
+        return self.since >= self.patience
 
 
 def level_shape(shape: tuple[int, ...], factor: int) -> tuple[int, int, int]:
@@ -88,6 +103,9 @@ def instance_optimise(
         residual_start = start - F.interpolate(control, size=lshape, mode="trilinear", align_corners=True)
         control = control.clone().requires_grad_(True)
         optimiser = torch.optim.Adam([control], lr=settings.learning_rate)
+        # Adam's steps are ~lr whatever the gradient's size: decay lr to 10% over the level so that the field
+        # settles instead of jittering by ~lr voxels where the similarity gives little signal
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=0.1 ** (1.0 / max(iterations, 1)))
         plateau = Plateau(patience=15, tolerance=1e-4)
         for i in range(iterations):
             optimiser.zero_grad(set_to_none=True)
@@ -105,6 +123,7 @@ def instance_optimise(
                 raise FloatingPointError("instance optimisation diverged (non-finite loss); lower the learning rate")
             loss.backward()
             optimiser.step()
+            scheduler.step()
             step += 1
             if callback is not None:
                 callback(step, total, float(loss.detach()))

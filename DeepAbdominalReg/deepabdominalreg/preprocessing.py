@@ -17,12 +17,14 @@ AIR_HU = -1024.0
 
 @dataclass
 class WorkingImage:
-    """An image on its working grid: ``intensity`` in [0, 1] (``zyx``, float32), ``mask`` (``zyx``, bool)."""
+    """An image on its working grid: ``intensity`` in [0, 1] (``zyx``, float32), body ``mask`` (``zyx``, bool),
+    ``hu`` (float32) and ``field_of_view`` (``zyx`` bool: the voxel was sampled from inside the source image)."""
 
     grid: Grid
     intensity: np.ndarray
     mask: np.ndarray
     hu: np.ndarray
+    field_of_view: np.ndarray
 
 
 def window_and_scale(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
@@ -46,10 +48,13 @@ def body_mask(
     et al. 2021, who showed table removal helps deep and classical registration of abdominal CT.
     """
     spacing = np.asarray(spacing_zyx, dtype=np.float64)
-    foreground = hu > threshold_hu
-    if not foreground.any():
-        return foreground
     radius_vox = np.maximum(np.round(opening_radius_mm / spacing).astype(int), 0)
+    # a scan usually cuts through the body at its first and last slices: replicate the border voxels so that the
+    # morphology (which treats outside as background) does not erode the body away at the edges of the scan
+    pad = [(int(r) + 2, int(r) + 2) for r in radius_vox]
+    foreground = np.pad(hu > threshold_hu, pad, mode="edge")
+    if not foreground.any():
+        return np.zeros(hu.shape, dtype=bool)
     structure = _ellipsoid(radius_vox)
     opened = ndimage.binary_opening(foreground, structure=structure) if structure.size > 1 else foreground
     if not opened.any():
@@ -65,7 +70,8 @@ def body_mask(
     body = ndimage.binary_closing(body, structure=_ellipsoid(np.maximum(radius_vox // 2, 1)), iterations=1)
     for z in range(body.shape[0]):
         body[z] = ndimage.binary_fill_holes(body[z])
-    return ndimage.binary_fill_holes(body)
+    body = ndimage.binary_fill_holes(body)
+    return body[tuple(slice(p0, body.shape[i] - p1) for i, (p0, p1) in enumerate(pad))]
 
 
 def _ellipsoid(radius_vox: np.ndarray) -> np.ndarray:
@@ -100,11 +106,17 @@ def prepare_working_image(
                                default_value=AIR_HU, output_pixel_type=sitk.sitkFloat32)
     hu = sitk.GetArrayFromImage(resampled)
     spacing_zyx = tuple(reversed(grid.spacing))
+    inside = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    inside.CopyInformation(image)
+    field_of_view = sitk.GetArrayFromImage(
+        resample_image(inside, grid, transform=transform, interpolator="nearest", default_value=0)
+    ).astype(bool)
     mask = body_mask(hu, spacing_zyx) if use_body_mask else np.ones(hu.shape, dtype=bool)
+    mask &= field_of_view
     intensity = window_and_scale(hu, hu_window)
     if use_body_mask:
         intensity = np.where(mask, intensity, 0.0).astype(np.float32)
-    return WorkingImage(grid=grid, intensity=intensity, mask=mask, hu=hu)
+    return WorkingImage(grid=grid, intensity=intensity, mask=mask, hu=hu, field_of_view=field_of_view)
 
 
 def working_grid_for(image: sitk.Image, spacing_mm: float, max_voxels_per_axis: int) -> Grid:

@@ -362,14 +362,17 @@ def _register_pair_on_device(
         affine = optimise_affine(
             w_fixed_grid, w_fixed.intensity, w_moving_grid, w_moving.intensity,
             levels_mm=tuple(config.affine_levels_mm), iterations=config.affine_iterations, device=device,
-            optimise=config.affine,
+            optimise=config.affine, fixed_field_of_view=w_fixed.field_of_view,
+            moving_field_of_view=w_moving.field_of_view,
             callback=stages.iteration_callback("affine", "affine"),
         ) if (config.affine or overlap <= 0.0) else sitk.AffineTransform(3)
         moved = prepare_working_image(moving, w_fixed_grid, hu_window, config.body_mask, transform=affine)
 
     fixed_t = torch.as_tensor(w_fixed.intensity, device=device)[None, None]
     moving_t = torch.as_tensor(moved.intensity, device=device)[None, None]
-    mask_t = torch.as_tensor(w_fixed.mask, device=device)[None, None]
+    # similarity where both images have data: the fixed body inside the (affinely mapped) moving field of view
+    mask_t = torch.as_tensor(w_fixed.mask & moved.field_of_view, device=device)[None, None]
+    body_t = torch.as_tensor(w_fixed.mask, device=device)[None, None]
     disp = torch.zeros(1, 3, *fixed_t.shape[2:], device=device)
 
     if network is not None:
@@ -388,7 +391,7 @@ def _register_pair_on_device(
         with stages("instance_optimisation", "instance optimisation"):
             callback = stages.iteration_callback("instance_optimisation", "instance optimisation")
             disp = instance_optimise(fixed_t, moving_t, initial, mask_t, io_settings, callback=callback)
-            folding = _folding_percent(disp, mask_t)
+            folding = _folding_percent(disp, body_t)
             if folding > config.folding_limit_percent:
                 stronger = dataclasses.replace(
                     io_settings, smoothness_weight=io_settings.smoothness_weight * 4,
@@ -398,7 +401,7 @@ def _register_pair_on_device(
                                          callback=stages.iteration_callback("instance_optimisation", "retry"))
                 folding_retry = {
                     "folding_percent_first": folding,
-                    "folding_percent_retry": _folding_percent(disp, mask_t),
+                    "folding_percent_retry": _folding_percent(disp, body_t),
                 }
                 warnings.append(
                     f"folding {folding:.2f}% exceeded {config.folding_limit_percent}%: instance optimisation was "

@@ -14,14 +14,16 @@ from deepabdominalreg.config import RegistrationConfig, config_from_preset
 from deepabdominalreg.image import Grid, ImageValidationError, resample_image
 from deepabdominalreg.registration import ProgressEvent, RegistrationCancelled, register_pair
 
-FAST = config_from_preset("fast", working_spacing_mm=5.0, io_levels=(2, 1), io_fine_iterations=30, seed=0)
+FAST = config_from_preset("fast", working_spacing_mm=5.0, seed=0)
+# sub-millimetre checks: a 4 mm working grid, the finest affine level at 4 mm and instance optimisation to 4 mm
+PRECISE = config_from_preset("fast", working_spacing_mm=4.0, affine_levels_mm=(8.0, 4.0), io_levels=(2, 1), seed=0)
 
 
 @pytest.fixture(scope="module")
-def phantom_5mm():
+def phantom_4mm():
     from deepabdominalreg.phantom import add_ct_noise, render_phantom
 
-    clean, labels = render_phantom(seed=3, spacing_mm=5.0)
+    clean, labels = render_phantom(seed=3, spacing_mm=4.0)
     return add_ct_noise(clean, seed=1), labels
 
 
@@ -37,23 +39,36 @@ def _field_error_mm(result, true_disp_zyx3: np.ndarray) -> np.ndarray:
     return np.linalg.norm(est - true_disp_zyx3, axis=-1)[body]
 
 
-def _translated(image, t_mm, interpolator="linear", default=-1024.0):
+def _cropped_grid(image: sitk.Image, margin_vox: int = 3) -> Grid:
+    """``image``'s grid less ``margin_vox`` voxels on every side: a fixed field of view inside the moving one."""
+    grid = Grid.from_image(image)
+    origin = grid.index_to_physical([[margin_vox] * 3])[0]
+    return Grid(size=tuple(s - 2 * margin_vox for s in grid.size), spacing=grid.spacing,
+                origin=tuple(origin), direction=grid.direction)
+
+
+def _transformed(image, transform, interpolator="linear", default=-1024.0):
+    """fixed(x) = moving(T(x)) on a slightly smaller field of view, so that no fixed voxel is padding."""
+    return resample_image(image, _cropped_grid(image), transform, interpolator, default)
+
+
+def _translated(image, t_mm):
     """fixed(x) = moving(x + t): the true displacement (fixed -> moving) is +t everywhere."""
-    return resample_image(image, image, sitk.TranslationTransform(3, tuple(t_mm)), interpolator, default)
+    return _transformed(image, sitk.TranslationTransform(3, tuple(t_mm)))
 
 
-def test_known_translation_is_recovered_below_1mm(phantom_5mm):
-    moving, _ = phantom_5mm
+def test_known_translation_is_recovered_below_1mm(phantom_4mm):
+    moving, _ = phantom_4mm
     t = np.array([6.5, -4.0, 3.0])
     fixed = _translated(moving, t)
-    result = register_pair(fixed, moving, config=FAST)
+    result = register_pair(fixed, moving, config=PRECISE)
     err = _field_error_mm(result, np.broadcast_to(t, (*sitk.GetArrayViewFromImage(fixed).shape, 3)))
     assert err.mean() < 1.0, err.mean()
     np.testing.assert_allclose(result.affine_fixed_to_moving.GetTranslation(), t, atol=1.0)
 
 
-def test_known_affine_is_recovered_below_1mm(phantom_5mm):
-    moving, _ = phantom_5mm
+def test_known_affine_is_recovered_below_1mm(phantom_4mm):
+    moving, _ = phantom_4mm
     affine = sitk.AffineTransform(3)
     angle = np.deg2rad(3.0)
     rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
@@ -61,8 +76,8 @@ def test_known_affine_is_recovered_below_1mm(phantom_5mm):
     grid = Grid.from_image(moving)
     affine.SetCenter(tuple(grid.index_to_physical((np.asarray(grid.size) - 1) / 2)[0]))
     affine.SetTranslation((3.0, 2.0, -2.0))
-    fixed = resample_image(moving, moving, affine, "linear", -1024.0)
-    result = register_pair(fixed, moving, config=FAST.replace(io_iterations=0))
+    fixed = _transformed(moving, affine)
+    result = register_pair(fixed, moving, config=PRECISE.replace(io_iterations=0))  # affine alone
     # true displacement at every fixed voxel
     true = sitk.GetArrayFromImage(sitk.TransformToDisplacementField(
         affine, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(), fixed.GetSpacing(), fixed.GetDirection()))
@@ -70,9 +85,9 @@ def test_known_affine_is_recovered_below_1mm(phantom_5mm):
     assert err.mean() < 1.0, err.mean()
 
 
-def test_identity_pair_gives_near_zero_displacement(phantom_5mm):
-    moving, _ = phantom_5mm
-    result = register_pair(moving, moving, config=FAST)
+def test_identity_pair_gives_near_zero_displacement(phantom_4mm):
+    moving, _ = phantom_4mm
+    result = register_pair(moving, moving, config=PRECISE)
     err = _field_error_mm(result, np.zeros((*sitk.GetArrayViewFromImage(moving).shape, 3)))
     assert err.mean() < 0.5 and np.percentile(err, 95) < 1.0
     assert result.metrics["folding_percent"] == 0.0
@@ -85,7 +100,7 @@ def test_oblique_anisotropic_geometry_end_to_end():
     moving = add_ct_noise(clean, seed=2)
     t = np.array([-5.0, 4.0, 6.0])  # physical LPS mm, whatever the direction
     fixed = _translated(moving, t)
-    result = register_pair(fixed, moving, config=FAST)
+    result = register_pair(fixed, moving, config=PRECISE)
     for output in (result.warped_image, result.displacement_lps, result.jacobian, result.displacement_magnitude):
         assert output.GetSize() == fixed.GetSize()
         np.testing.assert_allclose(output.GetDirection(), fixed.GetDirection(), atol=1e-9)
@@ -107,8 +122,10 @@ def test_phantom_pair_registration_improves_dice_and_keeps_labels():
         label_names=pair.label_names,
     )
     m = result.metrics
-    assert m["dice_mean_after"] > m["dice_mean_affine"] + 0.05
-    assert m["dice_mean_after"] > 0.8
+    # thin labels (ribs, vessels, cord) at 4 mm cap the mean; the deformable stage must still add clearly
+    assert m["dice_mean_after"] > m["dice_mean_affine"] + 0.02
+    assert m["dice_mean_after"] > m["dice_mean_before"] + 0.05
+    assert m["dice_mean_after"] > 0.85
     assert m["folding_percent"] < 0.5
     assert m["tre_mean_after_mm"] < m["tre_mean_before_mm"]
     warped_values = set(np.unique(sitk.GetArrayViewFromImage(result.warped_labels)).tolist())
@@ -118,8 +135,8 @@ def test_phantom_pair_registration_improves_dice_and_keeps_labels():
     assert [_image_hash(i) for i in (pair.fixed_image, pair.moving_image, pair.moving_labels)] == hashes
 
 
-def test_progress_is_monotonic_and_cancel_stops(phantom_5mm):
-    moving, _ = phantom_5mm
+def test_progress_is_monotonic_and_cancel_stops(phantom_4mm):
+    moving, _ = phantom_4mm
     events: list[ProgressEvent] = []
     calls = {"n": 0}
 
@@ -133,7 +150,7 @@ def test_progress_is_monotonic_and_cancel_stops(phantom_5mm):
     assert fractions == sorted(fractions) and len(events) > 3
 
 
-def test_network_stage_runs_with_tiny_random_checkpoint(tmp_path, phantom_5mm):
+def test_network_stage_runs_with_tiny_random_checkpoint(tmp_path, phantom_4mm):
     from deepabdominalreg.models import save_model
     from deepabdominalreg.networks import RegistrationUNet, UNetConfig
 
@@ -141,15 +158,15 @@ def test_network_stage_runs_with_tiny_random_checkpoint(tmp_path, phantom_5mm):
     cfg = UNetConfig(encoder_channels=(4, 8), decoder_channels=(8, 4), final_channels=(4,))
     card = save_model(RegistrationUNet(cfg), "RegistrationUNet", cfg.as_dict(), tmp_path / "tiny.pt",
                       name="tiny", input_spacing_mm=6.0, hu_window=(-160.0, 240.0))
-    moving, _ = phantom_5mm
+    moving, _ = phantom_4mm
     result = register_pair(moving, moving, config=FAST.replace(model=str(tmp_path / "tiny.pt"), io_iterations=5,
                                                                 io_fine_iterations=0))
     assert result.metrics["model"]["sha256"] == card.sha256
     assert "network" in result.metrics["stages"]
 
 
-def test_mismatched_landmarks_and_outside_points_are_clear_errors(phantom_5mm):
-    moving, _ = phantom_5mm
+def test_mismatched_landmarks_and_outside_points_are_clear_errors(phantom_4mm):
+    moving, _ = phantom_4mm
     grid = Grid.from_image(moving)
     centre = grid.index_to_physical((np.asarray(grid.size) - 1) / 2)
     with pytest.raises(ImageValidationError, match="differ in length"):
@@ -160,8 +177,8 @@ def test_mismatched_landmarks_and_outside_points_are_clear_errors(phantom_5mm):
                       moving_landmarks_lps=centre)
 
 
-def test_labels_on_another_grid_are_resampled_with_a_warning(phantom_5mm):
-    moving, labels = phantom_5mm
+def test_labels_on_another_grid_are_resampled_with_a_warning(phantom_4mm):
+    moving, labels = phantom_4mm
     coarse = resample_image(labels, Grid.from_image(resample_image(moving, _coarser(moving))), interpolator="nearest")
     result = register_pair(moving, moving, config=FAST.replace(io_iterations=0, affine=False),
                            moving_labels=coarse, fixed_labels=labels)
@@ -175,8 +192,8 @@ def _coarser(image: sitk.Image) -> Grid:
     return make_working_grid(image, image.GetSpacing()[0] * 1.5)
 
 
-def test_no_overlap_without_affine_is_refused(phantom_5mm):
-    moving, _ = phantom_5mm
+def test_no_overlap_without_affine_is_refused(phantom_4mm):
+    moving, _ = phantom_4mm
     far = sitk.Image(moving)
     far.SetOrigin(tuple(np.asarray(moving.GetOrigin()) + 5000.0))
     with pytest.raises(ImageValidationError, match="do not overlap"):
