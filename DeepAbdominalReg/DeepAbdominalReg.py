@@ -1,0 +1,497 @@
+"""DeepAbdominalReg: deep-learning deformable registration of abdominal CT in 3D Slicer.
+
+Only the five template classes live here; the glue is in ``DeepAbdominalRegLib`` and the algorithm in the
+Slicer-independent core package ``deepabdominalreg``.
+"""
+
+from typing import Annotated, Optional
+
+import qt
+import slicer
+import vtk
+from deepabdominalreg.config import RegistrationConfig, config_from_preset
+from DeepAbdominalRegLib.parameters import (
+    LOAD_MODEL_LABEL,
+    NO_MODEL_LABEL,
+    PRESET_NAMES,
+    configFromParameters,
+    parametersFromConfig,
+    presetMatching,
+    presetParameters,
+    shippedModelNames,
+)
+from slicer import (
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLTableNode,
+    vtkMRMLTransformNode,
+)
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # Slicer < 5.4
+
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+
+DEFAULTS = parametersFromConfig(RegistrationConfig())
+"""Parameter defaults come from the core's RegistrationConfig: defined once."""
+
+
+#
+# DeepAbdominalReg
+#
+
+
+class DeepAbdominalReg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("Deep Abdominal Registration")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["DeepAbdominalReg contributors"]
+        self.parent.helpText = _("""
+Deformable registration of abdominal CT: affine pre-alignment, an optional deep-learning network, and
+instance optimisation, running in the background with progress and Cancel.<br>
+Select the <b>fixed</b> and <b>moving</b> volumes (optionally segmentations and corresponding landmarks) and press
+<b>Register</b>. Outputs: the warped moving volume; a displacement-field transform to apply or harden on the moving
+volume, its segmentations or markups (and its inverse); the warped segmentation; Jacobian-determinant and
+displacement-magnitude maps over the fixed volume (yellow: folding); and a table of Dice/HD95 before and after,
+landmark error, folding, SDlogJ and runtime.<br>
+From the Python console: <code>DeepAbdominalReg.DeepAbdominalRegLogic().register(fixedNode, movingNode,
+movingSegmentationNode=seg)</code>.<br>
+Research software, not for clinical use.
+""")
+        self.parent.acknowledgementText = _("""
+Methods follow: DDMR, Hernandez et al. 2024, deep learning deformable image registration in abdominal CT with
+uncertainty weighting of the losses; van Eijnatten et al. 2021, 3D deformable registration of longitudinal
+abdominopelvic CT images using unsupervised deep learning; MICS, Zhang et al., inverse-consistent multi-step
+registration; DLIR, de Vos et al. 2019, A deep learning framework for unsupervised affine and deformable image
+registration (Medical Image Analysis 52); VoxelMorph, Balakrishnan et al. 2019, a learning framework for
+deformable medical image registration (IEEE TMI 38). Built on PyTorch, SimpleITK and 3D Slicer.
+""")
+
+
+#
+# DeepAbdominalRegParameterNode
+#
+
+
+@parameterNodeWrapper
+class DeepAbdominalRegParameterNode:
+    """Module state. Below ``preset``, one member per ``RegistrationConfig`` field (camelCase); a test checks that.
+
+    ``model``: '' = no network; ``ioLevels``: '4,2,1'; ``threads``: 0 = torch's default.
+    """
+
+    # inputs
+    fixedVolume: vtkMRMLScalarVolumeNode
+    movingVolume: vtkMRMLScalarVolumeNode
+    movingSegmentation: vtkMRMLSegmentationNode
+    fixedSegmentation: vtkMRMLSegmentationNode
+    fixedLandmarks: vtkMRMLMarkupsFiducialNode
+    movingLandmarks: vtkMRMLMarkupsFiducialNode
+    # outputs (None: created on success)
+    warpedVolume: vtkMRMLScalarVolumeNode
+    outputTransform: vtkMRMLTransformNode
+    inverseTransform: vtkMRMLTransformNode
+    warpedSegmentation: vtkMRMLSegmentationNode
+    jacobianVolume: vtkMRMLScalarVolumeNode
+    displacementMagnitudeVolume: vtkMRMLScalarVolumeNode
+    metricsTable: vtkMRMLTableNode
+    # GUI only
+    preset: Annotated[str, Choice(list(PRESET_NAMES))] = "balanced"
+    # RegistrationConfig
+    huWindow: tuple[float, float] = DEFAULTS["huWindow"]
+    workingSpacingMm: Annotated[float, WithinRange(0.5, 10.0)] = DEFAULTS["workingSpacingMm"]
+    maxWorkingVoxels: Annotated[int, WithinRange(16, 512)] = DEFAULTS["maxWorkingVoxels"]
+    bodyMask: bool = DEFAULTS["bodyMask"]
+    affine: bool = DEFAULTS["affine"]
+    affineIterations: Annotated[int, WithinRange(0, 1000)] = DEFAULTS["affineIterations"]
+    model: str = DEFAULTS["model"]
+    ioIterations: Annotated[int, WithinRange(0, 2000)] = DEFAULTS["ioIterations"]
+    ioFineIterations: Annotated[int, WithinRange(0, 2000)] = DEFAULTS["ioFineIterations"]
+    ioLevels: str = DEFAULTS["ioLevels"]
+    ioLearningRate: Annotated[float, WithinRange(0.001, 10.0)] = DEFAULTS["ioLearningRate"]
+    ioControlSpacing: Annotated[int, WithinRange(1, 16)] = DEFAULTS["ioControlSpacing"]
+    ioNccWindow: Annotated[int, WithinRange(3, 15)] = DEFAULTS["ioNccWindow"]
+    ioSmoothnessWeight: Annotated[float, WithinRange(0.0, 100.0)] = DEFAULTS["ioSmoothnessWeight"]
+    ioJacobianWeight: Annotated[float, WithinRange(0.0, 100.0)] = DEFAULTS["ioJacobianWeight"]
+    computeInverse: bool = DEFAULTS["computeInverse"]
+    foldingLimitPercent: Annotated[float, WithinRange(0.0, 100.0)] = DEFAULTS["foldingLimitPercent"]
+    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = DEFAULTS["device"]
+    seed: Annotated[int, WithinRange(0, 2147483647)] = DEFAULTS["seed"]
+    threads: Annotated[int, WithinRange(0, 256)] = DEFAULTS["threads"]
+
+
+#
+# DeepAbdominalRegWidget
+#
+
+
+class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._updatingGui = False
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DeepAbdominalReg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = DeepAbdominalRegLogic()
+
+        self.ui.modelComboBox.addItems([NO_MODEL_LABEL] + shippedModelNames() + [LOAD_MODEL_LABEL])
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.presetComboBox.connect("activated(int)", self.onPresetActivated)
+        self.ui.modelComboBox.connect("activated(int)", self.onModelSelected)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelSelected)
+        self.ui.huWindowMinSpinBox.connect("valueChanged(double)", self.onHuWindowChanged)
+        self.ui.huWindowMaxSpinBox.connect("valueChanged(double)", self.onHuWindowChanged)
+        qt.QTimer.singleShot(0, self.updateDeviceInfo)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.fixedVolume or not self._parameterNode.movingVolume:
+            volumes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+            if len(volumes) >= 2 and not self._parameterNode.fixedVolume and not self._parameterNode.movingVolume:
+                self._parameterNode.fixedVolume, self._parameterNode.movingVolume = volumes[0], volumes[1]
+
+    # Optional[...], not X | None: Slicer 5.2-5.6 run Python 3.9, where this annotation is evaluated
+    def setParameterNode(self, inputParameterNode: Optional[DeepAbdominalRegParameterNode]) -> None:  # noqa: UP045
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+            self.updateGuiFromParameterNode()
+
+    def updateGuiFromParameterNode(self, caller=None, event=None) -> None:
+        """The few widgets that connectGui cannot bind (model, HU window), the preset label, the buttons."""
+        p = self._parameterNode
+        if p is None or self._updatingGui:
+            return
+        self._updatingGui = True
+        try:
+            matching = presetMatching(p)
+            if p.preset != matching:
+                p.preset = matching
+            low, high = p.huWindow
+            for spinBox, value in ((self.ui.huWindowMinSpinBox, low), (self.ui.huWindowMaxSpinBox, high)):
+                wasBlocked = spinBox.blockSignals(True)
+                spinBox.value = value
+                spinBox.blockSignals(wasBlocked)
+            names = [self.ui.modelComboBox.itemText(i) for i in range(self.ui.modelComboBox.count)]
+            loadIndex = names.index(LOAD_MODEL_LABEL)
+            if not p.model:
+                index = 0
+            elif p.model in names[1:loadIndex]:
+                index = names.index(p.model)
+            else:
+                index = loadIndex
+                if self.ui.modelPathLineEdit.currentPath != p.model:
+                    wasBlocked = self.ui.modelPathLineEdit.blockSignals(True)
+                    self.ui.modelPathLineEdit.currentPath = p.model
+                    self.ui.modelPathLineEdit.blockSignals(wasBlocked)
+            self.ui.modelComboBox.currentIndex = index
+            self.ui.modelPathLineEdit.enabled = index == loadIndex
+            running = self._job is not None
+            canRun = bool(p.fixedVolume and p.movingVolume and p.fixedVolume != p.movingVolume)
+            self.ui.applyButton.enabled = canRun and not running
+            self.ui.applyButton.toolTip = _("Run the registration in the background.") if canRun else _(
+                "Select two different volumes: fixed and moving."
+            )
+            self.ui.cancelButton.enabled = running
+            self.ui.inverseTransformSelector.enabled = p.computeInverse
+        finally:
+            self._updatingGui = False
+
+    def updateDeviceInfo(self) -> None:
+        from DeepAbdominalRegLib.dependencies import describeDevices
+
+        self.ui.deviceInfoLabel.text = describeDevices()
+
+    def onPresetActivated(self, index: int) -> None:
+        preset = self.ui.presetComboBox.itemText(index)
+        if self._parameterNode is None or preset not in PRESET_NAMES[:-1]:
+            return
+        with slicer.util.NodeModify(self._parameterNode.parameterNode):
+            for name, value in presetParameters(preset).items():
+                setattr(self._parameterNode, name, value)
+
+    def onModelSelected(self, *args) -> None:
+        if self._parameterNode is None or self._updatingGui:
+            return
+        text = self.ui.modelComboBox.currentText
+        if text == NO_MODEL_LABEL:
+            self._parameterNode.model = ""
+        elif text == LOAD_MODEL_LABEL:
+            self.ui.modelPathLineEdit.enabled = True
+            self._parameterNode.model = self.ui.modelPathLineEdit.currentPath
+        else:
+            self._parameterNode.model = text
+
+    def onHuWindowChanged(self, value=None) -> None:
+        if self._parameterNode is not None and not self._updatingGui:
+            self._parameterNode.huWindow = (self.ui.huWindowMinSpinBox.value, self.ui.huWindowMaxSpinBox.value)
+
+    def onApplyButton(self) -> None:
+        from DeepAbdominalRegLib.dependencies import ensureDependencies
+
+        with slicer.util.tryWithErrorDisplay(_("Registration could not start."), waitCursor=True):
+            ensureDependencies(askConfirmation=True)
+            self._job = self.logic.registerUsingParameterNode(
+                self._parameterNode, waitForCompletion=False, onProgress=self.onProgress, onFinished=self.onFinished
+            )
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Starting...")
+        self.updateGuiFromParameterNode()
+
+    def onCancelButton(self) -> None:
+        if self._job is not None:
+            self.ui.statusLabel.text = _("Cancelling...")
+            self._job.cancel()
+
+    def onProgress(self, event: dict) -> None:
+        self.ui.progressBar.value = round(100 * float(event.get("fraction", 0.0)))
+        self.ui.statusLabel.text = f"{event.get('stage', '')}: {event.get('message', '')}"
+
+    def onFinished(self, outputs, error) -> None:
+        from DeepAbdominalRegLib.task import RegistrationCancelledByUser
+
+        self._job = None
+        if isinstance(error, RegistrationCancelledByUser):
+            self.ui.statusLabel.text = _("Cancelled: nothing was added to the scene.")
+            self.ui.progressBar.value = 0
+        elif error is not None:
+            self.ui.statusLabel.text = _("Failed: {error}").format(error=error)
+            slicer.util.errorDisplay(_("Registration failed: {error}").format(error=error))
+        else:
+            self.logic.storeOutputsInParameterNode(self._parameterNode or self.logic.getParameterNode(), outputs)
+            self.ui.progressBar.value = 100
+            self.ui.statusLabel.text = self.logic.summary(outputs.metrics)
+        self.updateGuiFromParameterNode()
+
+
+#
+# DeepAbdominalRegLogic
+#
+
+
+class DeepAbdominalRegLogic(ScriptedLoadableModuleLogic):
+    """Registration from the GUI, the Python console or scripts; results become MRML nodes.
+
+    ``register`` runs in this process and blocks (console, tests); ``registerInBackground`` runs
+    ``PythonSlicer -m deepabdominalreg register`` in a subprocess.  Both share ``DeepAbdominalRegLib.task``.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return DeepAbdominalRegParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def _inputs(fixedVolumeNode, movingVolumeNode, movingSegmentationNode, fixedSegmentationNode,
+                fixedLandmarksNode, movingLandmarksNode):
+        from DeepAbdominalRegLib.task import InputNodes
+
+        return InputNodes(fixedVolumeNode, movingVolumeNode, movingSegmentationNode, fixedSegmentationNode,
+                          fixedLandmarksNode, movingLandmarksNode)
+
+    @staticmethod
+    def _config(config, preset, overrides) -> RegistrationConfig:
+        if config is None:
+            return config_from_preset(preset or "balanced", **overrides)
+        return config.replace(**overrides) if overrides else config
+
+    def register(self, fixedVolumeNode, movingVolumeNode, *, movingSegmentationNode=None, fixedSegmentationNode=None,
+                 fixedLandmarksNode=None, movingLandmarksNode=None, config=None, preset=None, outputs=None,
+                 progress=None, shouldStop=None, show=True, **overrides):
+        """Register in this process (blocking); returns ``DeepAbdominalRegLib.task.OutputNodes``.
+
+        ``config``: a ``RegistrationConfig``, or ``preset`` ('fast', 'balanced', 'accurate') plus keyword overrides
+        of its fields (e.g. ``io_iterations=50``).  ``outputs``: an ``OutputNodes`` of existing nodes to fill
+        (``None`` members are created).  ``progress(event)`` and ``shouldStop() -> bool`` as in the core.
+        Raises on failure or cancel, leaving the scene unchanged.
+        """
+        from DeepAbdominalRegLib.dependencies import ensureDependencies
+        from DeepAbdominalRegLib.task import registerBlocking
+
+        ensureDependencies(askConfirmation=True)
+        inputs = self._inputs(fixedVolumeNode, movingVolumeNode, movingSegmentationNode, fixedSegmentationNode,
+                              fixedLandmarksNode, movingLandmarksNode)
+        return registerBlocking(inputs, self._config(config, preset, overrides), outputs,
+                                progress=progress, shouldStop=shouldStop, show=show)
+
+    def registerInBackground(self, fixedVolumeNode, movingVolumeNode, *, movingSegmentationNode=None,
+                             fixedSegmentationNode=None, fixedLandmarksNode=None, movingLandmarksNode=None,
+                             config=None, preset=None, outputs=None, onProgress=None, onFinished=None,
+                             waitForCompletion=False, show=True, **overrides):
+        """Register in a ``PythonSlicer`` subprocess; returns the running ``RegistrationJob`` (call ``cancel()``
+        to stop it), or its ``OutputNodes`` when ``waitForCompletion``."""
+        from DeepAbdominalRegLib.task import RegistrationJob
+
+        inputs = self._inputs(fixedVolumeNode, movingVolumeNode, movingSegmentationNode, fixedSegmentationNode,
+                              fixedLandmarksNode, movingLandmarksNode)
+        job = RegistrationJob(inputs, self._config(config, preset, overrides), outputs,
+                              onProgress=onProgress, onFinished=onFinished, show=show)
+        job.start()
+        if waitForCompletion:
+            return job.wait()
+        job.startTimer()
+        return job
+
+    def registerUsingParameterNode(self, parameterNode, waitForCompletion=False, **kwargs):
+        from DeepAbdominalRegLib.task import OutputNodes
+
+        p = parameterNode
+        outputs = OutputNodes(p.warpedVolume, p.outputTransform, p.inverseTransform if p.computeInverse else None,
+                              p.warpedSegmentation, p.jacobianVolume, p.displacementMagnitudeVolume, p.metricsTable)
+        return self.registerInBackground(
+            p.fixedVolume, p.movingVolume, movingSegmentationNode=p.movingSegmentation,
+            fixedSegmentationNode=p.fixedSegmentation, fixedLandmarksNode=p.fixedLandmarks,
+            movingLandmarksNode=p.movingLandmarks, config=configFromParameters(p), outputs=outputs,
+            waitForCompletion=waitForCompletion, **kwargs,
+        )
+
+    @staticmethod
+    def storeOutputsInParameterNode(parameterNode, outputs) -> None:
+        """Remember created output nodes so that the next run updates them."""
+        with slicer.util.NodeModify(parameterNode.parameterNode):
+            for name in ("warpedVolume", "outputTransform", "inverseTransform", "warpedSegmentation",
+                         "jacobianVolume", "displacementMagnitudeVolume", "metricsTable"):
+                node = getattr(outputs, name)
+                if node is not None:
+                    setattr(parameterNode, name, node)
+
+    @staticmethod
+    def summary(metrics: dict) -> str:
+        text = _("Done in {seconds:.1f} s on {device}.").format(
+            seconds=float(metrics.get("runtime_s", 0.0)), device=metrics.get("device", "?"))
+        if metrics.get("dice_mean_after") is not None and metrics.get("dice_mean_before") is not None:
+            text += " " + _("Mean Dice {before:.3f} -> {after:.3f}.").format(
+                before=float(metrics["dice_mean_before"]), after=float(metrics["dice_mean_after"]))
+        if metrics.get("folding_percent") is not None:
+            text += " " + _("Folding {folding:.3f} %.").format(folding=float(metrics["folding_percent"]))
+        for warning in metrics.get("warnings") or []:
+            text += "\n" + _("Warning: {warning}").format(warning=warning)
+        return text
+
+
+#
+# DeepAbdominalRegTest
+#
+
+
+class DeepAbdominalRegTest(ScriptedLoadableModuleTest):
+    """Registers the core's synthetic phantom pair (5 mm, fast preset) in-process and in the background."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_RegisterPhantomInProcess()
+        self.setUp()
+        self.test_RegisterPhantomInBackground()
+        self.setUp()
+        self.test_FailureLeavesSceneUnchanged()
+
+    def _phantomNodes(self):
+        from DeepAbdominalRegLib.dependencies import ensureDependencies
+        from DeepAbdominalRegLib.testing import phantomNodes
+
+        ensureDependencies(askConfirmation=False)
+        return phantomNodes(slicer.mrmlScene, spacingMm=5.0)
+
+    def _checkOutputs(self, outputs, phantom):
+        metrics = outputs.metrics
+        self.assertGreater(metrics["dice_mean_after"], metrics["dice_mean_before"])
+        for node in (outputs.warpedVolume, outputs.outputTransform, outputs.warpedSegmentation,
+                     outputs.jacobianVolume, outputs.displacementMagnitudeVolume, outputs.metricsTable):
+            self.assertIsNotNone(node)
+            self.assertIsNotNone(slicer.mrmlScene.GetNodeByID(node.GetID()))
+        self.assertEqual(outputs.outputTransform.GetNodeReferenceID("fixedVolume"), phantom.fixedVolume.GetID())
+        self.assertEqual(outputs.outputTransform.GetNodeReferenceID("movingVolume"), phantom.movingVolume.GetID())
+        self.assertEqual(outputs.warpedSegmentation.GetSegmentation().GetNumberOfSegments(),
+                         phantom.movingSegmentation.GetSegmentation().GetNumberOfSegments())
+        self.assertGreater(outputs.metricsTable.GetNumberOfRows(), 0)
+
+    def test_RegisterPhantomInProcess(self):
+        self.delayDisplay("Registering the phantom pair in-process")
+        phantom = self._phantomNodes()
+        logic = DeepAbdominalRegLogic()
+        outputs = logic.register(
+            phantom.fixedVolume, phantom.movingVolume, movingSegmentationNode=phantom.movingSegmentation,
+            fixedSegmentationNode=phantom.fixedSegmentation, fixedLandmarksNode=phantom.fixedLandmarks,
+            movingLandmarksNode=phantom.movingLandmarks, preset="fast", working_spacing_mm=5.0, device="cpu",
+        )
+        self._checkOutputs(outputs, phantom)
+        self.delayDisplay(DeepAbdominalRegLogic.summary(outputs.metrics))
+
+    def test_RegisterPhantomInBackground(self):
+        self.delayDisplay("Registering the phantom pair in a PythonSlicer subprocess")
+        phantom = self._phantomNodes()
+        outputs = DeepAbdominalRegLogic().registerInBackground(
+            phantom.fixedVolume, phantom.movingVolume, movingSegmentationNode=phantom.movingSegmentation,
+            fixedSegmentationNode=phantom.fixedSegmentation, preset="fast", working_spacing_mm=5.0, device="cpu",
+            waitForCompletion=True,
+        )
+        self._checkOutputs(outputs, phantom)
+
+    def test_FailureLeavesSceneUnchanged(self):
+        self.delayDisplay("A cancelled run adds nothing to the scene")
+        from DeepAbdominalRegLib.task import RegistrationCancelledByUser
+
+        phantom = self._phantomNodes()
+        count = slicer.mrmlScene.GetNumberOfNodes()
+        with self.assertRaises(RegistrationCancelledByUser):
+            DeepAbdominalRegLogic().register(phantom.fixedVolume, phantom.movingVolume, preset="fast",
+                                             working_spacing_mm=5.0, device="cpu", shouldStop=lambda: True)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
+        self.delayDisplay("Test passed")
