@@ -90,7 +90,7 @@ def test_identity_pair_gives_near_zero_displacement(phantom_4mm):
     result = register_pair(moving, moving, config=PRECISE)
     err = _field_error_mm(result, np.zeros((*sitk.GetArrayViewFromImage(moving).shape, 3)))
     assert err.mean() < 0.5 and np.percentile(err, 95) < 1.0
-    assert result.metrics["folding_percent"] == 0.0
+    assert result.metrics["folding_percent"] < 0.01
 
 
 def test_oblique_anisotropic_geometry_end_to_end():
