@@ -95,7 +95,7 @@ deformable medical image registration (IEEE TMI 38). Built on PyTorch, SimpleITK
 class DeepAbdominalRegParameterNode:
     """Module state. Below ``preset``, one member per ``RegistrationConfig`` field (camelCase); a test checks that.
 
-    ``model``: '' = no network; ``ioLevels``: '4,2,1'; ``threads``: 0 = torch's default.
+    ``model``: '' = no network; ``ioLevels``: '4,2,1'; ``affineLevelsMm``: '12,6'; ``threads``: 0 = torch's default.
     """
 
     # inputs
@@ -122,6 +122,7 @@ class DeepAbdominalRegParameterNode:
     bodyMask: bool = DEFAULTS["bodyMask"]
     affine: bool = DEFAULTS["affine"]
     affineIterations: Annotated[int, WithinRange(0, 1000)] = DEFAULTS["affineIterations"]
+    affineLevelsMm: str = DEFAULTS["affineLevelsMm"]
     model: str = DEFAULTS["model"]
     ioIterations: Annotated[int, WithinRange(0, 2000)] = DEFAULTS["ioIterations"]
     ioFineIterations: Annotated[int, WithinRange(0, 2000)] = DEFAULTS["ioFineIterations"]

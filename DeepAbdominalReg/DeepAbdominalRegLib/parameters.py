@@ -61,6 +61,7 @@ GUI_ONLY_PARAMETERS = frozenset(INPUT_NODE_PARAMETERS + OUTPUT_NODE_PARAMETERS +
 PARAMETER_TYPE_NOTES = {
     "model": "str; '' = no network (affine + instance optimisation), else a shipped model name or a .pt path",
     "ioLevels": "str of comma-separated factors ('4,2,1'), bound to a QLineEdit",
+    "affineLevelsMm": "str of comma-separated spacings in mm ('12,6'), bound to a QLineEdit",
     "threads": "int; 0 = torch's default (None in the config)",
     "huWindow": "tuple[float, float], bound by hand to two spin boxes",
 }
@@ -82,6 +83,22 @@ def parseLevels(text: str) -> tuple[int, ...]:
     return levels
 
 
+def parseSpacings(text: str) -> tuple[float, ...]:
+    """``"12, 6"`` -> ``(12.0, 6.0)`` (mm); raise ``ValueError`` with a user-facing message if it is not that."""
+    parts = [p.strip() for p in str(text).replace(";", ",").split(",") if p.strip()]
+    try:
+        spacings = tuple(float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"affine levels '{text}' must be spacings in mm separated by commas, e.g. '12,6'.") from None
+    if not spacings or any(not s > 0 for s in spacings):
+        raise ValueError(f"affine levels '{text}' must be one or more positive spacings in mm, e.g. '12,6'.")
+    return spacings
+
+
+def formatSpacings(spacings) -> str:
+    return ",".join(f"{float(s):g}" for s in spacings)
+
+
 def formatLevels(levels) -> str:
     return ",".join(str(int(level)) for level in levels)
 
@@ -93,6 +110,8 @@ def _toParameterValue(field: str, value: Any) -> Any:
         return 0 if value is None else int(value)
     if field == "io_levels":
         return formatLevels(value)
+    if field == "affine_levels_mm":
+        return formatSpacings(value)
     if field == "hu_window":
         return (float(value[0]), float(value[1]))
     return value
@@ -105,6 +124,8 @@ def _toConfigValue(field: str, value: Any, default: Any) -> Any:
         return int(value) if value else None
     if field == "io_levels":
         return parseLevels(value) if isinstance(value, str) else tuple(int(v) for v in value)
+    if field == "affine_levels_mm":
+        return parseSpacings(value) if isinstance(value, str) else tuple(float(v) for v in value)
     if field == "hu_window":
         low, high = (float(v) for v in value)
         if not low < high:

@@ -334,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--spacing", default="2.0", help="mm: one value or x,y,z (e.g. 0.8,0.8,2.5)")
     ph.add_argument("--amplitude", type=float, default=10.0, help="deformation amplitude (mm)")
     ph.set_defaults(func=_cmd_phantom)
+    from deepabdominalreg.evaluation_cli import add_commands as add_evaluation_commands
+    add_evaluation_commands(sub)
+    from deepabdominalreg.training_cli import add_commands
+    add_commands(sub)
     return parser
 
 

@@ -5,10 +5,15 @@ Displacements are ``(B, 3, D, H, W)`` in voxels, channels ``(d, h, w)`` (see :mo
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import math
 
-from deepabdominalreg.spatial import jacobian_determinant
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import ndimage
+
+from deepabdominalreg.spatial import compose, jacobian_determinant
 
 __all__ = [
     "local_ncc_loss",
@@ -17,6 +22,13 @@ __all__ = [
     "diffusion_regulariser",
     "bending_energy",
     "negative_jacobian_penalty",
+    "ssim_loss",
+    "dice_loss",
+    "one_hot",
+    "hausdorff_dt_loss",
+    "inverse_consistency_loss",
+    "supervised_displacement_loss",
+    "UncertaintyWeighting",
 ]
 
 
@@ -108,3 +120,189 @@ def bending_energy(disp: torch.Tensor) -> torch.Tensor:
 def negative_jacobian_penalty(disp: torch.Tensor, margin: float = 0.01) -> torch.Tensor:
     """Mean of ``relu(margin - det J)``: ``0`` when every voxel keeps ``det J >= margin`` (no folding)."""
     return F.relu(margin - jacobian_determinant(disp)).mean()
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return values.mean()
+    weight = mask.to(values.dtype).expand_as(values)
+    return (values * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def ssim_loss(
+    fixed: torch.Tensor,
+    warped: torch.Tensor,
+    window: int = 7,
+    data_range: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``1 - SSIM`` (Wang et al. 2004) with a ``window``³ box window; range ``[0, 2]``, ``0`` for identical images.
+
+    Constants ``C1 = (0.01 L)²``, ``C2 = (0.03 L)²`` with ``L = data_range`` (1 for the [0, 1] working intensities).
+    """
+    if fixed.shape != warped.shape:
+        raise ValueError(f"shapes differ: {tuple(fixed.shape)} vs {tuple(warped.shape)}")
+    if window % 2 == 0 or window < 1:
+        raise ValueError("window must be a positive odd number of voxels")
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    stacked = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
+    means = _box_filter(stacked, window)
+    mu_f, mu_w, mu_ff, mu_ww, mu_fw = torch.split(means, fixed.shape[1], dim=1)
+    var_f = mu_ff - mu_f * mu_f
+    var_w = mu_ww - mu_w * mu_w
+    cov = mu_fw - mu_f * mu_w
+    ssim = ((2 * mu_f * mu_w + c1) * (2 * cov + c2)) / ((mu_f**2 + mu_w**2 + c1) * (var_f + var_w + c2))
+    return 1.0 - _masked_mean(ssim, mask)
+
+
+def one_hot(labels: torch.Tensor, label_ids: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """``(B, 1, D, H, W)`` integer labels -> ``(B, len(label_ids), D, H, W)`` float one-hot of the listed ids
+    (ids not listed, and 0, are background: no channel)."""
+    if labels.ndim != 5 or labels.shape[1] != 1:
+        raise ValueError(f"labels must be (B, 1, D, H, W), got {tuple(labels.shape)}")
+    ids = torch.as_tensor(list(label_ids), device=labels.device, dtype=labels.dtype).view(1, -1, 1, 1, 1)
+    return (labels == ids).to(torch.float32)
+
+
+def dice_loss(
+    fixed_labels: torch.Tensor,
+    warped_labels: torch.Tensor,
+    eps: float = 1e-5,
+    ignore_empty: bool = True,
+) -> torch.Tensor:
+    """``1 - mean soft Dice`` over channels of one-hot/probability maps ``(B, L, D, H, W)``; ``0`` perfect, ``1`` no overlap.
+
+    Segmentation guidance (DDMR, VoxelMorph-auxiliary): ``warped_labels`` are the moving one-hot labels warped
+    with the predicted field (trilinear, so differentiable).  With ``ignore_empty`` channels absent from both maps
+    do not count (a pair where no label is present gives 0).
+    """
+    if fixed_labels.shape != warped_labels.shape:
+        raise ValueError(f"shapes differ: {tuple(fixed_labels.shape)} vs {tuple(warped_labels.shape)}")
+    dims = (2, 3, 4)
+    intersection = (fixed_labels * warped_labels).sum(dims)
+    total = fixed_labels.sum(dims) + warped_labels.sum(dims)
+    dice = (2 * intersection + eps) / (total + eps)
+    if ignore_empty:
+        present = total > 0.5
+        if not present.any():
+            return warped_labels.sum() * 0.0
+        return 1.0 - dice[present].mean()
+    return 1.0 - dice.mean()
+
+
+def _boundary_distance(binary: np.ndarray) -> np.ndarray:
+    """Distance (voxels) of every voxel to the boundary of ``binary`` (0 everywhere when empty or full)."""
+    if not binary.any() or binary.all():
+        return np.zeros(binary.shape, dtype=np.float32)
+    inside = ndimage.distance_transform_edt(binary)
+    outside = ndimage.distance_transform_edt(~binary)
+    return (inside + outside).astype(np.float32)
+
+
+def hausdorff_dt_loss(
+    fixed_labels: torch.Tensor,
+    warped_labels: torch.Tensor,
+    alpha: float = 2.0,
+    normalise: bool = True,
+) -> torch.Tensor:
+    """Distance-transform Hausdorff loss (Karimi & Salcudean, IEEE TMI 2019), ``(B, L, D, H, W)`` maps in [0, 1].
+
+    ``mean((q - p)² (d_q^alpha + d_p^alpha))`` where ``d_q``, ``d_p`` are the distances (voxels) to the boundaries
+    of the target ``q`` (fixed labels) and of the thresholded prediction ``p > 0.5`` (computed without gradient).
+    ``0`` when the maps agree; large when mass lies far from the true boundary (a Hausdorff-like penalty).
+    With ``normalise`` the result is divided by the mean of ``d_q^alpha`` over voxels with ``q > 0.5``.
+    """
+    if fixed_labels.shape != warped_labels.shape:
+        raise ValueError(f"shapes differ: {tuple(fixed_labels.shape)} vs {tuple(warped_labels.shape)}")
+    q_np = (fixed_labels.detach().cpu().numpy() > 0.5)
+    p_np = (warped_labels.detach().cpu().numpy() > 0.5)
+    d = np.zeros(q_np.shape, dtype=np.float32)
+    norm = []
+    for b in range(q_np.shape[0]):
+        for c in range(q_np.shape[1]):
+            dq = _boundary_distance(q_np[b, c]) ** alpha
+            d[b, c] = dq + _boundary_distance(p_np[b, c]) ** alpha
+            if q_np[b, c].any():
+                norm.append(float(dq[q_np[b, c]].mean()))
+    weights = torch.as_tensor(d, device=warped_labels.device, dtype=warped_labels.dtype)
+    loss = ((fixed_labels - warped_labels) ** 2 * weights).mean()
+    if normalise and norm:
+        loss = loss / max(float(np.mean(norm)), 1e-6)
+    return loss
+
+
+def inverse_consistency_loss(
+    disp_forward: torch.Tensor,
+    disp_backward: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Inverse-consistency error (MICS, Estienne et al. 2020): mean squared norm (voxels²) of both round trips
+    ``forward ∘ backward`` and ``backward ∘ forward``; ``0`` when the fields are exact inverses."""
+    if disp_forward.shape != disp_backward.shape:
+        raise ValueError("forward and backward displacements must have the same shape")
+    ab = compose(disp_backward, disp_forward)  # p -> p + f(p) + b(p + f(p))
+    ba = compose(disp_forward, disp_backward)
+    return 0.5 * (_masked_mean(ab.pow(2).sum(1, keepdim=True), mask)
+                  + _masked_mean(ba.pow(2).sum(1, keepdim=True), mask))
+
+
+def supervised_displacement_loss(
+    predicted: torch.Tensor,
+    true: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    spacing_mm: float | tuple[float, float, float] = 1.0,
+    squared: bool = True,
+) -> torch.Tensor:
+    """Displacement error against a known field (synthetic pairs): mean squared endpoint error (mm², default) or
+    mean endpoint error (mm, ``squared=False``), inside ``mask``; inputs ``(B, 3, D, H, W)`` voxels (d, h, w)."""
+    if predicted.shape != true.shape:
+        raise ValueError(f"shapes differ: {tuple(predicted.shape)} vs {tuple(true.shape)}")
+    s = torch.as_tensor(spacing_mm, dtype=predicted.dtype, device=predicted.device).reshape(-1)
+    s = s.expand(3).view(1, 3, 1, 1, 1)
+    err2 = ((predicted - true) * s).pow(2).sum(1, keepdim=True)
+    values = err2 if squared else torch.sqrt(err2 + 1e-12)
+    return _masked_mean(values, mask)
+
+
+class UncertaintyWeighting(nn.Module):
+    """Homoscedastic uncertainty weighting of loss terms (Kendall, Gal & Cipolla, CVPR 2018; used by DDMR).
+
+    ``total = sum_i exp(-s_i) (L_i + offset_i) + s_i`` over the learnable terms, where ``s_i = log sigma_i²`` is a
+    learnable parameter initialised to ``-log(initial_weight_i)``; the other terms are added with their fixed
+    weight.  ``offset`` shifts a term to be >= 0 (e.g. ``1`` for NCC in [-1, 0]), which the form needs: for a
+    term stuck near 0 its weight grows as ``1 / L_i``.  Regularisers are usually fixed (DDMR's initial 5e-3).
+    """
+
+    def __init__(self, initial_weights: dict[str, float], learnable: set[str] | None = None,
+                 offsets: dict[str, float] | None = None) -> None:
+        super().__init__()
+        learnable = set(initial_weights) if learnable is None else set(learnable)
+        self.names = list(initial_weights)
+        self.learnable = [n for n in self.names if n in learnable]
+        self.log_variances = nn.ParameterDict(
+            {n: nn.Parameter(torch.tensor(-math.log(initial_weights[n]))) for n in self.learnable})
+        self.fixed_weights = {n: float(w) for n, w in initial_weights.items() if n not in learnable}
+        self.offsets = {n: float(v) for n, v in (offsets or {}).items()}
+
+    def weights(self) -> dict[str, float]:
+        """Current weight of each term (``exp(-s_i)`` or the fixed value)."""
+        out = {n: float(torch.exp(-self.log_variances[n]).detach()) for n in self.learnable}
+        out.update(self.fixed_weights)
+        return {n: out[n] for n in self.names}
+
+    def forward(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        unknown = set(terms) - set(self.names)
+        if unknown:
+            raise ValueError(f"terms {sorted(unknown)} have no weight; known: {self.names}")
+        total = None
+        for name, value in terms.items():
+            value = value + self.offsets.get(name, 0.0)
+            if name in self.log_variances:
+                s = self.log_variances[name]
+                term = torch.exp(-s) * value + s
+            else:
+                term = self.fixed_weights[name] * value
+            total = term if total is None else total + term
+        if total is None:
+            raise ValueError("no loss terms given")
+        return total

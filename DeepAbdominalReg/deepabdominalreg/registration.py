@@ -234,10 +234,6 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-def _label_report(reference, test, names):
-    return metrics_lib.label_overlap_report(reference, test, names)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # the pipeline
 # --------------------------------------------------------------------------------------------------------------
@@ -481,9 +477,9 @@ def _register_pair_on_device(
             before = resample_image(moving_labels, fixed, None, "nearest", default_value=0)
             after_affine = resample_image(moving_labels, fixed, affine, "nearest", default_value=0)
             metrics["labels"] = {
-                "before": _label_report(fixed_labels, before, label_names),
-                "affine": _label_report(fixed_labels, after_affine, label_names),
-                "after": _label_report(fixed_labels, warped_labels, label_names),
+                "before": metrics_lib.label_overlap_report(fixed_labels, before, label_names),
+                "affine": metrics_lib.label_overlap_report(fixed_labels, after_affine, label_names),
+                "after": metrics_lib.label_overlap_report(fixed_labels, warped_labels, label_names),
             }
             metrics["dice_mean_before"] = metrics["labels"]["before"]["dice_mean"]
             metrics["dice_mean_affine"] = metrics["labels"]["affine"]["dice_mean"]
