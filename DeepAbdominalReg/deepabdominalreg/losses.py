@@ -9,26 +9,26 @@ import math
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
+from torch import nn
 
 from deepabdominalreg.spatial import compose, jacobian_determinant
 
 __all__ = [
-    "local_ncc_loss",
-    "global_ncc_loss",
-    "mse_loss",
-    "diffusion_regulariser",
+    "UncertaintyWeighting",
     "bending_energy",
-    "negative_jacobian_penalty",
-    "ssim_loss",
     "dice_loss",
-    "one_hot",
+    "diffusion_regulariser",
+    "global_ncc_loss",
     "hausdorff_dt_loss",
     "inverse_consistency_loss",
+    "local_ncc_loss",
+    "mse_loss",
+    "negative_jacobian_penalty",
+    "one_hot",
+    "ssim_loss",
     "supervised_displacement_loss",
-    "UncertaintyWeighting",
 ]
 
 

@@ -276,7 +276,8 @@ def register_pair(
     except torch.cuda.OutOfMemoryError:
         if resolve_device(config.device).type != "cuda":
             raise
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         result = _register_pair_on_device(fixed, moving, config=config.replace(device="cpu"), **kwargs)
         result.metrics["warnings"].append("CUDA ran out of memory; the registration was rerun on the CPU.")
         return result

@@ -1,0 +1,74 @@
+"""Ctrl-C in the CLI stops promptly and leaves nothing behind; CUDA out-of-memory falls back to the CPU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from deepabdominalreg import registration
+from deepabdominalreg.config import config_from_preset
+from deepabdominalreg.image import write_image
+
+REPO_CORE = Path(__file__).resolve().parents[2]
+
+
+def _ct(tmp_path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[0:40, 0:48, 0:56].astype(np.float32)
+    body = ((z - 20) / 18) ** 2 + ((y - 24) / 19) ** 2 + ((x - 28) / 24) ** 2 < 1
+    array = np.where(body, 40.0, -1000.0) + rng.normal(0, 15, body.shape)
+    array[(((z - 20) / 6) ** 2 + ((y - 20) / 6) ** 2 + ((x - 30 - seed) / 8) ** 2) < 1] = 300
+    image = sitk.GetImageFromArray(array.astype(np.float32))
+    image.SetSpacing((3.0, 3.0, 3.0))
+    return write_image(sitk.Cast(image, sitk.sitkInt16), tmp_path / f"ct{seed}.nii.gz")
+
+
+def test_ctrl_c_stops_the_cli_and_writes_nothing(tmp_path):
+    fixed, moving = _ct(tmp_path, 0), _ct(tmp_path, 3)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO_CORE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "deepabdominalreg", "register", "--fixed", str(fixed), "--moving", str(moving),
+         "--output-dir", str(out), "--io-iterations", "100000", "--working-spacing", "3", "--progress-json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    # wait until the instance optimisation is running, then interrupt
+    deadline = time.monotonic() + 120
+    for line in process.stdout:
+        if '"instance_optimisation"' in line or time.monotonic() > deadline:
+            break
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert time.monotonic() - started < 5.0
+    assert process.returncode == 130, err
+    assert "cancelled" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_cuda_out_of_memory_reruns_on_cpu(monkeypatch):
+    calls = []
+    real = registration._register_pair_on_device
+
+    def fake(fixed, moving, *, config, **kwargs):
+        calls.append(config.device)
+        if config.device != "cpu":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(fixed, moving, config=config, **kwargs)
+
+    monkeypatch.setattr(registration, "_register_pair_on_device", fake)
+    monkeypatch.setattr(registration, "resolve_device",
+                        lambda requested: torch.device("cuda" if requested == "cuda" else "cpu"))
+    image = sitk.ReadImage(str(_ct(Path(os.environ.get("TMPDIR", "/tmp")), 1)), sitk.sitkFloat32)
+    config = config_from_preset("fast", working_spacing_mm=6.0, device="cuda", io_iterations=3, compute_inverse=False)
+    result = registration.register_pair(image, image, config=config)
+    assert calls == ["cuda", "cpu"]
+    assert any("out of memory" in w for w in result.metrics["warnings"])
