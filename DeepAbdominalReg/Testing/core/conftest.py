@@ -9,21 +9,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
-from geometry_helpers import oblique_direction
+from geometry_helpers import oblique_direction, shared_data_dir  # noqa: F401
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-
-def shared_data_dir() -> Path | None:
-    """``../shared/data`` beside the repository (or ``$DEEPABDOMINALREG_SHARED_DATA``); ``None`` when absent."""
-    env = os.environ.get("DEEPABDOMINALREG_SHARED_DATA")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[3].parent / "shared" / "data")
-    for candidate in candidates:
-        if (candidate / "totalsegmentator").is_dir():
-            return candidate
-    return None
 
 
 @pytest.fixture

@@ -1,6 +1,9 @@
-"""Geometry helpers shared by the core tests."""
+"""Helpers shared by the core tests (a plain module: test files must not import ``conftest``)."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -14,3 +17,14 @@ def oblique_direction(angle_deg: float = 20.0, flip: bool = True) -> tuple[float
     if flip:
         rot = rot @ np.diag([-1.0, -1.0, 1.0])
     return tuple(rot.ravel())
+
+
+def shared_data_dir() -> Path | None:
+    """``../shared/data`` beside the repository (or ``$DEEPABDOMINALREG_SHARED_DATA``); ``None`` when absent."""
+    env = os.environ.get("DEEPABDOMINALREG_SHARED_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[3].parent / "shared" / "data")
+    for candidate in candidates:
+        if (candidate / "totalsegmentator").is_dir():
+            return candidate
+    return None

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import oblique_direction, shared_data_dir
+from geometry_helpers import oblique_direction, shared_data_dir
 from deepabdominalreg.image import Grid, resample_image
 from deepabdominalreg.phantom import PHANTOM_FOV_MM, PHANTOM_LABELS, add_ct_noise, phantom_grid, render_phantom
 

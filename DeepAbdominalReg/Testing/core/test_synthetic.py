@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import oblique_direction
+from geometry_helpers import oblique_direction
 from deepabdominalreg.image import Grid, read_displacement_field, read_labels
 from deepabdominalreg.phantom import PHANTOM_LABELS, render_phantom
 from deepabdominalreg.synthetic import (
