@@ -125,8 +125,10 @@ def run_elastix(
     stages["registration"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    field_itk = itk.transformix_deformation_field(moving, result_parameters, log_to_console=False)
-    array = np.asarray(itk.array_from_image(field_itk), dtype=np.float32)  # (z, y, x, 3), LPS mm
+    with tempfile.TemporaryDirectory(prefix="transformix-") as tmp:  # transformix writes deformationField.nii
+        field_itk = itk.transformix_deformation_field(moving, result_parameters, log_to_console=False,
+                                                      output_directory=tmp)
+        array = np.asarray(itk.array_from_image(field_itk), dtype=np.float32)  # (z, y, x, 3), LPS mm
     fixed_grid = _grid_of_itk(fixed)
     displacement = _field_image(array, fixed_grid)
     stages["field"] = time.perf_counter() - t
@@ -357,7 +359,7 @@ def available_peers(names: list[str] | None = None) -> list[MethodSpec]:
     """The peers (of ``names``, default all) whose package is installed, as method specs (module ``peers``: put
     ``benchmarks/`` on ``sys.path``)."""
     chosen = []
-    for name in names or list(PEERS):
+    for name in list(PEERS) if names is None else names:
         if name not in PEERS:
             raise ValueError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
         spec, package = PEERS[name]

@@ -69,15 +69,21 @@ def our_methods(configs: list[str], devices: list[str], model: str | None) -> li
 
 
 def training_running() -> list[str]:
-    """Command lines of other processes that look like a network training job (to wait for them)."""
+    """Command lines of other processes that look like a network training job at normal priority (niced jobs,
+    e.g. background ablations, get almost no CPU next to ours and are not waited for)."""
     try:
-        output = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
+        output = subprocess.run(["ps", "-eo", "pid=,ni=,args="], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return []
     me = os.getpid()
     found = []
     for line in output.splitlines():
-        pid, _, args = line.strip().partition(" ")
+        parts = line.split(None, 2)
+        if len(parts) < 3:
+            continue
+        pid, nice, args = parts
+        if nice.lstrip("-").isdigit() and int(nice) > 0:
+            continue
         if "train" in args.lower() and int(pid) != me and "grep" not in args and "run_benchmark" not in args:
             found.append(args[:120])
     return found
@@ -98,6 +104,7 @@ def wait_for_cpu(poll_s: float = 30.0) -> None:
 def targets_markdown(rows: list[dict], memory: dict | None) -> str:
     """The issue's targets, checked on this run (ratios within the run)."""
     ok = [r for r in rows if r.get("status") == "ok"]
+    timed = [r for r in ok if ev._number(r.get("nice")) <= 0 or r.get("nice") in (None, "")]  # comparable clocks
     peers = [m for m in ("elastix-bspline", "ants-syn", "ants-synra", "sitk-demons") if any(r["method"] == m for r in ok)]
     lines = ["| target | result | met? |", "|---|---|---|"]
 
@@ -123,9 +130,9 @@ def targets_markdown(rows: list[dict], memory: dict | None) -> str:
     lines.append(f"| folding < 0.5 % (worst pair, {DEFAULT_METHOD}) | {folding:.3f} % | {'yes' if folding < 0.5 else 'no'} |")
     # speed: per case, fastest of elastix / ANTs (the registration peers named in the issue) vs ours
     ratios = []
-    for case in sorted({r["case"] for r in ok}):
-        ours_t = [ev._number(r["runtime_s"]) for r in ok if r["case"] == case and r["method"] == DEFAULT_METHOD]
-        peer_t = [ev._number(r["runtime_s"]) for r in ok if r["case"] == case and r["method"] in
+    for case in sorted({r["case"] for r in timed}):
+        ours_t = [ev._number(r["runtime_s"]) for r in timed if r["case"] == case and r["method"] == DEFAULT_METHOD]
+        peer_t = [ev._number(r["runtime_s"]) for r in timed if r["case"] == case and r["method"] in
                   ("elastix-bspline", "ants-syn", "ants-synra")]
         if ours_t and peer_t:
             ratios.append(min(peer_t) / ours_t[0])
@@ -138,9 +145,9 @@ def targets_markdown(rows: list[dict], memory: dict | None) -> str:
         fast = [ev._number(r["runtime_s"]) for r in ok if r["method"] == method]
         if fast and ratios:
             per_case = []
-            for case in sorted({r["case"] for r in ok}):
-                f = [ev._number(r["runtime_s"]) for r in ok if r["case"] == case and r["method"] == method]
-                p = [ev._number(r["runtime_s"]) for r in ok if r["case"] == case and r["method"] in
+            for case in sorted({r["case"] for r in timed}):
+                f = [ev._number(r["runtime_s"]) for r in timed if r["case"] == case and r["method"] == method]
+                p = [ev._number(r["runtime_s"]) for r in timed if r["case"] == case and r["method"] in
                      ("elastix-bspline", "ants-syn", "ants-synra")]
                 if f and p:
                     per_case.append(min(p) / f[0])
@@ -149,18 +156,22 @@ def targets_markdown(rows: list[dict], memory: dict | None) -> str:
                          f"{'yes' if per_case[len(per_case) // 2] >= 10 else 'no'} |")
     if "sitk-demons" in peers:
         demons = []
-        for case in sorted({r["case"] for r in ok}):
-            d = [ev._number(r["runtime_s"]) for r in ok if r["case"] == case and r["method"] == "sitk-demons"]
-            o = [ev._number(r["runtime_s"]) for r in ok if r["case"] == case and r["method"] == DEFAULT_METHOD]
+        for case in sorted({r["case"] for r in timed}):
+            d = [ev._number(r["runtime_s"]) for r in timed if r["case"] == case and r["method"] == "sitk-demons"]
+            o = [ev._number(r["runtime_s"]) for r in timed if r["case"] == case and r["method"] == DEFAULT_METHOD]
             if d and o:
                 demons.append(d[0] / o[0])
         if demons:
             demons.sort()
             lines.append(f"| (for reference) speed vs SimpleITK demons | median {demons[len(demons) // 2]:.2f}x | – |")
-    net = [ev._number(r.get("time_network_s")) for r in ok if r["method"] == "ours-net"]
+    net = [ev._number(r.get("time_network_s")) for r in timed if r["method"] == "ours-net"]
+    niced = [ev._number(r.get("time_network_s")) for r in ok if r["method"] == "ours-net" and r not in timed]
     if net:
         lines.append(f"| network-only inference < 3 s (CPU, 2 threads) | mean {sum(net) / len(net):.2f} s | "
                      f"{'yes' if max(net) < 3 else 'no'} |")
+    elif niced:  # measured while yielding the CPU to other jobs: an upper bound
+        lines.append(f"| network-only inference < 3 s (CPU, 2 threads) | max {max(niced):.2f} s, measured at nice 19 "
+                     f"beside other jobs (an upper bound) | {'yes' if max(niced) < 3 else 'not shown'} |")
     else:
         lines.append("| network-only inference < 3 s | not measured: no trained model shipped | – |")
     if memory:

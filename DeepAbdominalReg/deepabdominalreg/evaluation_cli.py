@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
-def _benchmarks_dir(explicit: str | None) -> Path:
+def _benchmarks_dir() -> Path:
+    explicit = os.environ.get("DEEPABDOMINALREG_BENCHMARKS")
     candidates = [Path(explicit)] if explicit else []
     candidates.append(Path(__file__).resolve().parents[2] / "benchmarks")
     candidates.append(Path.cwd() / "benchmarks")
@@ -88,12 +90,12 @@ def _benchmarks_dir(explicit: str | None) -> Path:
 
     raise ImageValidationError(
         "benchmark needs a source checkout of DeepAbdominalReg (benchmarks/run_benchmark.py was not found); "
-        "clone the repository, or give --benchmarks-dir."
+        "clone the repository, or set DEEPABDOMINALREG_BENCHMARKS to the folder holding it."
     )
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    folder = _benchmarks_dir(args.benchmarks_dir)
+    folder = _benchmarks_dir()
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
     spec = importlib.util.spec_from_file_location("run_benchmark", folder / "run_benchmark.py")
@@ -143,10 +145,10 @@ def add_commands(subparsers) -> None:
 
     bench = subparsers.add_parser(
         "benchmark", help="side-by-side benchmark vs elastix, ANTs, SimpleITK (needs a source checkout)",
-        description="Runs benchmarks/run_benchmark.py; options after the command are passed on "
-                    "(e.g. `deepabdominalreg benchmark --smoke --out /tmp/b`).",
-        add_help=False,
+        description="Runs benchmarks/run_benchmark.py of the source checkout (or of $DEEPABDOMINALREG_BENCHMARKS); "
+                    "every option is passed on, e.g. `deepabdominalreg benchmark --smoke --out /tmp/b`; "
+                    "`deepabdominalreg benchmark --help` shows them.",
+        add_help=False, prefix_chars="+",  # no options of its own: '--x' is handed to run_benchmark.py
     )
-    bench.add_argument("--benchmarks-dir", default=None, help="folder holding run_benchmark.py")
     bench.add_argument("benchmark_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_cmd_benchmark)

@@ -784,6 +784,8 @@ def train(
         loss_fn.load_state_dict(state["loss"])
         optimiser.load_state_dict(state["optimiser"])
         scheduler.load_state_dict(state["scheduler"])
+        # the config may change the plateau settings of a resumed run
+        scheduler.factor, scheduler.patience = config.plateau_factor, config.plateau_patience
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history = list(state["history"])
@@ -944,16 +946,44 @@ METHODS: dict[str, dict] = {
 }
 
 
-def _evaluation_cases(phantom_seeds, phantom_spacing_mm, amplitude_mm, ct, ct_labels, ct_label_names, ct_seeds,
-                      log=print) -> list[tuple[str, object]]:
-    from deepabdominalreg.evaluation import load_label_names
-    from deepabdominalreg.synthetic import make_phantom_pair, make_synthetic_pair
+def _read_cached_pair(folder: Path):
+    from deepabdominalreg.landmarks import read_landmarks
+    from deepabdominalreg.synthetic import SyntheticPair
 
-    cases = []
-    for seed in phantom_seeds:
-        t = time.perf_counter()
-        cases.append((f"phantom_s{seed}", "phantom", make_phantom_pair(int(seed), phantom_spacing_mm, amplitude_mm)))
-        log(f"case phantom seed {seed} made in {time.perf_counter() - t:.0f} s")
+    if not (folder / "labels.json").exists():
+        return None
+    return SyntheticPair(
+        fixed_image=read_image(folder / "fixed.nii.gz", "fixed"), moving_image=read_image(folder / "moving.nii.gz",
+                                                                                        "moving"),
+        fixed_labels=read_labels(folder / "fixed_seg.nii.gz") if (folder / "fixed_seg.nii.gz").exists() else None,
+        moving_labels=read_labels(folder / "moving_seg.nii.gz") if (folder / "moving_seg.nii.gz").exists() else None,
+        displacement_fixed_to_moving=sitk.Cast(sitk.ReadImage(str(folder / "true_displacement.nii.gz")),
+                                               sitk.sitkVectorFloat64),
+        fixed_landmarks_lps=read_landmarks(folder / "fixed_landmarks.csv"),
+        moving_landmarks_lps=read_landmarks(folder / "moving_landmarks.csv"),
+        label_names={int(k): v for k, v in json.loads((folder / "labels.json").read_text()).items()},
+    )
+
+
+def _evaluation_cases(phantom_seeds, phantom_spacing_mm, amplitude_mm, ct, ct_labels, ct_label_names, ct_seeds,
+                      cases_dir: Path, log=print) -> list[tuple[str, str, object]]:
+    """The evaluation pairs, written to ``cases_dir`` once (``synthetic.write_pair``) and read back afterwards."""
+    from deepabdominalreg.evaluation import load_label_names
+    from deepabdominalreg.synthetic import make_phantom_pair, make_synthetic_pair, write_pair
+
+    def cached(name, source, make):
+        folder = cases_dir / name
+        pair = _read_cached_pair(folder)
+        if pair is None:
+            t = time.perf_counter()
+            pair = make()
+            write_pair(pair, folder)
+            log(f"case {name} made in {time.perf_counter() - t:.0f} s")
+        return name, source, pair
+
+    cases = [cached(f"phantom_s{seed}_{phantom_spacing_mm:g}mm_a{amplitude_mm:g}", "phantom",
+                    lambda seed=seed: make_phantom_pair(int(seed), phantom_spacing_mm, amplitude_mm))
+             for seed in phantom_seeds]
     if ct:
         image = read_image(ct, "evaluation CT")
         labels = read_labels(ct_labels, "evaluation labels") if ct_labels else None
@@ -961,8 +991,9 @@ def _evaluation_cases(phantom_seeds, phantom_spacing_mm, amplitude_mm, ct, ct_la
         if ct_label_names:
             data = json.loads(Path(ct_label_names).read_text())
             names = load_label_names(ct_label_names, "total" if "total" in data else None)
+        stem = Path(ct).name.split(".")[0]
         for seed in ct_seeds:
-            cases.append((f"ct_s{seed}", "real CT", make_synthetic_pair(
+            cases.append(cached(f"{stem}_s{seed}_a{amplitude_mm:g}", "real CT", lambda seed=seed: make_synthetic_pair(
                 image, labels, names, seed=int(seed), amplitude_mm=amplitude_mm, noise_hu=15.0)))
     return cases
 
@@ -980,6 +1011,7 @@ def evaluate_methods(
     ct_label_names: str | None = None,
     ct_seeds: Sequence[int] = (0, 1),
     threads: int | None = 2,
+    cases_dir: str | os.PathLike | None = None,
     log=print,
 ) -> tuple[list[dict], str]:
     """Run :func:`deepabdominalreg.registration.register_pair` in each configuration of :data:`METHODS` on held-out
@@ -987,6 +1019,7 @@ def evaluate_methods(
 
     Metrics per case: mean Dice and HD95 (mm) over the labels, landmark TRE (mm), mean endpoint error against the
     true field inside the fixed body (mm), folding (% of body voxels with det J <= 0), SDlogJ and runtime (s).
+    The pairs are written to ``cases_dir`` (default ``output_dir/cases``) and reused by later calls.
     Returns the rows and the markdown table (mean +- standard deviation per data source and method).
     """
     from deepabdominalreg.config import RegistrationConfig
@@ -1001,7 +1034,7 @@ def evaluate_methods(
     if model is None:
         methods = [m for m in methods if METHODS[m].get("model") != "MODEL"]
     cases = _evaluation_cases(phantom_seeds, phantom_spacing_mm, amplitude_mm, ct, ct_labels, ct_label_names,
-                              ct_seeds, log=log)
+                              ct_seeds, Path(cases_dir) if cases_dir else out / "cases", log=log)
     rows = []
     for name, source, pair in cases:
         body = fixed_body_mask(pair.fixed_image)

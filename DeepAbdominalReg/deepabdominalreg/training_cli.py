@@ -77,7 +77,7 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> int:
         phantom_seeds=[int(s) for s in args.phantom_seeds.split(",") if s],
         phantom_spacing_mm=args.phantom_spacing, amplitude_mm=args.amplitude,
         ct=args.ct, ct_labels=args.ct_labels, ct_label_names=args.ct_label_names,
-        ct_seeds=[int(s) for s in args.ct_seeds.split(",") if s], threads=args.threads,
+        ct_seeds=[int(s) for s in args.ct_seeds.split(",") if s], threads=args.threads, cases_dir=args.cases_dir,
     )
     print(table)
     return 0
@@ -129,4 +129,6 @@ def add_commands(subparsers) -> None:
                     "key 'total')")
     ev.add_argument("--ct-seeds", default="0,1")
     ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument("--cases-dir", default=None, help="where the pairs are written once and reused "
+                    "(default OUTPUT_DIR/cases)")
     ev.set_defaults(func=_cmd_evaluate_model)

@@ -421,3 +421,14 @@ def test_benchmark_smoke_run(tmp_path, peers_module):
     text = (out / "summary.md").read_text()
     assert "## Targets (this run)" in text and "## Environment" in text
     assert (out / "boxplots.png").is_file() and (out / "runtime.png").is_file()
+
+
+def test_benchmark_command_hands_its_options_to_the_script(capsys):
+    from deepabdominalreg.cli import main
+
+    if not (BENCHMARKS / "run_benchmark.py").is_file():
+        pytest.skip("benchmarks/ is not in this checkout")
+    with pytest.raises(SystemExit) as stop:
+        main(["benchmark", "--help"])
+    assert stop.value.code == 0
+    assert "--smoke" in capsys.readouterr().out
