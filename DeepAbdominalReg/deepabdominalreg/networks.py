@@ -10,12 +10,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from deepabdominalreg import spatial
 
-__all__ = ["UNetConfig", "RegistrationUNet", "SpatialTransformer", "build_network"]
+__all__ = [
+    "CostVolumePyramidNet",
+    "PyramidConfig",
+    "RegistrationUNet",
+    "SpatialTransformer",
+    "UNetConfig",
+    "build_network",
+]
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,147 @@ class RegistrationUNet(nn.Module):
         return flow[:, :, : shape[0], : shape[1], : shape[2]]
 
 
+@dataclass(frozen=True)
+class PyramidConfig:
+    """Architecture of :class:`CostVolumePyramidNet` (coarse-to-fine, one entry per pyramid level, finest first)."""
+
+    feature_channels: tuple[int, ...] = (16, 16, 16)
+    """Learned feature channels at level 0 (input grid), 1 (1/2), 2 (1/4) ...; the image itself is one more."""
+    search_radius: tuple[int, ...] = (1, 2, 2)
+    """Displacements searched per level, in voxels of that level: ``(2 r + 1)^3`` candidates."""
+    refine_channels: int = 16
+    cost_smoothing: int = 2
+    """Box filters (3^3) applied to the cost volume before the soft-argmin (block-matching aggregation)."""
+    initial_inverse_temperature: float = 10.0
+    """Softmax sharpness on the contrast-normalised cost (cost / its mean over the shifts)."""
+
+    def as_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PyramidConfig:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown network settings {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _shift_offsets(radius: int) -> list[tuple[int, int, int]]:
+    r = range(-radius, radius + 1)
+    return [(a, b, c) for a in r for b in r for c in r]
+
+
+def ssd_cost_volume(fixed_features: torch.Tensor, moving_features: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean squared feature difference for every integer shift ``k`` in ``[-r, r]^3`` voxels.
+
+    Returns ``(B, (2r+1)^3, D, H, W)``: channel ``k`` holds ``mean_c (F(x) - M(x + k))^2`` (moving padded by
+    replication at the borders), shifts ordered as :func:`_shift_offsets` (d slowest, w fastest).
+    """
+    r = radius
+    padded = F.pad(moving_features, (r, r, r, r, r, r), mode="replicate")
+    d, h, w = fixed_features.shape[2:]
+    costs = []
+    for a, b, c in _shift_offsets(r):
+        shifted = padded[:, :, r + a: r + a + d, r + b: r + b + h, r + c: r + c + w]
+        costs.append((fixed_features - shifted).pow(2).mean(dim=1))
+    return torch.stack(costs, dim=1)
+
+
+class CostVolumePyramidNet(nn.Module):
+    """Coarse-to-fine registration network on explicit matching costs (PWC-Net / PDD-Net family).
+
+    A shared (siamese) feature pyramid is computed for fixed and moving.  From the coarsest level down: the
+    moving features are warped by the current displacement, a sum-of-squared-differences cost volume over
+    ``(2 r + 1)^3`` integer shifts is aggregated by box filters, a soft-argmin (learned temperature) turns it into a
+    sub-voxel displacement update, and a small CNN adds a learned correction.  The displacement is upsampled
+    (cell-centred, x2) to the next level.  The input intensities themselves are one feature channel, so the
+    matching is meaningful from the first iteration; training mostly learns better features and regularisation.
+
+    Input ``(B, 1, D, H, W)`` fixed and moving on one grid; output ``(B, 3, D, H, W)`` displacement in voxels of
+    that grid, channels ``(d, h, w)`` (the :mod:`deepabdominalreg.spatial` convention).  Sizes must be multiples of
+    :attr:`divisor` (:meth:`predict` pads).
+    """
+
+    def __init__(self, config: PyramidConfig = PyramidConfig()) -> None:
+        super().__init__()
+        if len(config.search_radius) != len(config.feature_channels):
+            raise ValueError("search_radius must have one entry per level of feature_channels")
+        self.config = config
+        self.encoders = nn.ModuleList()
+        cin = 1
+        for level, cout in enumerate(config.feature_channels):
+            stride = 1 if level == 0 else 2
+            self.encoders.append(nn.Sequential(_conv(cin, cout, stride), _conv(cout, cout)))
+            cin = cout
+        self.log_inverse_temperature = nn.Parameter(
+            torch.full((len(config.feature_channels),), float(torch.log(torch.tensor(config.initial_inverse_temperature))))
+        )
+        self.refiners = nn.ModuleList()
+        for cout in config.feature_channels:
+            head = nn.Conv3d(config.refine_channels, 3, 3, padding=1)
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+            self.refiners.append(nn.Sequential(_conv(3 + 2 * (cout + 1), config.refine_channels),
+                                               _conv(config.refine_channels, config.refine_channels), head))
+        for radius in config.search_radius:
+            self.register_buffer(f"offsets_{radius}", torch.tensor(_shift_offsets(radius), dtype=torch.float32),
+                                 persistent=False)
+
+    @property
+    def divisor(self) -> int:
+        return 2 ** (len(self.config.feature_channels) - 1)
+
+    def _pyramid(self, image: torch.Tensor) -> list[torch.Tensor]:
+        levels = []
+        x = image
+        pooled = image
+        for level, encoder in enumerate(self.encoders):
+            if level > 0:
+                pooled = F.avg_pool3d(pooled, 2)
+            x = encoder(x)
+            levels.append(torch.cat([pooled, x], dim=1))
+        return levels
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        fixed_levels = self._pyramid(fixed)
+        moving_levels = self._pyramid(moving)
+        disp = None
+        for level in reversed(range(len(fixed_levels))):
+            f, m = fixed_levels[level], moving_levels[level]
+            if disp is None:
+                disp = f.new_zeros((f.shape[0], 3, *f.shape[2:]))
+            else:
+                disp = 2.0 * F.interpolate(disp, size=f.shape[2:], mode="trilinear", align_corners=False)
+            warped = spatial.warp(m, disp, padding_mode="border") if level < len(fixed_levels) - 1 else m
+            radius = self.config.search_radius[level]
+            cost = ssd_cost_volume(f, warped, radius)
+            for _ in range(self.config.cost_smoothing):
+                cost = F.avg_pool3d(cost, 3, stride=1, padding=1, count_include_pad=False)
+            # contrast-normalised cost (1 = the mean over the candidate shifts): a flat cost gives uniform weights,
+            # i.e. exactly zero update, and the temperature means the same in bright and dark regions
+            cost = cost / (cost.mean(dim=1, keepdim=True) + 1e-6)
+            weights = torch.softmax(-torch.exp(self.log_inverse_temperature[level]) * cost, dim=1)
+            offsets = getattr(self, f"offsets_{radius}")
+            update = torch.einsum("bkdhw,kc->bcdhw", weights, offsets)
+            disp = disp + update
+            warped = spatial.warp(m, disp, padding_mode="border")
+            disp = disp + self.refiners[level](torch.cat([disp, f, warped], dim=1))
+        return disp
+
+    def predict(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """Forward pass on any grid size: pads to a multiple of :attr:`divisor` (edge values), crops back."""
+        shape = fixed.shape[2:]
+        pads = [(-s) % self.divisor for s in shape]
+        pad_arg = []
+        for p in reversed(pads):
+            pad_arg += [0, p]
+        if any(pads):
+            fixed = F.pad(fixed, pad_arg, mode="replicate")
+            moving = F.pad(moving, pad_arg, mode="replicate")
+        flow = self.forward(fixed, moving)
+        return flow[:, :, : shape[0], : shape[1], : shape[2]]
+
+
 class SpatialTransformer(nn.Module):
     """``nn.Module`` wrapper of :func:`deepabdominalreg.spatial.warp`."""
 
@@ -117,7 +265,10 @@ class SpatialTransformer(nn.Module):
         return spatial.warp(image, disp, mode=self.mode, padding_mode=self.padding_mode)
 
 
-_ARCHITECTURES = {"RegistrationUNet": (RegistrationUNet, UNetConfig)}
+_ARCHITECTURES = {
+    "RegistrationUNet": (RegistrationUNet, UNetConfig),
+    "CostVolumePyramidNet": (CostVolumePyramidNet, PyramidConfig),
+}
 
 
 def build_network(architecture: str, settings: dict) -> nn.Module:

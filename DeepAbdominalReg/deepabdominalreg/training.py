@@ -681,7 +681,7 @@ def _label_ids(config: TrainingConfig, phantoms: list[Volume], volumes: list[Vol
 def _card_extra(config: TrainingConfig, history: list[dict], best: dict, seconds: float, command: str | None,
                 label_ids: list[int]) -> dict:
     return {
-        "description": "VoxelMorph-style RegistrationUNet (displacement output, voxels of the input grid) trained "
+        "description": f"{config.architecture} (displacement output, voxels of the input grid) trained "
                        "with deepabdominalreg.training on synthetic pairs.",
         "training": {
             "command": command,
@@ -712,7 +712,7 @@ def _build(config: TrainingConfig) -> tuple[nn.Module, str, dict]:
                   f"{config.spacing_mm} mm", file=sys.stderr)
         return network, card.architecture, dict(card.settings)
     network = build_network(config.architecture, config.network)
-    if config.flow_init_std is not None:
+    if config.flow_init_std is not None and hasattr(network, "flow"):
         nn.init.normal_(network.flow.weight, 0.0, float(config.flow_init_std))
     return network, config.architecture, build_network(config.architecture, config.network).config.as_dict()
 
