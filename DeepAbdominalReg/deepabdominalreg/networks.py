@@ -146,16 +146,26 @@ def ssd_cost_volume(fixed_features: torch.Tensor, moving_features: torch.Tensor,
     """Mean squared feature difference for every integer shift ``k`` in ``[-r, r]^3`` voxels.
 
     Returns ``(B, (2r+1)^3, D, H, W)``: channel ``k`` holds ``mean_c (F(x) - M(x + k))^2`` (moving padded by
-    replication at the borders), shifts ordered as :func:`_shift_offsets` (d slowest, w fastest).
+    replication at the borders), shifts ordered as :func:`_shift_offsets` (d slowest, w fastest).  Computed as
+    ``mean F^2 + mean M_k^2 - 2 mean F M_k`` (one product per shift instead of a difference and a square).
     """
     r = radius
+    channels = fixed_features.shape[1]
     padded = F.pad(moving_features, (r, r, r, r, r, r), mode="replicate")
+    padded_sq = padded.pow(2).mean(dim=1)
+    fixed_sq = fixed_features.pow(2).mean(dim=1)
     d, h, w = fixed_features.shape[2:]
     costs = []
     for a, b, c in _shift_offsets(r):
-        shifted = padded[:, :, r + a: r + a + d, r + b: r + b + h, r + c: r + c + w]
-        costs.append((fixed_features - shifted).pow(2).mean(dim=1))
-    return torch.stack(costs, dim=1)
+        window = (slice(None), slice(None), slice(r + a, r + a + d), slice(r + b, r + b + h), slice(r + c, r + c + w))
+        cross = torch.linalg.vecdot(fixed_features, padded[window], dim=1)
+        costs.append(fixed_sq + padded_sq[(window[0], *window[2:])] - (2.0 / channels) * cross)
+    return torch.stack(costs, dim=1).clamp_min_(0.0)
+
+
+def box_filter3(volume: torch.Tensor) -> torch.Tensor:
+    """3x3x3 mean filter per channel of ``(B, C, D, H, W)`` (at borders: the mean over the neighbours inside)."""
+    return F.avg_pool3d(volume, 3, stride=1, padding=1, count_include_pad=False)
 
 
 class CostVolumePyramidNet(nn.Module):
@@ -227,7 +237,7 @@ class CostVolumePyramidNet(nn.Module):
             radius = self.config.search_radius[level]
             cost = ssd_cost_volume(f, warped, radius)
             for _ in range(self.config.cost_smoothing):
-                cost = F.avg_pool3d(cost, 3, stride=1, padding=1, count_include_pad=False)
+                cost = box_filter3(cost)
             # contrast-normalised cost (1 = the mean over the candidate shifts): a flat cost gives uniform weights,
             # i.e. exactly zero update, and the temperature means the same in bright and dark regions
             cost = cost / (cost.mean(dim=1, keepdim=True) + 1e-6)

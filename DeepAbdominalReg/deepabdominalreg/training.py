@@ -942,6 +942,8 @@ METHODS: dict[str, dict] = {
     "affine": {"io_iterations": 0, "model": None},
     "network": {"io_iterations": 0, "model": "MODEL"},
     "network+io": {"model": "MODEL"},
+    # the network has removed the large motion: instance optimisation only refines at 2x and 1x
+    "network+io-fine": {"model": "MODEL", "io_levels": (2, 1)},
     "io": {"model": None},
 }
 
