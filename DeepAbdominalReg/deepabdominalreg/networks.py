@@ -123,6 +123,8 @@ class PyramidConfig:
     refine_channels: int = 16
     cost_smoothing: int = 2
     """Box filters (3^3) applied to the cost volume before the soft-argmin (block-matching aggregation)."""
+    output_smoothing: int = 0
+    """3^3 box filters applied to the final displacement (n passes ~ Gaussian sigma sqrt(2 n / 3) voxels)."""
     initial_inverse_temperature: float = 10.0
     """Softmax sharpness on the contrast-normalised cost (cost / its mean over the shifts)."""
 
@@ -247,6 +249,8 @@ class CostVolumePyramidNet(nn.Module):
             disp = disp + update
             warped = spatial.warp(m, disp, padding_mode="border")
             disp = disp + self.refiners[level](torch.cat([disp, f, warped], dim=1))
+        for _ in range(self.config.output_smoothing):
+            disp = box_filter3(disp)
         return disp
 
     def predict(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from deepabdominalreg.networks import (
     RegistrationUNet,
     UNetConfig,
     _shift_offsets,
+    box_filter3,
     ssd_cost_volume,
 )
 
@@ -176,3 +177,40 @@ def test_pyramid_model_saves_and_loads_through_the_registry(tmp_path):
     x, y = _smooth_texture((8, 8, 8), 4), _smooth_texture((8, 8, 8), 5)
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(x, y), loaded(x, y))
+
+
+def test_output_smoothing_smooths_the_field_and_keeps_a_translation():
+    torch.manual_seed(0)
+    rough = CostVolumePyramidNet(PYRAMID)
+    smooth = CostVolumePyramidNet(PyramidConfig(**{**PYRAMID.as_dict(), "output_smoothing": 6}))
+    smooth.load_state_dict(rough.state_dict())
+    with torch.no_grad():  # a non-zero correction head so that the raw field is rough
+        for net in (rough, smooth):
+            torch.nn.init.normal_(net.refiners[0][-1].weight, 0.0, 0.5)
+    x, y = _smooth_texture((16, 16, 16), 6), _smooth_texture((16, 16, 16), 7)
+    with torch.no_grad():
+        a, b = rough(x, y), smooth(x, y)
+    roughness = [float(spatial.jacobian_determinant(d).std()) for d in (a, b)]
+    assert roughness[1] < 0.5 * roughness[0]
+    constant = torch.ones(1, 3, 8, 8, 8) * torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1, 1)
+    torch.testing.assert_close(box_filter3(constant), constant)
+
+
+def test_set_model_setting_script_changes_only_inference_settings(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    save_model(CostVolumePyramidNet(PYRAMID), "CostVolumePyramidNet", PYRAMID.as_dict(), tmp_path / "m.pt",
+               name="m", input_spacing_mm=4.0, hu_window=(-160.0, 240.0))
+    script = Path(__file__).resolve().parents[3] / "scripts" / "set_model_setting.py"
+    done = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "m.pt"), "output_smoothing=3",
+                           "--output", str(tmp_path / "s.pt")], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    net, card = load_model(str(tmp_path / "s.pt"))
+    assert card.settings["output_smoothing"] == 3 and net.config.output_smoothing == 3
+    assert card.extra["post_training"][0]["changed"] == {"output_smoothing": 3}
+    refused = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "m.pt"), "search_radius=[1,1]"],
+                             capture_output=True, text=True, check=False)
+    assert refused.returncode != 0 and "changes what the weights mean" in refused.stderr

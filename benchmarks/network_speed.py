@@ -1,0 +1,79 @@
+"""Network-only inference time of a shipped model on a real CT (or the phantom), CPU and CUDA when present.
+
+Times what the pipeline's network stage does on the model's own grid: preprocessing of both images (resampling to
+the model spacing, HU window, body mask) and one forward pass (``torch.inference_mode``), median of ``--repeats``.
+The pair is the CT and a synthetic deformation of it (``synthetic.make_synthetic_pair``, 10 mm).
+
+    python benchmarks/network_speed.py --model abdomen-ct-4mm-v2 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from deepabdominalreg.image import make_working_grid, read_image
+from deepabdominalreg.models import load_model
+from deepabdominalreg.preprocessing import prepare_working_image
+
+SHARED_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator" / "example_ct.nii.gz"
+
+
+def _pair(ct: str | None):
+    from deepabdominalreg.synthetic import make_phantom_pair, make_synthetic_pair
+
+    path = Path(ct) if ct else SHARED_CT
+    if path.exists():
+        image = read_image(path, "CT")
+        pair = make_synthetic_pair(image, None, {}, seed=0, amplitude_mm=10.0, noise_hu=15.0)
+        return path.name, pair.fixed_image, pair.moving_image
+    pair = make_phantom_pair(0, 2.0, 10.0)
+    return "phantom seed 0 (2 mm)", pair.fixed_image, pair.moving_image
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="abdomen-ct-4mm-v2")
+    parser.add_argument("--ct", default=None, help="CT volume (default: shared/data example_ct, else the phantom)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    name, fixed, moving = _pair(args.ct)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    results = {"model": args.model, "image": name, "image_size": list(fixed.GetSize()), "threads": args.threads,
+               "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}"}
+    for device in devices:
+        network, card = load_model(args.model, device)
+        t0 = time.perf_counter()
+        grid = make_working_grid(fixed, card.input_spacing_mm, 160)
+        f = prepare_working_image(fixed, grid, card.hu_window)
+        m = prepare_working_image(moving, grid, card.hu_window)
+        prep = time.perf_counter() - t0
+        ft = torch.as_tensor(f.intensity, device=device)[None, None]
+        mt = torch.as_tensor(m.intensity, device=device)[None, None]
+        times = []
+        with torch.inference_mode():
+            network.predict(ft, mt)  # warm-up
+            for _ in range(args.repeats):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                network.predict(ft, mt)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+        results[device] = {"grid_zyx": list(f.intensity.shape), "preprocessing_s": round(prep, 3),
+                           "forward_median_s": round(statistics.median(times), 3),
+                           "forward_all_s": [round(t, 3) for t in times]}
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
