@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from deepabdominalreg import spatial, training
+from deepabdominalreg import losses, spatial, training
 from deepabdominalreg.cli import main as cli_main
 from deepabdominalreg.image import Grid
 from deepabdominalreg.models import load_model
@@ -106,6 +106,38 @@ def test_loss_computer_every_term_finite_with_gradients(pool):
     total.backward()
     assert network.flow.weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in loss_fn.parameters())
+
+
+PYRAMID_NETWORK = {"feature_channels": [16, 16], "search_radius": [1, 2], "refine_channels": 8}
+
+
+def test_pyramid_network_learns_from_the_supervised_term(pool):
+    """The cost-volume network reduces the endpoint error of training pairs within a few dozen steps."""
+    config, volumes = pool
+    config = config.replace(augmentation={"gamma_probability": 0, "brightness_probability": 0,
+                                          "noise_std": [0.0, 0.0], "base_tps_probability": 0,
+                                          "rigid_probability": 0})
+    sampler = training.PairSampler(config, volumes, [], [], torch.Generator().manual_seed(3))
+    pairs = [sampler() for _ in range(4)]
+    torch.manual_seed(0)
+    network = training.build_network("CostVolumePyramidNet", PYRAMID_NETWORK)
+    optimiser = torch.optim.Adam(network.parameters(), lr=3e-3)
+
+    def error():
+        with torch.no_grad():
+            return sum(float(losses.supervised_displacement_loss(network(p["fixed"], p["moving"]), p["disp"],
+                                                                 p["fixed_mask"], 12.0, squared=False))
+                       for p in pairs) / len(pairs)
+
+    before = error()
+    for step in range(40):
+        p = pairs[step % len(pairs)]
+        loss = losses.supervised_displacement_loss(network(p["fixed"], p["moving"]), p["disp"], p["fixed_mask"],
+                                                   12.0, squared=False)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert error() < 0.8 * before  # measured: 4.9 -> 2.7 mm
 
 
 def _history(run_dir):
