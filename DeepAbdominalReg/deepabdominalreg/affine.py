@@ -13,6 +13,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from scipy.optimize import minimize
 
 from deepabdominalreg.image import Grid, make_working_grid, resample_image
 from deepabdominalreg.losses import local_ncc_loss
@@ -50,13 +51,29 @@ def downsample_working(
     return coarse, sitk.GetArrayFromImage(resampled), sitk.GetArrayFromImage(coarse_fov).astype(bool)
 
 
-def _physical_points(grid: Grid, device: torch.device) -> torch.Tensor:
-    """LPS mm of every voxel centre of ``grid``: ``(D, H, W, 3)``."""
+def _physical_points(grid: Grid, device: torch.device, box: tuple[slice, slice, slice] | None = None) -> torch.Tensor:
+    """LPS mm of every voxel centre of ``grid`` (or of its ``zyx`` sub-box ``box``): ``(D, H, W, 3)``."""
     size = grid.size
-    k, j, i = np.meshgrid(np.arange(size[2]), np.arange(size[1]), np.arange(size[0]), indexing="ij")
+    if box is None:
+        box = (slice(0, size[2]), slice(0, size[1]), slice(0, size[0]))
+    k, j, i = np.meshgrid(*(np.arange(b.start, b.stop) for b in box), indexing="ij")
     index = np.stack([i, j, k], axis=-1).reshape(-1, 3).astype(np.float64)
-    points = grid.index_to_physical(index).reshape(size[2], size[1], size[0], 3)
+    points = grid.index_to_physical(index).reshape(*k.shape, 3)
     return torch.as_tensor(points, dtype=torch.float32, device=device)
+
+
+def _informative_box(intensity_zyx: np.ndarray, fov_zyx: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
+    """``zyx`` slices of the bounding box of the voxels inside ``fov_zyx`` with intensity > 0 (the body after
+    windowing and masking), grown by ``margin`` voxels; the whole grid when there are none."""
+    informative = fov_zyx & (intensity_zyx > 0)
+    if not informative.any():
+        return tuple(slice(0, s) for s in intensity_zyx.shape)
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        nz = np.flatnonzero(informative.any(axis=other))
+        box.append(slice(max(int(nz[0]) - margin, 0), min(int(nz[-1]) + margin + 1, intensity_zyx.shape[axis])))
+    return tuple(box)
 
 
 def _sample_moving(
@@ -99,8 +116,8 @@ def optimise_affine(
     device = torch.device(device)
     centre = centre_of_mass_lps(fixed_grid, fixed_intensity)
     translation0 = centre_of_mass_lps(moving_grid, moving_intensity) - centre
-    linear = torch.zeros(3, 3, dtype=torch.float32, device=device, requires_grad=True)
-    shift = torch.zeros(3, dtype=torch.float32, device=device, requires_grad=True)
+    # parameters: shift (3, in units of translation_scale mm) then the linear part's offset from identity (9)
+    x = np.zeros(12, dtype=np.float64)
     c = torch.as_tensor(centre, dtype=torch.float32, device=device)
     t0 = torch.as_tensor(translation0, dtype=torch.float32, device=device)
     translation_scale = 10.0  # mm per unit of the shift parameter: comparable scales for shift and linear part
@@ -111,28 +128,28 @@ def optimise_affine(
     step = 0
     if optimise and total > 0:
         for level_index, level_mm in enumerate(levels_mm):
-            f_grid, f_img, f_fov = downsample_working(fixed_grid, fixed_intensity, level_mm, fixed_field_of_view)
-            m_grid, m_img, m_fov = downsample_working(moving_grid, moving_intensity, level_mm, moving_field_of_view)
-            fixed_t = torch.as_tensor(f_img, device=device)[None, None]
-            fixed_fov_t = torch.as_tensor(f_fov, device=device)[None, None]
-            # intensity and field of view sampled together: channel 1 is 1 inside the moving scan
-            moving_t = torch.as_tensor(np.stack([m_img, m_fov.astype(np.float32)]), device=device)[None]
-            points = _physical_points(f_grid, device)
-            # the coarsest level is translation only (as elastix starts with a translation): with few voxels a
-            # free linear part drifts into scaling/shear that the finer levels must undo
-            params = [shift] if (level_index == 0 and len(levels_mm) > 1) else [shift, linear]
-            # L-BFGS with a line search converges to the optimum and stays there; Adam's normalised steps keep
-            # jittering by ~lr around it, which for a 12-parameter problem costs millimetres at the image corners
             if per_level[level_index] <= 0:
                 continue
-            optimiser = torch.optim.LBFGS(params, lr=1.0, max_iter=per_level[level_index],
-                                          max_eval=int(per_level[level_index] * 1.5),
-                                          history_size=10, line_search_fn="strong_wolfe",
-                                          tolerance_grad=1e-9, tolerance_change=1e-7)
+            f_grid, f_img, f_fov = downsample_working(fixed_grid, fixed_intensity, level_mm, fixed_field_of_view)
+            m_grid, m_img, m_fov = downsample_working(moving_grid, moving_intensity, level_mm, moving_field_of_view)
+            # the similarity is computed on the bounding box of the fixed field of view's informative part (body
+            # and its surroundings, grown by the NCC window) only: the rest of the grid is air outside the body
+            box = _informative_box(f_img, f_fov, margin=ncc_window)
+            fixed_t = torch.as_tensor(np.ascontiguousarray(f_img[box]), device=device)[None, None]
+            fixed_fov_t = torch.as_tensor(np.ascontiguousarray(f_fov[box]), device=device)[None, None]
+            # intensity and field of view sampled together: channel 1 is 1 inside the moving scan
+            moving_t = torch.as_tensor(np.stack([m_img, m_fov.astype(np.float32)]), device=device)[None]
+            points = _physical_points(f_grid, device, box)
+            # the coarsest level is translation only (as elastix starts with a translation): with few voxels a
+            # free linear part drifts into scaling/shear that the finer levels must undo
+            n_free = 3 if (level_index == 0 and len(levels_mm) > 1) else 12
 
-            def closure() -> torch.Tensor:
+            def objective(free: np.ndarray) -> tuple[float, np.ndarray]:
                 nonlocal step
-                optimiser.zero_grad(set_to_none=True)
+                params = torch.zeros(12, dtype=torch.float32, device=device)
+                params[:n_free] = torch.as_tensor(free, dtype=torch.float32, device=device)
+                params.requires_grad_(True)
+                shift, linear = params[:3], params[3:].reshape(3, 3)
                 matrix = torch.eye(3, device=device) + linear
                 mapped = (points - c) @ matrix.T + c + t0 + translation_scale * shift
                 sampled = _sample_moving(moving_t, m_grid, mapped)
@@ -145,12 +162,19 @@ def optimise_affine(
                 step = min(step + 1, total)
                 if callback is not None:
                     callback(step, total, float(loss.detach()))
-                return loss
+                return float(loss.detach()), params.grad[:n_free].double().cpu().numpy()
 
-            optimiser.step(closure)
+            # L-BFGS with a line search converges to the optimum and stays there; Adam's normalised steps keep
+            # jittering by ~lr around it, which for a 12-parameter problem costs millimetres at the image corners.
+            # scipy's L-BFGS-B rather than torch.optim.LBFGS: the latter's first step imports torch._dynamo (2-3 s)
+            result = minimize(objective, x[:n_free], jac=True, method="L-BFGS-B",
+                              options={"maxiter": per_level[level_index],
+                                       "maxfun": int(per_level[level_index] * 1.5),
+                                       "maxcor": 10, "ftol": 1e-6, "gtol": 1e-5})
+            x[:n_free] = result.x
             step = sum(per_level[: level_index + 1])
-    matrix = (np.eye(3) + linear.detach().cpu().numpy().astype(np.float64))
-    translation = translation0 + translation_scale * shift.detach().cpu().numpy().astype(np.float64)
+    matrix = np.eye(3) + x[3:].reshape(3, 3)
+    translation = translation0 + translation_scale * x[:3]
     transform = sitk.AffineTransform(3)
     transform.SetCenter([float(v) for v in centre])
     transform.SetMatrix([float(v) for v in matrix.ravel()])

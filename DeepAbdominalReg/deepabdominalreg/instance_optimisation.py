@@ -18,7 +18,6 @@ from deepabdominalreg import spatial
 from deepabdominalreg.losses import (
     _box_filter,
     diffusion_regulariser,
-    local_ncc_loss,
     negative_jacobian_penalty,
 )
 
@@ -68,6 +67,90 @@ def _downsample_image(image: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(smoothed, size=level_shape(image.shape[2:], factor), mode="trilinear", align_corners=True)
 
 
+def _bounding_slices(mask: torch.Tensor | None, shape: tuple[int, ...], margin: int) -> tuple[slice, slice, slice]:
+    """Slices of the bounding box of ``mask`` ``(1, 1, D, H, W)`` grown by ``margin`` voxels (whole grid if None)."""
+    if mask is None or not bool(mask.any()):
+        return tuple(slice(0, s) for s in shape)
+    m = mask[0, 0]
+    slices = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        nz = torch.nonzero(m.any(dim=other[1]).any(dim=other[0])).flatten()
+        lo = max(int(nz[0]) - margin, 0)
+        hi = min(int(nz[-1]) + margin + 1, shape[axis])
+        slices.append(slice(lo, hi))
+    return tuple(slices)
+
+
+class _CroppedNcc:
+    """Local NCC of ``moving`` warped by a level displacement, evaluated on the mask's bounding box only.
+
+    Equal to ``local_ncc_loss(fixed, warp(moving, disp), window, mask)``: the window's support outside the box only
+    reaches voxels that the mask excludes, except that the box is grown by the window's half-width.  The fixed
+    image's local means and variance do not change between iterations and are computed once.
+    """
+
+    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None, window: int,
+                 eps: float = 1e-5) -> None:
+        shape = tuple(fixed.shape[2:])
+        self.window, self.eps, self.moving = window, eps, moving
+        # the box filter pads with zeros at the box's border: grow the box by a window so that every masked voxel's
+        # window sees the same voxels as on the whole grid (zeros beyond the grid in both cases)
+        self.box = _bounding_slices(mask, shape, margin=window)
+        box = (slice(None), slice(None), *self.box)
+        f = fixed[box].contiguous()
+        self.fixed = f
+        means = _box_filter(torch.cat([f, f * f], dim=1), window)
+        self.mu_f = means[:, :1]
+        self.var_f = (means[:, 1:] - self.mu_f * self.mu_f).clamp_min(0)
+        if mask is None:
+            weight = torch.ones_like(f)
+        else:
+            weight = mask[box].to(f.dtype)
+        # voxels of the grown margin are outside the mask when a mask is given; without one, count every voxel
+        self.weight = weight / weight.sum().clamp_min(1.0)
+        # normalised sampling coordinates of the box's voxels (grid_sample order x, y, z = w, h, d)
+        axes = [torch.arange(sl.start, sl.stop, device=f.device, dtype=f.dtype) for sl in self.box]
+        coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (d, h, w, 3) in (d, h, w) order
+        self.scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape], device=f.device, dtype=f.dtype)
+        self.base = (coords * self.scale - 1.0).unsqueeze(0)
+
+    def __call__(self, disp_level: torch.Tensor) -> torch.Tensor:
+        """Negative mean local NCC inside the mask for a displacement ``(1, 3, D, H, W)`` (voxels) of the level."""
+        d = disp_level[(slice(None), slice(None), *self.box)]
+        grid = (self.base + d.permute(0, 2, 3, 4, 1) * self.scale).flip(-1)
+        w = F.grid_sample(self.moving, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        f = self.fixed
+        means = _box_filter(torch.cat([w, w * w, f * w], dim=1), self.window)
+        mu_w, mu_ww, mu_fw = means[:, :1], means[:, 1:2], means[:, 2:]
+        cov = mu_fw - self.mu_f * mu_w
+        var_w = (mu_ww - mu_w * mu_w).clamp_min(0)
+        cc = cov * cov / (self.var_f * var_w + self.eps)
+        return -(cc * self.weight).sum()
+
+
+class _Adam:
+    """Adam (Kingma & Ba 2015, PyTorch's defaults) on one tensor, without ``torch.optim``: its first ``step`` imports
+    ``torch._dynamo`` (2-3 s of every fresh process)."""
+
+    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
+        self.m = torch.zeros_like(param)
+        self.v = torch.zeros_like(param)
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        g = self.param.grad
+        self.m.mul_(b1).add_(g, alpha=1 - b1)
+        self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (self.v / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
+        self.param.addcdiv_(self.m, denom, value=-self.lr / (1 - b1 ** self.t))
+
+
 def instance_optimise(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -78,7 +161,8 @@ def instance_optimise(
 ) -> torch.Tensor:
     """Displacement ``(1, 3, D, H, W)`` (voxels) aligning ``moving`` to ``fixed`` (both ``(1, 1, D, H, W)``).
 
-    ``initial_disp`` (e.g. the network's prediction) is the starting point; ``mask`` restricts the similarity term.
+    ``initial_disp`` (e.g. the network's prediction) is the starting point; ``mask`` restricts the similarity term
+    (which is then computed on the mask's bounding box only).
     ``callback(iteration, total, loss)`` runs after every iteration; it may raise to cancel.
     """
     shape = tuple(fixed.shape[2:])
@@ -102,16 +186,18 @@ def instance_optimise(
         control = F.interpolate(start, size=cshape, mode="trilinear", align_corners=True)
         residual_start = start - F.interpolate(control, size=lshape, mode="trilinear", align_corners=True)
         control = control.clone().requires_grad_(True)
-        optimiser = torch.optim.Adam([control], lr=settings.learning_rate)
+        if iterations <= 0:
+            continue
+        similarity = _CroppedNcc(fixed_l, moving_l, mask_l, settings.ncc_window)
+        optimiser = _Adam(control, lr=settings.learning_rate)
         # Adam's steps are ~lr whatever the gradient's size: decay lr to 10% over the level so that the field
         # settles instead of jittering by ~lr voxels where the similarity gives little signal
-        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=0.1 ** (1.0 / max(iterations, 1)))
+        gamma = 0.1 ** (1.0 / max(iterations, 1))
         plateau = Plateau(patience=15, tolerance=1e-4)
         for i in range(iterations):
-            optimiser.zero_grad(set_to_none=True)
+            control.grad = None
             disp_l = F.interpolate(control, size=lshape, mode="trilinear", align_corners=True) + residual_start
-            warped = spatial.warp(moving_l, disp_l)
-            loss = local_ncc_loss(fixed_l, warped, window=settings.ncc_window, mask=mask_l)
+            loss = similarity(disp_l)
             # regularisers on the control grid (in control-grid voxels): the level field is its trilinear
             # interpolation, so it inherits smoothness and positive Jacobians, at 1/cs^3 of the cost
             control_vox = control / settings.control_spacing
@@ -123,7 +209,7 @@ def instance_optimise(
                 raise FloatingPointError("instance optimisation diverged (non-finite loss); lower the learning rate")
             loss.backward()
             optimiser.step()
-            scheduler.step()
+            optimiser.lr *= gamma
             step += 1
             if callback is not None:
                 callback(step, total, float(loss.detach()))
