@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-
 from deepabdominalreg.config import config_from_preset
 from deepabdominalreg.registration import register_pair
 

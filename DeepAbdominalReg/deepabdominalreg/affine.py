@@ -18,7 +18,7 @@ from scipy.optimize import minimize
 from deepabdominalreg.image import Grid, make_working_grid, resample_image
 from deepabdominalreg.losses import local_ncc_loss
 
-__all__ = ["centre_of_mass_lps", "optimise_affine", "downsample_working"]
+__all__ = ["centre_of_mass_lps", "downsample_working", "optimise_affine"]
 
 
 def centre_of_mass_lps(grid: Grid, weights_zyx: np.ndarray) -> np.ndarray:
@@ -144,7 +144,11 @@ def optimise_affine(
             # free linear part drifts into scaling/shear that the finer levels must undo
             n_free = 3 if (level_index == 0 and len(levels_mm) > 1) else 12
 
-            def objective(free: np.ndarray) -> tuple[float, np.ndarray]:
+            def objective(free: np.ndarray, n_free: int = n_free, points: torch.Tensor = points,
+                          moving_t: torch.Tensor = moving_t, m_grid: Grid = m_grid,
+                          fixed_t: torch.Tensor = fixed_t, fixed_fov_t: torch.Tensor = fixed_fov_t,
+                          ) -> tuple[float, np.ndarray]:
+                """Loss and gradient of the free parameters at ``free`` (float64, as scipy wants them)."""
                 nonlocal step
                 params = torch.zeros(12, dtype=torch.float32, device=device)
                 params[:n_free] = torch.as_tensor(free, dtype=torch.float32, device=device)

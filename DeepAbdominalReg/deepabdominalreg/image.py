@@ -12,6 +12,7 @@ All resampling between grids goes through :func:`resample_image`.
 
 from __future__ import annotations
 
+import ctypes
 import gzip
 import os
 import struct
@@ -27,16 +28,17 @@ import SimpleITK as sitk
 __all__ = [
     "Grid",
     "ImageValidationError",
+    "make_working_grid",
+    "physical_overlap_fraction",
+    "read_displacement_field",
     "read_image",
     "read_labels",
-    "write_image",
-    "write_displacement_field",
-    "read_displacement_field",
     "resample_image",
     "validate_image",
     "validate_labels",
-    "make_working_grid",
-    "physical_overlap_fraction",
+    "writable_array_view",
+    "write_displacement_field",
+    "write_image",
 ]
 
 _INTERPOLATORS = {
@@ -132,6 +134,19 @@ class Grid:
         """Wrap a ``zyx`` (or ``zyx3`` when ``is_vector``) array in an image with this geometry."""
         image = sitk.GetImageFromArray(array_zyx, isVector=is_vector)
         return self.apply_to(image)
+
+
+def writable_array_view(image: sitk.Image) -> np.ndarray:
+    """A writable ``zyx`` (``zyxc`` for vector images) NumPy view of ``image``'s own pixel buffer, without a copy.
+
+    For filling a freshly created image slab by slab (a full-resolution field is >1 GB: building it in NumPy and
+    then copying it into an image needs twice that).  Only use it on an image whose buffer no other image shares
+    (SimpleITK copies share buffers until written through SimpleITK); keep ``image`` alive while using the view.
+    """
+    view = sitk.GetArrayViewFromImage(image)
+    address = view.__array_interface__["data"][0]
+    buffer = (ctypes.c_byte * view.nbytes).from_address(address)
+    return np.frombuffer(buffer, dtype=view.dtype).reshape(view.shape)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -26,22 +26,22 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from deepabdominalreg.image import Grid
+from deepabdominalreg.image import Grid, writable_array_view
 
 __all__ = [
-    "jacobian_determinant",
-    "jacobian_statistics",
+    "PeakMemory",
+    "centroid_distance_mm",
+    "dice_per_label",
     "displacement_magnitude",
     "displacement_statistics",
-    "dice_per_label",
-    "surface_distances",
-    "centroid_distance_mm",
+    "jacobian_determinant",
+    "jacobian_statistics",
     "label_overlap_report",
     "landmark_errors",
     "normalized_cross_correlation",
-    "structural_similarity",
     "peak_memory_mb",
-    "PeakMemory",
+    "structural_similarity",
+    "surface_distances",
 ]
 
 _LOG_CLIP = (1e-9, 1e9)
@@ -123,7 +123,8 @@ def jacobian_determinant(displacement_lps: sitk.Image, chunk_slices: int = 32) -
     d_index_d_x = np.linalg.inv(grid.direction_matrix @ np.diag(grid.spacing))
     array_axis_of_index = (2, 1, 0)  # index i, j, k live on array axes x, y, z
     chunk = max(1, int(chunk_slices))
-    out = np.empty((nz, ny, nx), dtype=np.float32)
+    image = grid.apply_to(sitk.Image(displacement_lps.GetSize(), sitk.sitkFloat32))
+    out = writable_array_view(image)  # filled in place: no second full-size copy
     for z0 in range(0, nz, chunk):
         z1 = min(z0 + chunk, nz)
         lo, hi = max(z0 - 1, 0), min(z1 + 1, nz)
@@ -143,7 +144,8 @@ def jacobian_determinant(displacement_lps: sitk.Image, chunk_slices: int = 32) -
         det = j00 * (j11 * j22 - j12 * j21) - j01 * (j10 * j22 - j12 * j20) + j02 * (j10 * j21 - j11 * j20)
         out[z0:z1] = det
         del jac, det
-    return grid.image_from_array(out)
+    del out
+    return image
 
 
 def jacobian_statistics(jacobian_zyx: np.ndarray, mask_zyx: np.ndarray | None = None) -> dict:
@@ -156,31 +158,47 @@ def jacobian_statistics(jacobian_zyx: np.ndarray, mask_zyx: np.ndarray | None = 
     """
     jac = _as_array(jacobian_zyx)
     mask = _check_mask(mask_zyx, jac.shape)
-    values = (jac[mask] if mask is not None else jac.ravel()).astype(np.float64)
-    n = int(values.size)
+    # slab by slab in float32, sums in float64: a clinical-size map has ~10^8 voxels (float64 copies: GBs)
+    n = folded = 0
+    low, high = math.inf, -math.inf
+    sums = np.zeros(6, dtype=np.float64)  # x, x^2, log x, (log x)^2, log(x+3), (log(x+3))^2
+    step = 16
+    for z0 in range(0, jac.shape[0], step):
+        block = np.asarray(jac[z0: z0 + step], dtype=np.float32)
+        values = block[mask[z0: z0 + step]] if mask is not None else block.ravel()
+        if values.size == 0:
+            continue
+        n += int(values.size)
+        folded += int(np.count_nonzero(values <= 0))
+        low, high = min(low, float(values.min())), max(high, float(values.max()))
+        for i, v in enumerate((values, np.log(np.clip(values, *_LOG_CLIP)),
+                               np.log(np.clip(values + np.float32(3.0), *_LOG_CLIP)))):
+            sums[2 * i] += np.sum(v, dtype=np.float64)
+            sums[2 * i + 1] += np.sum(np.square(v, dtype=np.float64))
     if n == 0:
         nan = float("nan")
         return {
             "folding_percent": nan, "folding_voxels": 0, "voxels": 0, "jacobian_min": nan, "jacobian_max": nan,
             "jacobian_mean": nan, "jacobian_std": nan, "sdlogj": nan, "sdlogj_l2r": nan,
         }
-    folded = int(np.count_nonzero(values <= 0))
+    means = sums[0::2] / n
+    stds = np.sqrt(np.maximum(sums[1::2] / n - means**2, 0.0))
     return {
         "folding_percent": 100.0 * folded / n,
         "folding_voxels": folded,
         "voxels": n,
-        "jacobian_min": float(values.min()),
-        "jacobian_max": float(values.max()),
-        "jacobian_mean": float(values.mean()),
-        "jacobian_std": float(values.std()),
-        "sdlogj": float(np.log(np.clip(values, *_LOG_CLIP)).std()),
-        "sdlogj_l2r": float(np.log(np.clip(values + 3.0, *_LOG_CLIP)).std()),
+        "jacobian_min": low,
+        "jacobian_max": high,
+        "jacobian_mean": float(means[0]),
+        "jacobian_std": float(stds[0]),
+        "sdlogj": float(stds[1]),
+        "sdlogj_l2r": float(stds[2]),
     }
 
 
-def _magnitude_zyx(displacement_lps: sitk.Image) -> np.ndarray:
+def _magnitude_zyx(displacement_lps: sitk.Image, out: np.ndarray | None = None) -> np.ndarray:
     view = sitk.GetArrayViewFromImage(displacement_lps)
-    out = np.empty(view.shape[:3], dtype=np.float32)
+    out = np.empty(view.shape[:3], dtype=np.float32) if out is None else out
     for z in range(0, view.shape[0], 32):
         slab = np.asarray(view[z: z + 32], dtype=np.float64)
         out[z: z + 32] = np.sqrt(np.einsum("...i,...i->...", slab, slab))
@@ -190,18 +208,23 @@ def _magnitude_zyx(displacement_lps: sitk.Image) -> np.ndarray:
 def displacement_magnitude(displacement_lps: sitk.Image) -> sitk.Image:
     """``|u(x)|`` in mm as ``sitkFloat32`` on the field's grid."""
     _check_displacement(displacement_lps)
-    return Grid.from_image(displacement_lps).image_from_array(_magnitude_zyx(displacement_lps))
+    image = Grid.from_image(displacement_lps).apply_to(sitk.Image(displacement_lps.GetSize(), sitk.sitkFloat32))
+    _magnitude_zyx(displacement_lps, out=writable_array_view(image))  # filled in place: no second copy
+    return image
 
 
-def displacement_statistics(displacement_lps: sitk.Image, mask_zyx: np.ndarray | None = None) -> dict:
+def displacement_statistics(
+    displacement_lps: sitk.Image, mask_zyx: np.ndarray | None = None, magnitude: sitk.Image | None = None
+) -> dict:
     """``max_mm``, ``p95_mm``, ``mean_mm`` (and ``median_mm``) of ``|u|`` inside the mask (all voxels if ``None``).
 
+    ``magnitude``: :func:`displacement_magnitude` of the field when already computed (saves recomputing it).
     An empty mask gives NaN.
     """
     _check_displacement(displacement_lps)
-    magnitude = _magnitude_zyx(displacement_lps)
+    magnitude = _magnitude_zyx(displacement_lps) if magnitude is None else _as_array(magnitude)
     mask = _check_mask(mask_zyx, magnitude.shape)
-    values = (magnitude[mask] if mask is not None else magnitude.ravel()).astype(np.float64)
+    values = magnitude[mask] if mask is not None else magnitude.ravel()
     if values.size == 0:
         nan = float("nan")
         return {"max_mm": nan, "p95_mm": nan, "mean_mm": nan, "median_mm": nan}
@@ -209,7 +232,7 @@ def displacement_statistics(displacement_lps: sitk.Image, mask_zyx: np.ndarray |
     return {
         "max_mm": float(values.max()),
         "p95_mm": float(p95),
-        "mean_mm": float(values.mean()),
+        "mean_mm": float(np.mean(values, dtype=np.float64)),
         "median_mm": float(p50),
     }
 

@@ -27,6 +27,7 @@ from deepabdominalreg.image import (
     resample_image,
     validate_image,
     validate_labels,
+    writable_array_view,
 )
 from deepabdominalreg.instance_optimisation import InstanceOptimisationSettings, instance_optimise
 from deepabdominalreg.models import load_model
@@ -210,9 +211,14 @@ def _field_transform(field_mm_zyx3: np.ndarray, grid: Grid) -> sitk.Displacement
     return sitk.DisplacementFieldTransform(image)
 
 
-def dense_displacement_on_grid(transform: sitk.Transform, grid: Grid, slab: int = 32) -> np.ndarray:
-    """``transform(x) - x`` at every voxel of ``grid``: ``(D, H, W, 3)`` float32 LPS mm, computed slab by slab."""
-    out = np.empty((*grid.shape_zyx, 3), dtype=np.float32)
+def dense_displacement_image(transform: sitk.Transform, grid: Grid, slab: int = 32) -> sitk.Image:
+    """``transform(x) - x`` at every voxel of ``grid`` as a ``sitkVectorFloat32`` image (LPS mm).
+
+    Computed slab by slab (``slab`` z-slices, float64 inside ITK) straight into the output image's buffer: the
+    memory is the output plus one slab, not twice the output.
+    """
+    image = grid.apply_to(sitk.Image([int(v) for v in grid.size], sitk.sitkVectorFloat32, 3))
+    out = writable_array_view(image)
     nz = grid.size[2]
     for z0 in range(0, nz, slab):
         n = min(slab, nz - z0)
@@ -226,7 +232,14 @@ def dense_displacement_on_grid(transform: sitk.Transform, grid: Grid, slab: int 
             grid.direction,
         )
         out[z0: z0 + n] = sitk.GetArrayViewFromImage(field)
-    return out
+        del field
+    del out
+    return image
+
+
+def dense_displacement_on_grid(transform: sitk.Transform, grid: Grid, slab: int = 32) -> np.ndarray:
+    """``transform(x) - x`` at every voxel of ``grid``: ``(D, H, W, 3)`` float32 LPS mm, computed slab by slab."""
+    return sitk.GetArrayFromImage(dense_displacement_image(transform, grid, slab))
 
 
 def _seed_everything(seed: int) -> None:
@@ -408,12 +421,8 @@ def _register_pair_on_device(
     with stages("composition", "composing affine and deformable fields at full resolution"):
         deformable_mm = _disp_vox_to_mm_lps(disp, w_fixed_grid)
         transform = sitk.CompositeTransform([affine, _field_transform(deformable_mm, w_fixed_grid)])
-        displacement_array = dense_displacement_on_grid(transform, fixed_grid)
-        displacement = fixed_grid.image_from_array(displacement_array, is_vector=True)
-        del displacement_array
-        working_displacement = w_fixed_grid.image_from_array(
-            dense_displacement_on_grid(transform, w_fixed_grid), is_vector=True
-        )
+        displacement = dense_displacement_image(transform, fixed_grid)
+        working_displacement = dense_displacement_image(transform, w_fixed_grid)
 
     with stages("warping", "warping the moving image and labels"):
         air = float(min(-1024.0, float(sitk.GetArrayViewFromImage(moving).min())))
@@ -435,7 +444,7 @@ def _register_pair_on_device(
     inverse_stats: dict = {}
     if config.compute_inverse:
         with stages("inverse", "inverse field (moving -> fixed)"):
-            inverse_vox = spatial.invert_displacement(disp)
+            inverse_vox = spatial.invert_displacement(disp, tolerance=1e-3)  # 0.001 voxel: ~0.003 mm
             ic = spatial.compose(inverse_vox, disp)  # x -> x + v(x) + v_inv(x + v(x)); zero for an exact inverse
             ic_mm = np.linalg.norm(_disp_vox_to_mm_lps(ic, w_fixed_grid), axis=-1)[w_fixed.mask]
             inverse_stats = {
@@ -446,9 +455,7 @@ def _register_pair_on_device(
             inverse_transform = sitk.CompositeTransform(
                 [_field_transform(_disp_vox_to_mm_lps(inverse_vox, w_fixed_grid), w_fixed_grid), affine.GetInverse()]
             )
-            inverse_displacement = moving_grid.image_from_array(
-                dense_displacement_on_grid(inverse_transform, moving_grid), is_vector=True
-            )
+            inverse_displacement = dense_displacement_image(inverse_transform, moving_grid)
             if moving_landmarks_lps is not None:
                 warped_moving_landmarks = np.array(
                     [inverse_transform.TransformPoint([float(c) for c in p]) for p in moving_landmarks_lps]
@@ -466,7 +473,7 @@ def _register_pair_on_device(
                 "center_mm": list(affine.GetCenter()),
             },
             "jacobian": metrics_lib.jacobian_statistics(jac_zyx, body_zyx),
-            "displacement": metrics_lib.displacement_statistics(displacement, body_zyx),
+            "displacement": metrics_lib.displacement_statistics(displacement, body_zyx, magnitude=magnitude),
             "inverse": inverse_stats,
             "warnings": warnings,
         }
@@ -488,7 +495,7 @@ def _register_pair_on_device(
         if fixed_landmarks_lps is not None:
             mapped = np.array([transform.TransformPoint([float(c) for c in p]) for p in fixed_landmarks_lps])
             metrics["landmarks"] = {
-                "count": int(len(fixed_landmarks_lps)),
+                "count": len(fixed_landmarks_lps),
                 "before": metrics_lib.landmark_errors(fixed_landmarks_lps, moving_landmarks_lps),
                 "after": metrics_lib.landmark_errors(mapped, moving_landmarks_lps),
             }

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "identity_grid",
-    "warp",
     "compose",
+    "identity_grid",
     "integrate_velocity",
-    "resize_displacement",
     "invert_displacement",
     "jacobian_determinant",
+    "resize_displacement",
+    "warp",
 ]
 
 
@@ -96,12 +96,18 @@ def resize_displacement(disp: torch.Tensor, shape: tuple[int, int, int]) -> torc
     return out * scale.view(1, 3, 1, 1, 1)
 
 
-def invert_displacement(disp: torch.Tensor, iterations: int = 30) -> torch.Tensor:
-    """Inverse field by fixed-point iteration ``inv(q) = -disp(q + inv(q))`` (converges for det J > 0 fields)."""
+def invert_displacement(disp: torch.Tensor, iterations: int = 30, tolerance: float = 0.0) -> torch.Tensor:
+    """Inverse field by fixed-point iteration ``inv(q) = -disp(q + inv(q))`` (converges for det J > 0 fields).
+
+    Stops after ``iterations`` or once no voxel's inverse moved by more than ``tolerance`` voxels in an iteration.
+    """
     _check_disp(disp)
     inverse = -disp.clone()
     for _ in range(iterations):
+        previous = inverse
         inverse = -warp(disp, inverse, padding_mode="border")
+        if tolerance > 0 and float((inverse - previous).abs().max()) <= tolerance:
+            break
     return inverse
 
 
