@@ -1,4 +1,4 @@
-"""Peak CPU memory of our pipeline on a 512 x 512 x 400 int16 CT pair, and where it goes, stage by stage.
+"""Peak CPU memory of our pipeline on a 512 x 512 x 400 (``--size``: any) int16 CT pair, and where it goes, stage by stage.
 
 The pair is a real CT with synthetic motion (``run_benchmark.py``'s ``ct_abdominal`` case, or any fixed/moving
 given) resampled onto 512 x 512 x 400 voxels covering the same extent (linear, cast to int16), so the pipeline sees
@@ -61,6 +61,7 @@ def _child(connection, fixed: str, moving: str, preset: str, threads: int, overr
     from deepabdominalreg.registration import register_pair
 
     torch.set_num_threads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     events = []
 
     def progress(event):
@@ -136,25 +137,28 @@ def main() -> None:
     parser.add_argument("--work-dir", default="/tmp/deepabdominalreg-memory")
     parser.add_argument("--preset", default="balanced")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--size", default=",".join(map(str, SIZE)),
+                        help="voxels x,y,z of the large pair (default %(default)s; issue 6: 512,512,700)")
     parser.add_argument("--out", default=None, help="JSON file for the result")
     parser.add_argument("--prepare-only", action="store_true", help="only write the large pair (reused later)")
     parser.add_argument("--keep", action="store_true", help="keep the large pair in --work-dir")
     args = parser.parse_args()
 
     t = time.perf_counter()
-    fixed, moving = make_large_pair(args.fixed, args.moving, Path(args.work_dir))
+    size = tuple(int(v) for v in args.size.split(","))
+    fixed, moving = make_large_pair(args.fixed, args.moving, Path(args.work_dir), size=size)
     print(f"wrote {fixed} and {moving} in {time.perf_counter() - t:.0f} s", flush=True)
     if args.prepare_only:
         return
     image = sitk.ReadImage(str(fixed))
     result = measure(str(fixed), str(moving), args.preset, args.threads)
     result.update({
-        "description": f"real CT + synthetic motion resampled to {'x'.join(map(str, SIZE))} int16 "
+        "description": f"real CT + synthetic motion resampled to {'x'.join(map(str, size))} int16 "
                        f"({', '.join(f'{s:.2f}' for s in image.GetSpacing())} mm), preset {args.preset}, CPU, "
                        f"{args.threads} threads, fresh process",
-        "size": list(SIZE),
+        "size": list(size),
         "spacing_mm": list(image.GetSpacing()),
-        "input_bytes_each": int(np.prod(SIZE)) * 2,
+        "input_bytes_each": int(np.prod(size)) * 2,
         "threads": args.threads,
         "preset": args.preset,
     })
