@@ -539,16 +539,39 @@ def _network_displacement(
     net_grid = make_working_grid(fixed, card.input_spacing_mm, config.max_working_voxels)
     f = prepare_working_image(fixed, net_grid, card.hu_window, config.body_mask)
     m = prepare_working_image(moving, net_grid, card.hu_window, config.body_mask, transform=affine)
+    # the network sees the bounding box of both bodies (+ a margin): the air around them carries no matching
+    # information and is often half of the grid; outside the box the field continues its edge values
+    box = _body_box(f.mask | m.mask, margin=_NETWORK_BOX_MARGIN_VOXELS)
     with torch.inference_mode():
         pred = network.predict(
-            torch.as_tensor(f.intensity, device=device)[None, None],
-            torch.as_tensor(m.intensity, device=device)[None, None],
+            torch.as_tensor(np.ascontiguousarray(f.intensity[box]), device=device)[None, None],
+            torch.as_tensor(np.ascontiguousarray(m.intensity[box]), device=device)[None, None],
         ).float()
+        pad = []
+        for sl, size in reversed(list(zip(box, f.intensity.shape))):
+            pad += [sl.start, size - sl.stop]
+        if any(pad):
+            pred = torch.nn.functional.pad(pred, pad, mode="replicate")
     if net_grid == working_grid:
         return pred.clone()
     field_mm = net_grid.image_from_array(_disp_vox_to_mm_lps(pred, net_grid).astype(np.float32), is_vector=True)
     on_working = sitk.GetArrayFromImage(resample_image(field_mm, working_grid, interpolator="linear"))
     return _mm_lps_to_disp_vox(on_working, working_grid, device)
+
+
+_NETWORK_BOX_MARGIN_VOXELS = 4
+
+
+def _body_box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
+    """Bounding box (array axes z, y, x) of ``mask`` grown by ``margin`` voxels; the whole grid if it is empty."""
+    if not mask.any():
+        return tuple(slice(0, s) for s in mask.shape)
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.nonzero(mask.any(axis=other))[0]
+        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)
 
 
 def _mm_lps_to_disp_vox(field_mm_zyx3: np.ndarray, grid: Grid, device: torch.device) -> torch.Tensor:

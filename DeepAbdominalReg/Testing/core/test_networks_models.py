@@ -214,3 +214,14 @@ def test_set_model_setting_script_changes_only_inference_settings(tmp_path):
     refused = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "m.pt"), "search_radius=[1,1]"],
                              capture_output=True, text=True, check=False)
     assert refused.returncode != 0 and "changes what the weights mean" in refused.stderr
+
+
+def test_network_box_is_the_body_bounding_box_with_margin():
+    import numpy as np
+
+    from deepabdominalreg.registration import _body_box
+
+    mask = np.zeros((20, 30, 40), dtype=bool)
+    mask[5:9, 10:12, 0:3] = True
+    assert _body_box(mask, margin=2) == (slice(3, 11), slice(8, 14), slice(0, 5))
+    assert _body_box(np.zeros((4, 5, 6), dtype=bool), margin=2) == (slice(0, 4), slice(0, 5), slice(0, 6))
