@@ -218,7 +218,6 @@ def test_set_model_setting_script_changes_only_inference_settings(tmp_path):
 
 def test_network_box_is_the_body_bounding_box_with_margin():
     import numpy as np
-
     from deepabdominalreg.registration import _body_box
 
     mask = np.zeros((20, 30, 40), dtype=bool)
