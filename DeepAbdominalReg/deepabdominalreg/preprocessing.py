@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from deepabdominalreg.image import Grid, make_working_grid, resample_image
 
-__all__ = ["WorkingImage", "window_and_scale", "body_mask", "prepare_working_image", "looks_like_ct"]
+__all__ = ["WorkingImage", "body_mask", "looks_like_ct", "prepare_working_image", "window_and_scale"]
 
 AIR_HU = -1024.0
 
