@@ -26,7 +26,6 @@ def main() -> None:
 
     import SimpleITK as sitk
     import torch
-
     from deepabdominalreg.config import config_from_preset
     from deepabdominalreg.image import read_image
     from deepabdominalreg.registration import register_pair
