@@ -93,13 +93,16 @@ PRESETS: dict[str, dict] = {
     # fast: no full-resolution IO level and an 8 mm finest affine level (the IO absorbs its ~1 mm residual)
     "fast": {"io_iterations": 40, "io_levels": (4, 2), "affine_levels_mm": (12.0, 8.0)},
     "balanced": {},
+    # network: affine + the shipped network, no instance optimisation (smoothest fields; docs/training.md)
+    "network": {"model": "abdomen-ct-4mm-v2", "io_iterations": 0},
     "accurate": {"io_iterations": 200, "io_fine_iterations": 80, "io_levels": (4, 2, 1), "working_spacing_mm": 2.5,
                  "affine_levels_mm": (8.0, 4.0), "affine_iterations": 40},
 }
 
 
 def config_from_preset(preset: str = "balanced", **overrides) -> RegistrationConfig:
-    """A :class:`RegistrationConfig` from a named preset (``fast``, ``balanced``, ``accurate``) plus overrides."""
+    """A :class:`RegistrationConfig` from a named preset (``fast``, ``balanced``, ``network``, ``accurate``) plus
+    overrides."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return RegistrationConfig(**{**PRESETS[preset], **overrides})
