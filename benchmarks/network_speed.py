@@ -1,7 +1,8 @@
 """Network-only inference time of a shipped model on a real CT (or the phantom), CPU and CUDA when present.
 
 Times what the pipeline's network stage does on the model's own grid: preprocessing of both images (resampling to
-the model spacing, HU window, body mask) and one forward pass (``torch.inference_mode``), median of ``--repeats``.
+the model spacing, HU window, body mask, the bodies' bounding box) and one forward pass (``torch.inference_mode``),
+median of ``--repeats``.
 The pair is the CT and a synthetic deformation of it (``synthetic.make_synthetic_pair``, 10 mm).
 
     python benchmarks/network_speed.py --model abdomen-ct-4mm-v2 --threads 2
@@ -20,6 +21,7 @@ import torch
 from deepabdominalreg.image import make_working_grid, read_image
 from deepabdominalreg.models import load_model
 from deepabdominalreg.preprocessing import prepare_working_image
+from deepabdominalreg.registration import _NETWORK_BOX_MARGIN_VOXELS, _body_box
 
 SHARED_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator" / "example_ct.nii.gz"
 
@@ -54,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         grid = make_working_grid(fixed, card.input_spacing_mm, 160)
         f = prepare_working_image(fixed, grid, card.hu_window)
         m = prepare_working_image(moving, grid, card.hu_window)
+        box = _body_box(f.mask | m.mask, _NETWORK_BOX_MARGIN_VOXELS)  # as the pipeline's network stage
         prep = time.perf_counter() - t0
-        ft = torch.as_tensor(f.intensity, device=device)[None, None]
-        mt = torch.as_tensor(m.intensity, device=device)[None, None]
+        ft = torch.as_tensor(f.intensity[box].copy(), device=device)[None, None]
+        mt = torch.as_tensor(m.intensity[box].copy(), device=device)[None, None]
         times = []
         with torch.inference_mode():
             network.predict(ft, mt)  # warm-up
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
-        results[device] = {"grid_zyx": list(f.intensity.shape), "preprocessing_s": round(prep, 3),
+        results[device] = {"grid_zyx": list(f.intensity.shape), "network_input_zyx": list(ft.shape[2:]), "preprocessing_s": round(prep, 3),
                            "forward_median_s": round(statistics.median(times), 3),
                            "forward_all_s": [round(t, 3) for t in times]}
     print(json.dumps(results, indent=1))
