@@ -277,12 +277,13 @@ def validate_labels(labels: sitk.Image, role: str) -> None:
     """Raise if ``labels`` is not a label map (3D, scalar, integer values >= 0)."""
     validate_image_geometry_only(labels, role)
     array = sitk.GetArrayViewFromImage(labels)
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-            raise ImageValidationError(
-                f"{role} has non-integer values; a label map (one integer per structure) is required — "
-                "export the segmentation as a labelmap."
-            )
+    if np.issubdtype(array.dtype, np.floating) and (
+        not np.all(np.isfinite(array)) or not np.all(array == np.round(array))
+    ):
+        raise ImageValidationError(
+            f"{role} has non-integer values; a label map (one integer per structure) is required — "
+            "export the segmentation as a labelmap."
+        )
     if array.size and array.min() < 0:
         raise ImageValidationError(f"{role} has negative values; labels must be >= 0 (0 = background).")
 

@@ -56,7 +56,7 @@ class Plateau:
 
 def level_shape(shape: tuple[int, ...], factor: int) -> tuple[int, int, int]:
     """Grid size of a pyramid level whose corner voxels coincide with the full grid's (align_corners)."""
-    return tuple(max(2, int(round((s - 1) / factor)) + 1) for s in shape)
+    return tuple(max(2, round((s - 1) / factor) + 1) for s in shape)
 
 
 def _downsample_image(image: torch.Tensor, factor: int) -> torch.Tensor:

@@ -575,7 +575,7 @@ class PeakMemory:
     cuda_max_allocated_mb: float | None = None
     _rss_at_entry: float | None = field(default=None, repr=False)
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> PeakMemory:  # noqa: PYI034 - Self needs Python 3.11
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -57,6 +57,8 @@ class ProgressEvent:
         return {"stage": self.stage, "fraction": round(float(self.fraction), 4), "message": self.message}
 
 
+_DEFAULT_CONFIG = RegistrationConfig()  # frozen: safe as a shared default argument
+
 ProgressCallback = Callable[[ProgressEvent], None]
 StopCallback = Callable[[], bool]
 
@@ -94,7 +96,7 @@ class RegistrationResult:
 class _Stages:
     """Times stages, reports progress with overall fractions, and checks for cancellation."""
 
-    WEIGHTS = {
+    WEIGHTS: ClassVar[dict[str, float]] = {
         "validation": 0.02,
         "preprocessing": 0.06,
         "affine": 0.14,
@@ -129,7 +131,7 @@ class _Stages:
         self._message = message or stage.replace("_", " ")
         return self
 
-    def __enter__(self) -> _Stages:
+    def __enter__(self) -> _Stages:  # noqa: PYI034 - Self needs Python 3.11
         self.check()
         self._start = time.perf_counter()
         self.emit(self._current, 0.0, self._message)
@@ -256,7 +258,7 @@ def register_pair(
     fixed: sitk.Image,
     moving: sitk.Image,
     *,
-    config: RegistrationConfig = RegistrationConfig(),
+    config: RegistrationConfig = _DEFAULT_CONFIG,
     moving_labels: sitk.Image | None = None,
     fixed_labels: sitk.Image | None = None,
     fixed_landmarks_lps: np.ndarray | None = None,
@@ -279,11 +281,11 @@ def register_pair(
     :class:`RegistrationCancelled` when ``should_stop()`` turns True, :class:`ModelError` for a bad model.
     On CUDA out-of-memory the registration is rerun on the CPU, with a warning in ``metrics["warnings"]``.
     """
-    kwargs = dict(
-        moving_labels=moving_labels, fixed_labels=fixed_labels, fixed_landmarks_lps=fixed_landmarks_lps,
-        moving_landmarks_lps=moving_landmarks_lps, label_names=label_names, progress=progress,
-        should_stop=should_stop,
-    )
+    kwargs = {
+        "moving_labels": moving_labels, "fixed_labels": fixed_labels, "fixed_landmarks_lps": fixed_landmarks_lps,
+        "moving_landmarks_lps": moving_landmarks_lps, "label_names": label_names, "progress": progress,
+        "should_stop": should_stop,
+    }
     try:
         return _register_pair_on_device(fixed, moving, config=config, **kwargs)
     except torch.cuda.OutOfMemoryError:
@@ -300,7 +302,7 @@ def _register_pair_on_device(
     fixed: sitk.Image,
     moving: sitk.Image,
     *,
-    config: RegistrationConfig = RegistrationConfig(),
+    config: RegistrationConfig = _DEFAULT_CONFIG,
     moving_labels: sitk.Image | None = None,
     fixed_labels: sitk.Image | None = None,
     fixed_landmarks_lps: np.ndarray | None = None,
