@@ -96,13 +96,30 @@ def resize_displacement(disp: torch.Tensor, shape: tuple[int, int, int]) -> torc
     return out * scale.view(1, 3, 1, 1, 1)
 
 
-def invert_displacement(disp: torch.Tensor, iterations: int = 30, tolerance: float = 0.0) -> torch.Tensor:
+def invert_displacement(
+    disp: torch.Tensor,
+    iterations: int = 30,
+    tolerance: float = 0.0,
+    coarse_factor: int = 1,
+    fine_iterations: int = 5,
+) -> torch.Tensor:
     """Inverse field by fixed-point iteration ``inv(q) = -disp(q + inv(q))`` (converges for det J > 0 fields).
 
     Stops after ``iterations`` or once no voxel's inverse moved by more than ``tolerance`` voxels in an iteration.
+    ``coarse_factor`` > 1 first inverts the field resampled to a grid ``coarse_factor`` times coarser (``iterations``
+    there, at ~1/factor^3 of the cost), then refines the upsampled inverse with at most ``fine_iterations`` on the
+    full grid: for smooth fields (e.g. instance optimisation's, interpolated from a control grid) the same fixed point
+    at a fraction of the time.
     """
     _check_disp(disp)
-    inverse = -disp.clone()
+    shape = tuple(disp.shape[2:])
+    if coarse_factor > 1 and min(shape) > 2 * coarse_factor:
+        coarse_shape = tuple(max(2, round((s - 1) / coarse_factor) + 1) for s in shape)
+        coarse = invert_displacement(resize_displacement(disp, coarse_shape), iterations, tolerance)
+        inverse = resize_displacement(coarse, shape)
+        iterations = fine_iterations
+    else:
+        inverse = -disp.clone()
     for _ in range(iterations):
         previous = inverse
         inverse = -warp(disp, inverse, padding_mode="border")

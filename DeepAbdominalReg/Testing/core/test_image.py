@@ -7,7 +7,6 @@ import gzip
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from deepabdominalreg.image import (
     Grid,
     ImageValidationError,

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
-from geometry_helpers import oblique_direction
 from deepabdominalreg.config import RegistrationConfig, config_from_preset
 from deepabdominalreg.image import Grid, ImageValidationError, resample_image
 from deepabdominalreg.registration import ProgressEvent, RegistrationCancelled, register_pair
+from geometry_helpers import oblique_direction
 
 FAST = config_from_preset("fast", working_spacing_mm=5.0, seed=0)
 # sub-millimetre checks: a 4 mm working grid, the finest affine level at 4 mm and instance optimisation to 4 mm

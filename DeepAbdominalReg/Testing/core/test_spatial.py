@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from deepabdominalreg import spatial
 
 
@@ -92,3 +91,13 @@ def test_warp_gradcheck_float64():
     disp = (torch.rand(1, 3, 4, 4, 4, dtype=torch.float64) - 0.5) * 0.6
     disp.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda d: spatial.warp(image, d), (disp,), eps=1e-6, atol=1e-4)
+
+
+def test_coarse_to_fine_inverse_matches_the_full_resolution_fixed_point():
+    torch.manual_seed(0)
+    coarse = torch.randn(1, 3, 6, 7, 8, dtype=torch.float64) * 0.15
+    disp = spatial.resize_displacement(coarse, (21, 25, 29))  # smooth, like instance optimisation's fields
+    full = spatial.invert_displacement(disp, iterations=60)
+    fast = spatial.invert_displacement(disp, iterations=60, tolerance=1e-6, coarse_factor=2, fine_iterations=30)
+    assert (fast - full).abs().max() < 1e-3
+    assert spatial.compose(disp, fast).abs().mean() < 1e-3  # disp(q + inv(q)) = -inv(q)
