@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from deepabdominalreg.cli import main
 from deepabdominalreg.config import config_from_preset
 from deepabdominalreg.image import ImageValidationError, read_image, read_labels, write_image

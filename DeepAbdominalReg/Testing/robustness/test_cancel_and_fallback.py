@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-
 from deepabdominalreg import registration
 from deepabdominalreg.config import config_from_preset
 from deepabdominalreg.image import write_image

@@ -6,12 +6,11 @@ import hashlib
 
 import numpy as np
 import SimpleITK as sitk
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from deepabdominalreg.config import config_from_preset
 from deepabdominalreg.image import ImageValidationError, read_image, write_image
 from deepabdominalreg.registration import register_pair
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 TINY = config_from_preset("fast", working_spacing_mm=8.0, io_iterations=4, affine_iterations=4, io_levels=(1,),
                           io_fine_iterations=4, compute_inverse=True)
