@@ -102,14 +102,8 @@ class RegistrationUNet(nn.Module):
         return flow
 
     def predict(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        """Forward pass on any grid size: pads to a multiple of :attr:`divisor`, crops the field back."""
-        shape = fixed.shape[2:]
-        pads = [(-s) % self.divisor for s in shape]
-        pad_arg = []
-        for p in reversed(pads):
-            pad_arg += [0, p]
-        flow = self.forward(F.pad(fixed, pad_arg), F.pad(moving, pad_arg))
-        return flow[:, :, : shape[0], : shape[1], : shape[2]]
+        """Forward pass on any grid size: pads (zeros) to a multiple of :attr:`divisor`, crops the field back."""
+        return _predict_padded(self, fixed, moving, "constant")
 
 
 @dataclass(frozen=True)
@@ -255,16 +249,22 @@ class CostVolumePyramidNet(nn.Module):
 
     def predict(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         """Forward pass on any grid size: pads to a multiple of :attr:`divisor` (edge values), crops back."""
-        shape = fixed.shape[2:]
-        pads = [(-s) % self.divisor for s in shape]
+        return _predict_padded(self, fixed, moving, "replicate")
+
+
+def _predict_padded(network: nn.Module, fixed: torch.Tensor, moving: torch.Tensor, mode: str) -> torch.Tensor:
+    """``network(fixed, moving)`` on inputs padded at the far end to a multiple of ``network.divisor``
+    (``F.pad`` ``mode``: ``"constant"`` zeros or ``"replicate"``), with the field cropped back to the input grid."""
+    shape = fixed.shape[2:]
+    pads = [(-s) % network.divisor for s in shape]
+    if any(pads):
         pad_arg = []
         for p in reversed(pads):
             pad_arg += [0, p]
-        if any(pads):
-            fixed = F.pad(fixed, pad_arg, mode="replicate")
-            moving = F.pad(moving, pad_arg, mode="replicate")
-        flow = self.forward(fixed, moving)
-        return flow[:, :, : shape[0], : shape[1], : shape[2]]
+        fixed = F.pad(fixed, pad_arg, mode=mode)
+        moving = F.pad(moving, pad_arg, mode=mode)
+    flow = network(fixed, moving)
+    return flow[:, :, : shape[0], : shape[1], : shape[2]]
 
 
 class SpatialTransformer(nn.Module):
