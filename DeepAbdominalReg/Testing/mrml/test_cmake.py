@@ -21,6 +21,20 @@ def test_extension_metadata():
     assert "add_subdirectory(DeepAbdominalReg)" in text
 
 
+def _module_python_files() -> set[str]:
+    return {p.relative_to(MODULE_DIR).as_posix() for pattern in
+            ("DeepAbdominalReg.py", "DeepAbdominalRegLib/*.py", "deepabdominalreg/*.py")
+            for p in MODULE_DIR.glob(pattern)}
+
+
+def test_module_python_scripts_list_names_every_python_file():
+    """Without cmake: the MODULE_PYTHON_SCRIPTS block names exactly the module's Python files."""
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    block = re.search(r"set\(MODULE_PYTHON_SCRIPTS\s+(.*?)\)", text, re.DOTALL)
+    assert block, "no set(MODULE_PYTHON_SCRIPTS ...) block"
+    assert set(block.group(1).split()) == _module_python_files()
+
+
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
 def test_module_cmake_lists_every_python_file(tmp_path):
     """Configure the module's CMakeLists.txt with Slicer's macros replaced by recorders."""
@@ -44,10 +58,7 @@ add_subdirectory({MODULE_DIR} module)
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     scripts = set((tmp_path / "scripts.txt").read_text().split(";"))
-    expected = {p.relative_to(MODULE_DIR).as_posix() for pattern in
-                ("DeepAbdominalReg.py", "DeepAbdominalRegLib/*.py", "deepabdominalreg/*.py")
-                for p in MODULE_DIR.glob(pattern)}
-    assert scripts == expected
+    assert scripts == _module_python_files()
     for resource in (tmp_path / "resources.txt").read_text().split(";"):
         assert (MODULE_DIR / resource).is_file(), resource
     assert "Resources/UI/DeepAbdominalReg.ui" in (tmp_path / "resources.txt").read_text()
