@@ -25,8 +25,22 @@ __all__ = [
 ]
 
 
+class _SettingsMixin:
+    """Plain-value (JSON) round trip of a frozen settings dataclass, as stored in checkpoints and model cards."""
+
+    def as_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown network settings {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(_SettingsMixin):
     """Architecture of :class:`RegistrationUNet` (VoxelMorph defaults, halved)."""
 
     encoder_channels: tuple[int, ...] = (16, 32, 32, 32)
@@ -34,17 +48,6 @@ class UNetConfig:
     final_channels: tuple[int, ...] = (16, 16)
     integration_steps: int = 0
     """0: the output is a displacement; > 0: a velocity field integrated with this many squaring steps."""
-
-    def as_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> UNetConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown network settings {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -107,7 +110,7 @@ class RegistrationUNet(nn.Module):
 
 
 @dataclass(frozen=True)
-class PyramidConfig:
+class PyramidConfig(_SettingsMixin):
     """Architecture of :class:`CostVolumePyramidNet` (coarse-to-fine, one entry per pyramid level, finest first)."""
 
     feature_channels: tuple[int, ...] = (16, 16, 16)
@@ -121,16 +124,6 @@ class PyramidConfig:
     """3^3 box filters applied to the final displacement (n passes ~ Gaussian sigma sqrt(2 n / 3) voxels)."""
     initial_inverse_temperature: float = 10.0
     """Softmax sharpness on the contrast-normalised cost (cost / its mean over the shifts)."""
-
-    def as_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> PyramidConfig:
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown network settings {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def _shift_offsets(radius: int) -> list[tuple[int, int, int]]:
