@@ -5,7 +5,7 @@ the model spacing, HU window, body mask, the bodies' bounding box) and one forwa
 median of ``--repeats``.
 The pair is the CT and a synthetic deformation of it (``synthetic.make_synthetic_pair``, 10 mm).
 
-    python benchmarks/network_speed.py --model abdomen-ct-4mm-v2 --threads 2
+    python benchmarks/network_speed.py --threads 2   # the network preset's model
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from deepabdominalreg.config import PRESETS
 from deepabdominalreg.image import make_working_grid, read_image
 from deepabdominalreg.models import load_model
 from deepabdominalreg.preprocessing import prepare_working_image
@@ -40,7 +41,7 @@ def _pair(ct: str | None):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="abdomen-ct-4mm-v2")
+    parser.add_argument("--model", default=PRESETS["network"]["model"])
     parser.add_argument("--ct", default=None, help="CT volume (default: shared/data example_ct, else the phantom)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)

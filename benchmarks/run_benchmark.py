@@ -41,11 +41,12 @@ DEFAULT_METHOD = "ours-io-balanced"
 def our_methods(configs: list[str], devices: list[str], model: str | None) -> list[ev.MethodSpec]:
     """Our configurations: ``io-<preset>`` (affine + instance optimisation), ``net`` (network only, at its working
     resolution) and ``net+io`` (network then balanced instance optimisation); ``net*`` need a model."""
+    from deepabdominalreg.config import PRESETS
     from deepabdominalreg.models import available_models
 
-    if model is None:
+    if model is None:  # the network preset's model, else the first shipped one
         shipped = available_models()
-        model = next(iter(shipped)) if shipped else None
+        model = PRESETS["network"]["model"] if PRESETS["network"]["model"] in shipped else next(iter(shipped), None)
     methods = []
     for device in devices:
         suffix = "" if device == "cpu" else f"-{device}"
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generator", default="abdominal", choices=["abdominal", "van_eijnatten"])
     parser.add_argument("--ours", default="io-fast,io-balanced,io-accurate,net,net+io",
                         help="our configurations (comma list)")
-    parser.add_argument("--model", default=None, help="model for the net configurations (default: first shipped)")
+    parser.add_argument("--model", default=None, help="model for the net configurations (default: the network preset's)")
     parser.add_argument("--devices", default=None, help="cpu,cuda (default: cpu, plus cuda when available)")
     parser.add_argument("--peers", default="elastix-bspline,ants-syn,sitk-demons",
                         help="comma list from: elastix-bspline, ants-syn, ants-synra, sitk-demons")

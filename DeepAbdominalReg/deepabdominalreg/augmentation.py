@@ -25,6 +25,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -286,17 +287,17 @@ def van_eijnatten_displacement(
     if candidates.numel() == 0 or amplitude_mm == 0:
         return field
     order = torch.randperm(len(candidates), generator=generator)
-    cand_mm = candidates.to(torch.float32) * s
+    # greedy selection in random order (a candidate is kept when no kept point is closer than the minimum
+    # distance), done as: keep the first remaining candidate, drop every remaining one too close to it, repeat;
+    # the same points as the one-by-one loop, in at most n_points vectorised steps (on the CPU)
+    remaining = (candidates.cpu()[order].numpy() * s.cpu().numpy()).astype(np.float32)
+    remaining_index = order.numpy()
     chosen: list[int] = []
-    chosen_mm = torch.empty(0, 3, device=mask.device)
-    for index in order.tolist():
-        p = cand_mm[index]
-        if len(chosen) and torch.min(torch.linalg.norm(chosen_mm - p, dim=1)) < min_distance_mm:
-            continue
-        chosen.append(index)
-        chosen_mm = torch.cat([chosen_mm, p[None]])
-        if len(chosen) >= n_points:
-            break
+    while len(remaining) and len(chosen) < n_points:
+        chosen.append(int(remaining_index[0]))
+        far = np.linalg.norm(remaining - remaining[0], axis=1) >= min_distance_mm
+        far[0] = False  # the kept point itself (also when the minimum distance is 0)
+        remaining, remaining_index = remaining[far], remaining_index[far]
     vectors = _uniform(generator, -1.0, 1.0, (len(chosen), 3)).to(torch.float32).to(mask.device)
     idx = candidates[chosen]
     field[0, :, idx[:, 0], idx[:, 1], idx[:, 2]] = vectors.T

@@ -37,6 +37,9 @@ class RegistrationConfig:
     # deformable stage 1: network
     model: str | None = None
     """Name of a shipped model or path to a ``.pt`` checkpoint; ``None`` skips the network stage."""
+    network_precision: str = "fp32"
+    """``fp32`` or ``bf16``: the network's forward pass in bfloat16 autocast on CUDA (the output field stays
+    float32; on the CPU the forward pass is always fp32).  ``benchmarks/gpu_speed.py`` measures the difference."""
 
     # deformable stage 2: instance optimisation
     io_iterations: int = 60
@@ -71,6 +74,10 @@ class RegistrationConfig:
     threads: int | None = None
     """CPU threads for torch (``None``: leave torch's default)."""
 
+    def __post_init__(self) -> None:
+        if self.network_precision not in ("fp32", "bf16"):
+            raise ValueError(f"network_precision must be 'fp32' or 'bf16', got {self.network_precision!r}")
+
     def replace(self, **changes) -> RegistrationConfig:
         return dataclasses.replace(self, **changes)
 
@@ -94,7 +101,7 @@ PRESETS: dict[str, dict] = {
     "fast": {"io_iterations": 40, "io_levels": (4, 2), "affine_levels_mm": (12.0, 8.0)},
     "balanced": {},
     # network: affine + the shipped network, no instance optimisation (smoothest fields; docs/training.md)
-    "network": {"model": "abdomen-ct-4mm-v2", "io_iterations": 0},
+    "network": {"model": "abdomen-ct-4mm-v3", "io_iterations": 0},
     "accurate": {"io_iterations": 200, "io_fine_iterations": 80, "io_levels": (4, 2, 1), "working_spacing_mm": 2.5,
                  "affine_levels_mm": (8.0, 4.0), "affine_iterations": 40},
 }

@@ -434,7 +434,7 @@ def _register_pair_on_device(
             warped_labels = resample_image(moving_labels, fixed, transform, "nearest", default_value=0)
 
     with stages("jacobian", "Jacobian determinant and displacement magnitude"):
-        jacobian = metrics_lib.jacobian_determinant(displacement)
+        jacobian = metrics_lib.jacobian_determinant(displacement, device=device)
         magnitude = metrics_lib.displacement_magnitude(displacement)
         body_full = resample_image(
             w_fixed_grid.image_from_array(w_fixed.mask.astype(np.uint8)), fixed, interpolator="nearest"
@@ -545,7 +545,8 @@ def _network_displacement(
     # the network sees the bounding box of both bodies (+ a margin): the air around them carries no matching
     # information and is often half of the grid; outside the box the field continues its edge values
     box = _body_box(f.mask | m.mask, margin=_NETWORK_BOX_MARGIN_VOXELS)
-    with torch.inference_mode():
+    bf16 = config.network_precision == "bf16" and device.type == "cuda"
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
         pred = network.predict(
             torch.as_tensor(np.ascontiguousarray(f.intensity[box]), device=device)[None, None],
             torch.as_tensor(np.ascontiguousarray(m.intensity[box]), device=device)[None, None],

@@ -159,7 +159,10 @@ class TrainingConfig:
 
     # execution
     device: str = "cpu"
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto``.  The pairs are cropped on the CPU and augmented on this device."""
     threads: int | None = None
+    data_workers: int = 1
+    """Processes that render the phantom pool in parallel before training (each phantom once, then cached)."""
     resume: bool = True
     progress: bool = True
 
@@ -249,33 +252,59 @@ def _motion_fields(hu_image: sitk.Image, labels_image: sitk.Image | None, grid: 
 
 
 def prepare_phantom_pool(config: TrainingConfig, seeds: Sequence[int] | None = None, log=print) -> list[Volume]:
-    """Render (or read from ``cache_dir``) the phantom patients at the training spacing, with prior fields."""
-    from deepabdominalreg.phantom import add_ct_noise, render_phantom
-
+    """Render (or read from ``cache_dir``) the phantom patients at the training spacing, with prior fields
+    (``config.data_workers`` processes render the missing ones in parallel)."""
     cache = Path(config.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    pool = []
-    for seed in (config.phantom_seeds if seeds is None else seeds):
-        path = cache / (f"phantom_s{int(seed)}_{config.spacing_mm:g}mm_w{config.hu_window[0]:g}_{config.hu_window[1]:g}"
-                        f"_f{config.phantom_motion_fields}.npz")
-        if path.exists():
-            data = np.load(path)
-            pool.append(Volume(f"phantom{seed}", f"phantom{seed}", 0.0, data["intensity"], data["mask"],
-                               data["labels"], data["fields"]))
-            continue
+    seeds = [int(s) for s in (config.phantom_seeds if seeds is None else seeds)]
+    paths = {seed: _phantom_cache_path(config, seed) for seed in seeds}
+    missing = [seed for seed in seeds if not paths[seed].exists()]
+    workers = max(1, min(int(config.data_workers), len(missing)))
+    if workers > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        # spawned (not forked) workers: safe after torch (and CUDA) are initialised in this process
         t0 = time.perf_counter()
-        clean, labels = render_phantom(int(seed), config.spacing_mm)
-        noisy = add_ct_noise(clean, seed=int(seed) + 555, sigma_hu=15.0)
-        grid = Grid.from_image(clean)
-        w, lab = _working_volume(noisy, labels, grid, config.hu_window)
-        fields = _motion_fields(clean, labels, grid, [int(seed) * 10 + k for k in range(config.phantom_motion_fields)],
-                                config.phantom_motion_amplitude_mm)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, intensity=w.intensity, mask=w.mask, labels=lab, fields=fields)
-        os.replace(tmp, path)
-        pool.append(Volume(f"phantom{seed}", f"phantom{seed}", 0.0, w.intensity, w.mask, lab, fields))
-        log(f"phantom {seed}: {grid.shape_zyx} rendered in {time.perf_counter() - t0:.1f} s")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            list(ex.map(_render_phantom_to_cache, [config] * len(missing), missing))
+        log(f"{len(missing)} phantoms rendered by {workers} processes in {time.perf_counter() - t0:.1f} s")
+    else:
+        for seed in missing:
+            t0 = time.perf_counter()
+            shape = _render_phantom_to_cache(config, seed)
+            log(f"phantom {seed}: {shape} rendered in {time.perf_counter() - t0:.1f} s")
+    pool = []
+    for seed in seeds:
+        data = np.load(paths[seed])
+        pool.append(Volume(f"phantom{seed}", f"phantom{seed}", 0.0, data["intensity"], data["mask"],
+                           data["labels"], data["fields"]))
     return pool
+
+
+def _phantom_cache_path(config: TrainingConfig, seed: int) -> Path:
+    return Path(config.cache_dir) / (f"phantom_s{int(seed)}_{config.spacing_mm:g}mm_w{config.hu_window[0]:g}_"
+                                     f"{config.hu_window[1]:g}_f{config.phantom_motion_fields}.npz")
+
+
+def _render_phantom_to_cache(config: TrainingConfig, seed: int) -> tuple[int, int, int]:
+    """Render phantom ``seed`` at the training spacing with its prior motion fields into the cache (atomic write);
+    returns the grid shape ``(D, H, W)``."""
+    from deepabdominalreg.phantom import add_ct_noise, render_phantom
+
+    if config.data_workers > 1:  # one thread per worker process
+        torch.set_num_threads(1)
+    path = _phantom_cache_path(config, seed)
+    clean, labels = render_phantom(int(seed), config.spacing_mm)
+    noisy = add_ct_noise(clean, seed=int(seed) + 555, sigma_hu=15.0)
+    grid = Grid.from_image(clean)
+    w, lab = _working_volume(noisy, labels, grid, config.hu_window)
+    fields = _motion_fields(clean, labels, grid, [int(seed) * 10 + k for k in range(config.phantom_motion_fields)],
+                            config.phantom_motion_amplitude_mm)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez_compressed(tmp, intensity=w.intensity, mask=w.mask, labels=lab, fields=fields)
+    os.replace(tmp, path)
+    return tuple(grid.shape_zyx)
 
 
 def _volume_entries(config: TrainingConfig) -> list[dict]:
@@ -402,11 +431,16 @@ class PairSampler:
     ``longitudinal``) by ``pair_weights`` among the kinds possible for the source.  ``disp`` (the true field) is
     ``None`` for inter-patient and longitudinal pairs.  Labels are integer label maps ``(1, 1, D, H, W)`` (float
     values) keeping only ``label_ids``; the loss makes them one-hot.
+
+    The crop is taken on the CPU and moved to ``device``; the augmentation (fields, warping, intensity changes)
+    runs there.  Random draws come from ``generator`` (a CPU generator) whatever the device, so a seed gives the
+    same pairs on the CPU and on a GPU (up to floating-point differences).
     """
 
     def __init__(self, config: TrainingConfig, phantoms: list[Volume], volumes: list[Volume],
-                 label_ids: list[int], generator: torch.Generator) -> None:
+                 label_ids: list[int], generator: torch.Generator, device: torch.device | str = "cpu") -> None:
         self.config = config
+        self.device = torch.device(device)
         self.sources = {"phantom": phantoms, "volumes": volumes}
         self.label_ids = list(label_ids)
         self.generator = generator
@@ -434,6 +468,9 @@ class PairSampler:
             prior = torch.as_tensor(v.fields[field_index])[None]
         return image, labels, mask, prior
 
+    def _to_device(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        return [None if t is None else t.to(self.device, non_blocking=True) for t in tensors]
+
     def __call__(self) -> dict:
         weights = {k: w for k, w in self.config.source_weights.items() if self.sources.get(k)}
         if not weights:
@@ -452,7 +489,8 @@ class PairSampler:
             nf = 0 if v.fields is None else len(v.fields)
             fi = int(torch.randint(nf, (), generator=g)) if nf else None
             image, labels, mask, prior = self._tensors(v, fi)
-            image, labels, mask, prior = _crop_or_pad([image, labels, mask, prior], self.config.crop_size, g)
+            image, labels, mask, prior = self._to_device(
+                _crop_or_pad([image, labels, mask, prior], self.config.crop_size, g))
             pair = self.augment(image, labels, mask, self.spacing, prior_field=prior, generator=g)
         else:
             if kind == "inter":
@@ -468,8 +506,8 @@ class PairSampler:
             fa, la, ma, _ = self._tensors(a)
             fb, lb, mb, _ = self._tensors(b)
             # two grids of different size: pad both to the crop, then crop the same box
-            fa, la, ma = _crop_or_pad([fa, la, ma], self.config.crop_size, g)
-            fb, lb, mb = _crop_or_pad([fb, lb, mb], self.config.crop_size, g)
+            fa, la, ma = self._to_device(_crop_or_pad([fa, la, ma], self.config.crop_size, g))
+            fb, lb, mb = self._to_device(_crop_or_pad([fb, lb, mb], self.config.crop_size, g))
             pair = {"fixed": self.augment.intensity(fa, ma, g), "moving": self.augment.intensity(fb, mb, g),
                     "fixed_mask": ma, "moving_mask": mb, "fixed_labels": la, "moving_labels": lb, "disp": None}
         pair["kind"] = kind
@@ -698,12 +736,19 @@ def _card_extra(config: TrainingConfig, history: list[dict], best: dict, seconds
             "epochs": len(history),
             "iterations": int(sum(r.get("iterations", 0) for r in history)),
             "seconds": round(seconds, 1),
-            "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads, "
-                        f"torch {torch.__version__}",
+            "hardware": _hardware_description(config),
         },
         "validation": best,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _hardware_description(config: TrainingConfig) -> str:
+    """Where the run trained: the GPU (when the device is CUDA), the host's CPU threads and torch's version."""
+    host = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+    if config.device != "cpu" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA); host {host}"
+    return host
 
 
 def _build(config: TrainingConfig) -> tuple[nn.Module, str, dict]:
@@ -765,7 +810,7 @@ def train(
             f"{len(label_ids)} labels ({time.perf_counter() - t_data:.0f} s)")
 
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
-    sampler = PairSampler(config, phantoms, volumes, label_ids, generator)
+    sampler = PairSampler(config, phantoms, volumes, label_ids, generator, device)
     network, architecture, settings = _build(config)
     network = network.to(device)
     loss_fn = LossComputer(config, label_ids).to(device)

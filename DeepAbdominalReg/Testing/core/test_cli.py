@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from deepabdominalreg.cli import main
 from deepabdominalreg.image import read_displacement_field
 from deepabdominalreg.landmarks import read_landmarks
@@ -55,7 +54,7 @@ def test_metrics_json_contract(registered):
         assert key in metrics, key
     assert 0.0 <= metrics["dice_mean_before"] <= 1.0 and 0.0 <= metrics["dice_mean_after"] <= 1.0
     assert metrics["dice_mean_after"] > metrics["dice_mean_before"]
-    assert set(metrics["stages"]) >= {"preprocessing", "affine", "instance_optimisation", "warping"}
+    assert set(metrics["stages"]) >= {"preprocessing", "affine", "instance_optimisation", "warping", "writing"}
     assert "hd95_mm" in next(iter(metrics["labels"]["after"]["per_label"].values()))
     assert metrics["landmarks"]["after"]["mean"] < metrics["landmarks"]["before"]["mean"]
 
@@ -92,6 +91,33 @@ def test_missing_input_is_exit_code_2_with_a_message(tmp_path, capsys):
     assert code == 2
     assert "fixed image" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("image_format", ["nii", "nrrd"])
+def test_uncompressed_output_formats_hold_the_same_field(pair_dir, registered, tmp_path, image_format):
+    code = main([
+        "register", "--fixed", str(pair_dir / "fixed.nii.gz"), "--moving", str(pair_dir / "moving.nii.gz"),
+        "--output-dir", str(tmp_path), "--preset", "fast", "--working-spacing", "5", "--device", "cpu",
+        "--no-report", "--no-inverse", "--output-format", image_format,
+    ])
+    assert code == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {f"{n}.{image_format}" for n in ("warped", "displacement", "jacobian", "displacement_magnitude",
+                                                      "body_mask")} | {"metrics.json"}
+    # same seed and settings as the fixture: the field read back in LPS equals the compressed NIfTI's
+    # (different output flags, so compare with the tolerance of float32 storage)
+    field = sitk.GetArrayFromImage(read_displacement_field(tmp_path / f"displacement.{image_format}"))
+    reference = sitk.GetArrayFromImage(read_displacement_field(registered / "displacement.nii.gz"))
+    np.testing.assert_allclose(field, reference, atol=1e-4)
+    assert sitk.ReadImage(str(tmp_path / f"warped.{image_format}")).GetSize() == \
+        sitk.ReadImage(str(pair_dir / "fixed.nii.gz")).GetSize()
+
+
+def test_unknown_output_format_is_refused(pair_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["register", "--fixed", str(pair_dir / "fixed.nii.gz"), "--moving", str(pair_dir / "moving.nii.gz"),
+              "--output-dir", str(tmp_path), "--output-format", "png"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_progress_json_lines(pair_dir, tmp_path, capsys):

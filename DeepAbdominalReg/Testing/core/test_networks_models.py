@@ -227,13 +227,13 @@ def test_network_box_is_the_body_bounding_box_with_margin():
 
 
 def test_shipped_model_registers_beyond_the_affine():
-    """The 'network' preset (affine + abdomen-ct-4mm-v2, no instance optimisation) on a held-out phantom pair."""
+    """The 'network' preset (affine + abdomen-ct-4mm-v3, no instance optimisation) on a held-out phantom pair."""
     from deepabdominalreg.config import config_from_preset
     from deepabdominalreg.models import available_models
     from deepabdominalreg.registration import register_pair
     from deepabdominalreg.synthetic import make_phantom_pair
 
-    assert "abdomen-ct-4mm-v2" in available_models()
+    assert {"abdomen-ct-4mm-v2", "abdomen-ct-4mm-v3"} <= set(available_models())
     pair = make_phantom_pair(seed=3, spacing_mm=4.0, amplitude_mm=10.0)
     dice = {}
     for name, config in {"affine": config_from_preset("network", model=None),
@@ -242,4 +242,4 @@ def test_shipped_model_registers_beyond_the_affine():
                                moving_labels=pair.moving_labels, fixed_labels=pair.fixed_labels)
         dice[name] = result.metrics["dice_mean_after"]
         assert result.metrics["folding_percent"] < 0.5
-    assert dice["network"] > dice["affine"] + 0.02, dice  # measured: 0.877 -> 0.939
+    assert dice["network"] > dice["affine"] + 0.02, dice  # measured: 0.877 -> 0.939 (v2), 0.941 (v3)

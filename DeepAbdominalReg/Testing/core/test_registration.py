@@ -203,3 +203,11 @@ def test_default_config_is_documented_preset():
     assert config_from_preset("balanced") == RegistrationConfig()
     with pytest.raises(ValueError, match="unknown preset"):
         config_from_preset("turbo")
+
+
+def test_network_precision_is_validated():
+    with pytest.raises(ValueError, match="network_precision must be 'fp32' or 'bf16'"):
+        RegistrationConfig(network_precision="fp16")
+    with pytest.raises(ValueError, match="network_precision"):
+        RegistrationConfig.from_dict({"network_precision": "half"})
+    assert RegistrationConfig.from_dict({"network_precision": "bf16"}).network_precision == "bf16"

@@ -76,6 +76,19 @@ def test_phantom_pool_is_cached(pool, cache):
     np.testing.assert_array_equal(again[0].intensity, v.intensity)
 
 
+def test_phantom_pool_rendered_by_worker_processes_matches_serial(pool, tmp_path):
+    config, volumes = pool
+    parallel = training.prepare_phantom_pool(config.replace(cache_dir=str(tmp_path / "parallel"), data_workers=2),
+                                             log=lambda _m: None)
+    assert sorted(p.name for p in (tmp_path / "parallel").iterdir()) == \
+        sorted(training._phantom_cache_path(config, s).name for s in config.phantom_seeds)  # no temporary left
+    for a, b in zip(volumes, parallel):
+        assert a.patient == b.patient
+        np.testing.assert_array_equal(a.intensity, b.intensity)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_allclose(a.fields, b.fields, atol=1e-5)
+
+
 def test_sampler_intra_pair_carries_the_true_field(pool, tmp_path):
     config, volumes = pool
     config = config.replace(augmentation={"gamma_probability": 0, "brightness_probability": 0,
