@@ -148,25 +148,28 @@ class CoreOutputs:
     @classmethod
     def fromDirectory(cls, folder: str | os.PathLike) -> CoreOutputs:
         """Read what ``deepabdominalreg register --output-dir folder`` wrote."""
+        from deepabdominalreg.cli import IMAGE_FORMATS
         from deepabdominalreg.image import read_displacement_field
 
         folder = Path(folder)
 
-        def optional(name):
-            path = folder / name
-            return path if path.exists() else None
+        def optional(stem):
+            """The file ``stem.EXT`` the command wrote, whatever its ``--output-format``."""
+            return next((folder / f"{stem}.{ext}" for ext in IMAGE_FORMATS if (folder / f"{stem}.{ext}").exists()),
+                        None)
 
-        missing = [n for n in ("warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz",
-                               "displacement_magnitude.nii.gz", "metrics.json") if not (folder / n).exists()]
+        found = {stem: optional(stem) for stem in ("warped", "displacement", "jacobian", "displacement_magnitude")}
+        missing = [f"{stem}.*" for stem, path in found.items() if path is None]
+        missing += [] if (folder / "metrics.json").exists() else ["metrics.json"]
         if missing:
             raise RegistrationFailed(f"the registration process ended without writing {', '.join(missing)}.")
-        inverse = optional("inverse_displacement.nii.gz")
-        labels = optional("warped_seg.nii.gz")
+        inverse = optional("inverse_displacement")
+        labels = optional("warped_seg")
         return cls(
-            warpedImage=sitk.ReadImage(str(folder / "warped.nii.gz")),
-            displacementLps=read_displacement_field(folder / "displacement.nii.gz"),
-            jacobian=sitk.ReadImage(str(folder / "jacobian.nii.gz")),
-            displacementMagnitude=sitk.ReadImage(str(folder / "displacement_magnitude.nii.gz")),
+            warpedImage=sitk.ReadImage(str(found["warped"])),
+            displacementLps=read_displacement_field(found["displacement"]),
+            jacobian=sitk.ReadImage(str(found["jacobian"])),
+            displacementMagnitude=sitk.ReadImage(str(found["displacement_magnitude"])),
             metrics=json.loads((folder / "metrics.json").read_text()),
             inverseDisplacementLps=read_displacement_field(inverse) if inverse else None,
             warpedLabels=sitk.ReadImage(str(labels)) if labels else None,
@@ -345,7 +348,7 @@ def registerBlocking(inputs: InputNodes, config: RegistrationConfig, requested: 
 # ----------------------------------------------------------------------------------------------------------------
 
 _FLAG_FIELDS = ("device", "seed", "model", "affine", "body_mask", "io_iterations", "working_spacing_mm", "threads",
-                "compute_inverse")
+                "compute_inverse", "network_precision")
 """Config fields the ``register`` command line sets with a flag; the other fields come from ``--preset``."""
 
 
@@ -373,6 +376,8 @@ def cliArguments(config: RegistrationConfig, configPath: str | os.PathLike | Non
         args += ["--threads", str(config.threads)]
     if not config.compute_inverse:
         args.append("--no-inverse")
+    if config.network_precision != "fp32":
+        args += ["--network-precision", config.network_precision]
     if preset is None:
         if configPath is None:
             raise ValueError("these settings differ from every preset in fields the command line cannot set; "
@@ -421,7 +426,8 @@ def registerCommand(paths: dict[str, Path], outputDir: Path, config: Registratio
                       ("fixed_landmarks", "--fixed-landmarks"), ("moving_landmarks", "--moving-landmarks")):
         if key in paths:
             command += [flag, str(paths[key])]
-    return command + cliArguments(config, configPath) + ["--no-report", "--progress-json"]
+    # the outputs are read back into MRML nodes at once: uncompressed NRRD (exact, no gzip time)
+    return command + cliArguments(config, configPath) + ["--no-report", "--progress-json", "--output-format", "nrrd"]
 
 
 class RegistrationProcess:

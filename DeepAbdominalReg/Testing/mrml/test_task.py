@@ -31,6 +31,7 @@ def _cliConfig(arguments):
     config_from_preset("fast", working_spacing_mm=5.0, device="cpu", seed=7, threads=2),
     config_from_preset("accurate", affine=False, body_mask=False, compute_inverse=False, model="/m/x.pt",
                        io_iterations=0),
+    config_from_preset("network", device="cuda", network_precision="bf16"),
 ])
 def test_cli_arguments_reproduce_the_config(config):
     arguments = task.cliArguments(config)
@@ -257,5 +258,5 @@ def test_core_inputs_are_written_for_the_command_line(scene, synthetic, tmp_path
                                   sitk.GetArrayFromImage(core.movingLabels))
     command = task.registerCommand(paths, tmp_path / "out", RegistrationConfig(), python="python")
     assert command[:4] == ["python", "-m", "deepabdominalreg", "register"]
-    assert command[-2:] == ["--no-report", "--progress-json"]
+    assert command[-4:] == ["--no-report", "--progress-json", "--output-format", "nrrd"]
     assert "--moving-seg" in command and "--label-names" in command
