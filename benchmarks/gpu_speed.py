@@ -96,10 +96,9 @@ def _time_forward(network, fixed: torch.Tensor, moving: torch.Tensor, repeats: i
 
 
 def _forward_timings(fixed_path: Path, moving_path: Path, model: str, repeats: int) -> dict:
-    from deepabdominalreg.image import make_working_grid, read_image
+    from deepabdominalreg.image import read_image
     from deepabdominalreg.models import load_model
-    from deepabdominalreg.preprocessing import prepare_working_image
-    from deepabdominalreg.registration import _NETWORK_BOX_MARGIN_VOXELS, _body_box
+    from deepabdominalreg.registration import network_inputs
 
     fixed, moving = read_image(fixed_path, "fixed"), read_image(moving_path, "moving")
     results: dict = {}
@@ -108,12 +107,7 @@ def _forward_timings(fixed_path: Path, moving_path: Path, model: str, repeats: i
         if device == "cuda" and not torch.cuda.is_available():
             continue
         network, card = load_model(model, device)
-        grid = make_working_grid(fixed, card.input_spacing_mm, 160)
-        f = prepare_working_image(fixed, grid, card.hu_window)
-        m = prepare_working_image(moving, grid, card.hu_window)
-        box = _body_box(f.mask | m.mask, _NETWORK_BOX_MARGIN_VOXELS)
-        ft = torch.as_tensor(f.intensity[box].copy(), device=device)[None, None]
-        mt = torch.as_tensor(m.intensity[box].copy(), device=device)[None, None]
+        ft, mt, _, _ = network_inputs(fixed, moving, card, 160, device)  # as the pipeline's network stage
         median, out = _time_forward(network, ft, mt, repeats if device == "cuda" else max(2, repeats // 10), bf16)
         key = f"{device}_{'bf16' if bf16 else 'fp32'}"
         results[key] = {"forward_median_ms": round(1000 * median, 2), "input_zyx": list(ft.shape[2:])}

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 from deepabdominalreg.config import PRESETS
-from deepabdominalreg.image import make_working_grid, read_image
+from deepabdominalreg.image import read_image
 from deepabdominalreg.models import load_model
-from deepabdominalreg.preprocessing import prepare_working_image
-from deepabdominalreg.registration import _NETWORK_BOX_MARGIN_VOXELS, _body_box
+from deepabdominalreg.registration import network_inputs
 
 SHARED_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator" / "example_ct.nii.gz"
 
@@ -54,13 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     for device in devices:
         network, card = load_model(args.model, device)
         t0 = time.perf_counter()
-        grid = make_working_grid(fixed, card.input_spacing_mm, 160)
-        f = prepare_working_image(fixed, grid, card.hu_window)
-        m = prepare_working_image(moving, grid, card.hu_window)
-        box = _body_box(f.mask | m.mask, _NETWORK_BOX_MARGIN_VOXELS)  # as the pipeline's network stage
+        ft, mt, grid, _ = network_inputs(fixed, moving, card, 160, device)  # as the pipeline's network stage
         prep = time.perf_counter() - t0
-        ft = torch.as_tensor(f.intensity[box].copy(), device=device)[None, None]
-        mt = torch.as_tensor(m.intensity[box].copy(), device=device)[None, None]
         times = []
         with torch.inference_mode():
             network.predict(ft, mt)  # warm-up
@@ -72,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
-        results[device] = {"grid_zyx": list(f.intensity.shape), "network_input_zyx": list(ft.shape[2:]), "preprocessing_s": round(prep, 3),
+        results[device] = {"grid_zyx": list(grid.shape_zyx), "network_input_zyx": list(ft.shape[2:]), "preprocessing_s": round(prep, 3),
                            "forward_median_s": round(statistics.median(times), 3),
                            "forward_all_s": [round(t, 3) for t in times]}
     print(json.dumps(results, indent=1))

@@ -539,20 +539,13 @@ def _network_displacement(
 ) -> torch.Tensor:
     """Run the network on its own grid (the card's spacing and HU window) and return the displacement on the
     working grid, in working-grid voxels ``(1, 3, D, H, W)``."""
-    net_grid = make_working_grid(fixed, card.input_spacing_mm, config.max_working_voxels)
-    f = prepare_working_image(fixed, net_grid, card.hu_window, config.body_mask)
-    m = prepare_working_image(moving, net_grid, card.hu_window, config.body_mask, transform=affine)
-    # the network sees the bounding box of both bodies (+ a margin): the air around them carries no matching
-    # information and is often half of the grid; outside the box the field continues its edge values
-    box = _body_box(f.mask | m.mask, margin=_NETWORK_BOX_MARGIN_VOXELS)
+    fixed_input, moving_input, net_grid, box = network_inputs(
+        fixed, moving, card, config.max_working_voxels, device, body_mask=config.body_mask, affine=affine)
     bf16 = config.network_precision == "bf16" and device.type == "cuda"
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-        pred = network.predict(
-            torch.as_tensor(np.ascontiguousarray(f.intensity[box]), device=device)[None, None],
-            torch.as_tensor(np.ascontiguousarray(m.intensity[box]), device=device)[None, None],
-        ).float()
-        pad = []
-        for sl, size in reversed(list(zip(box, f.intensity.shape))):
+        pred = network.predict(fixed_input, moving_input).float()
+        pad = []  # outside the bodies' box the field continues its edge values
+        for sl, size in reversed(list(zip(box, net_grid.shape_zyx))):
             pad += [sl.start, size - sl.stop]
         if any(pad):
             pred = torch.nn.functional.pad(pred, pad, mode="replicate")
@@ -564,6 +557,32 @@ def _network_displacement(
 
 
 _NETWORK_BOX_MARGIN_VOXELS = 4
+
+
+def network_inputs(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    card,
+    max_working_voxels: int,
+    device: torch.device | str,
+    *,
+    body_mask: bool = True,
+    affine: sitk.Transform | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, Grid, tuple[slice, slice, slice]]:
+    """The network's input pair as the network stage prepares it (``benchmarks/`` time exactly this).
+
+    Both images go onto the model's grid (``card.input_spacing_mm``, the fixed image's direction and extent; the
+    moving image through ``affine``, fixed -> moving, when given), with the card's HU window and the body mask,
+    and are cropped to the bounding box of both bodies plus a margin: the air around them carries no matching
+    information and is often half of the grid.  Returns ``(fixed, moving)`` as ``(1, 1, d, h, w)`` float32 tensors
+    on ``device``, the model's grid and the box (array axes z, y, x) on it.
+    """
+    net_grid = make_working_grid(fixed, card.input_spacing_mm, max_working_voxels)
+    f = prepare_working_image(fixed, net_grid, card.hu_window, body_mask)
+    m = prepare_working_image(moving, net_grid, card.hu_window, body_mask, transform=affine)
+    box = _body_box(f.mask | m.mask, margin=_NETWORK_BOX_MARGIN_VOXELS)
+    return (torch.as_tensor(np.ascontiguousarray(f.intensity[box]), device=device)[None, None],
+            torch.as_tensor(np.ascontiguousarray(m.intensity[box]), device=device)[None, None], net_grid, box)
 
 
 def _body_box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
