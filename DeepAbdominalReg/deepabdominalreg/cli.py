@@ -112,7 +112,7 @@ def _write_outputs(result, out: Path, *, fixed, moving, fixed_labels, moving_lab
     compress = ext.endswith(".gz")
     paths = {
         "warped": write_image(result.warped_image, out / f"warped.{ext}", compress),
-        "displacement": write_displacement_field(result.displacement_lps, out / f"displacement.{ext}"),
+        "displacement": write_displacement_field(result.displacement_lps, out / f"displacement.{ext}", compress),
         "jacobian": write_image(result.jacobian, out / f"jacobian.{ext}", compress),
         "displacement_magnitude": write_image(result.displacement_magnitude, out / f"displacement_magnitude.{ext}",
                                               compress),
@@ -123,7 +123,7 @@ def _write_outputs(result, out: Path, *, fixed, moving, fixed_labels, moving_lab
         paths["warped_seg"] = write_image(result.warped_labels, out / f"warped_seg.{ext}", compress)
     if result.inverse_displacement_lps is not None:
         paths["inverse_displacement"] = write_displacement_field(
-            result.inverse_displacement_lps, out / f"inverse_displacement.{ext}"
+            result.inverse_displacement_lps, out / f"inverse_displacement.{ext}", compress
         )
     if result.warped_moving_landmarks_lps is not None:
         paths["warped_moving_landmarks"] = write_landmarks(

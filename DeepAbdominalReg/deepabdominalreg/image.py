@@ -335,19 +335,20 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
     return path
 
 
-def write_displacement_field(field_lps: sitk.Image, path: str | os.PathLike) -> Path:
+def write_displacement_field(field_lps: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
     """Write a displacement field (3-component vectors in LPS mm) that ITK, SimpleITK and Slicer read as such.
 
     For NIfTI the file follows the NIfTI displacement convention (intent code 1006, vectors stored in RAS); ITK
-    readers, SimpleITK and Slicer convert them back to LPS on reading.  Other formats (``.mha``, ``.nrrd``) store
-    LPS vectors as they are.
+    readers, SimpleITK and Slicer convert them back to LPS on reading; the extension decides the compression
+    (``.nii.gz`` or ``.nii``).  Other formats (``.mha``, ``.nrrd``) store LPS vectors as they are, compressed when
+    ``compress``.
     """
     path = Path(path)
     if field_lps.GetNumberOfComponentsPerPixel() != 3:
         raise ValueError("a displacement field needs 3 components per voxel")
     field32 = sitk.Cast(field_lps, sitk.sitkVectorFloat32)
     if not path.name.endswith((".nii", ".nii.gz")):
-        return write_image(field32, path)
+        return write_image(field32, path, compress)
     array = sitk.GetArrayFromImage(field32)
     array[..., :2] *= -1.0  # LPS -> RAS
     ras = sitk.GetImageFromArray(array, isVector=True)

@@ -109,6 +109,10 @@ def test_uncompressed_output_formats_hold_the_same_field(pair_dir, registered, t
     field = sitk.GetArrayFromImage(read_displacement_field(tmp_path / f"displacement.{image_format}"))
     reference = sitk.GetArrayFromImage(read_displacement_field(registered / "displacement.nii.gz"))
     np.testing.assert_allclose(field, reference, atol=1e-4)
+    for name in ("warped", "displacement", "jacobian"):  # written uncompressed, the field included
+        head = (tmp_path / f"{name}.{image_format}").read_bytes()[:2000]
+        assert not head.startswith(b"\x1f\x8b"), name
+        assert image_format != "nrrd" or b"encoding: raw" in head, name
     assert sitk.ReadImage(str(tmp_path / f"warped.{image_format}")).GetSize() == \
         sitk.ReadImage(str(pair_dir / "fixed.nii.gz")).GetSize()
 
