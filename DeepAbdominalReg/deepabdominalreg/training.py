@@ -264,9 +264,10 @@ def prepare_phantom_pool(config: TrainingConfig, seeds: Sequence[int] | None = N
         import concurrent.futures
         import multiprocessing
 
-        # spawned (not forked) workers: safe after torch (and CUDA) are initialised in this process
+        # spawned (not forked) workers, one torch thread each: safe after torch (and CUDA) are initialised here
         t0 = time.perf_counter()
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=torch.set_num_threads, initargs=(1,)) as ex:
             list(ex.map(_render_phantom_to_cache, [config] * len(missing), missing))
         log(f"{len(missing)} phantoms rendered by {workers} processes in {time.perf_counter() - t0:.1f} s")
     else:
@@ -292,8 +293,6 @@ def _render_phantom_to_cache(config: TrainingConfig, seed: int) -> tuple[int, in
     returns the grid shape ``(D, H, W)``."""
     from deepabdominalreg.phantom import add_ct_noise, render_phantom
 
-    if config.data_workers > 1:  # one thread per worker process
-        torch.set_num_threads(1)
     path = _phantom_cache_path(config, seed)
     clean, labels = render_phantom(int(seed), config.spacing_mm)
     noisy = add_ct_noise(clean, seed=int(seed) + 555, sigma_hu=15.0)
