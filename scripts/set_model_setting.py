@@ -17,7 +17,7 @@ from pathlib import Path
 from deepabdominalreg.models import load_model, save_model
 from deepabdominalreg.networks import build_network
 
-INFERENCE_ONLY = {"output_smoothing"}
+INFERENCE_ONLY = {"output_smoothing", "boundary_padding"}
 
 
 def main(argv: list[str] | None = None) -> int:

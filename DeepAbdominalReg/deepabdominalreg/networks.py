@@ -22,6 +22,7 @@ __all__ = [
     "SpatialTransformer",
     "UNetConfig",
     "build_network",
+    "content_face_margins",
 ]
 
 
@@ -124,6 +125,12 @@ class PyramidConfig(_SettingsMixin):
     """3^3 box filters applied to the final displacement (n passes ~ Gaussian sigma sqrt(2 n / 3) voxels)."""
     initial_inverse_temperature: float = 10.0
     """Softmax sharpness on the contrast-normalised cost (cost / its mean over the shifts)."""
+    boundary_padding: int = 0
+    """Inference only (:meth:`CostVolumePyramidNet.predict`): voxels of mirrored image added beyond each face of
+    the input where the image content reaches that face (a scan cut through the body), cropped from the field.
+    Without it the zero-padded convolutions give fixed and moving the same border features, which match best at
+    zero shift and pull the field towards zero in the last slices (measured: 4.4 mm endpoint error in the top
+    24 mm of a real CT vs 1.0 mm inside)."""
 
 
 def _shift_offsets(radius: int) -> list[tuple[int, int, int]]:
@@ -241,8 +248,34 @@ class CostVolumePyramidNet(nn.Module):
         return disp
 
     def predict(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        """Forward pass on any grid size: pads to a multiple of :attr:`divisor` (edge values), crops back."""
-        return _predict_padded(self, fixed, moving, "replicate")
+        """Forward pass on any grid size: mirrors :attr:`PyramidConfig.boundary_padding` voxels beyond the faces
+        that the images' content reaches, pads to a multiple of :attr:`divisor` (edge values), crops back."""
+        margins = content_face_margins(fixed, moving, self.config.boundary_padding)
+        if any(margins):
+            pad = []
+            for axis in reversed(range(3)):
+                pad += [margins[2 * axis], margins[2 * axis + 1]]
+            fixed = F.pad(fixed, pad, mode="reflect")
+            moving = F.pad(moving, pad, mode="reflect")
+        flow = _predict_padded(self, fixed, moving, "replicate")
+        d, h, w = flow.shape[2:]
+        return flow[:, :, margins[0]: d - margins[1], margins[2]: h - margins[3], margins[4]: w - margins[5]]
+
+
+def content_face_margins(fixed: torch.Tensor, moving: torch.Tensor, padding: int) -> tuple[int, ...]:
+    """Mirror margins ``(d_low, d_high, h_low, h_high, w_low, w_high)`` in voxels for ``(B, 1, D, H, W)`` inputs:
+    ``padding`` (at most the axis length - 1, the limit of reflection) on each face where either image has a value
+    above 0 (content; the network's inputs are 0 in air and outside the body mask), else 0."""
+    if padding <= 0:
+        return (0,) * 6
+    margins = []
+    for axis in range(3):
+        dim = 2 + axis
+        size = fixed.shape[dim]
+        for index in (0, size - 1):
+            face = torch.stack([fixed.select(dim, index), moving.select(dim, index)])
+            margins.append(min(padding, size - 1) if bool((face > 0).any()) else 0)
+    return tuple(margins)
 
 
 def _predict_padded(network: nn.Module, fixed: torch.Tensor, moving: torch.Tensor, mode: str) -> torch.Tensor:

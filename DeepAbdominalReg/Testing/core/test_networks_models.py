@@ -196,6 +196,50 @@ def test_output_smoothing_smooths_the_field_and_keeps_a_translation():
     torch.testing.assert_close(box_filter3(constant), constant)
 
 
+def test_content_face_margins_mirror_only_the_faces_the_content_reaches():
+    from deepabdominalreg.networks import content_face_margins
+
+    f = torch.zeros(1, 1, 10, 12, 14)
+    m = torch.zeros(1, 1, 10, 12, 14)
+    f[:, :, 0:6, 3:9, 3:9] = 0.5  # reaches the low-d face only
+    m[:, :, 4:10, 3:9, 4:14] = 0.5  # reaches the high-d and the high-w faces
+    assert content_face_margins(f, m, 4) == (4, 4, 0, 0, 0, 4)
+    assert content_face_margins(f, m, 0) == (0,) * 6
+    assert content_face_margins(f, m, 50) == (9, 9, 0, 0, 0, 13)  # reflection needs padding < size
+    assert content_face_margins(torch.zeros_like(f), torch.zeros_like(m), 4) == (0,) * 6
+
+
+def test_boundary_padding_mirrors_the_cut_faces_and_crops_the_field_back():
+    import torch.nn.functional as F
+    from deepabdominalreg.networks import content_face_margins
+
+    torch.manual_seed(0)
+    plain = CostVolumePyramidNet(PYRAMID).eval()
+    padded = CostVolumePyramidNet(PyramidConfig(**{**PYRAMID.as_dict(), "boundary_padding": 3})).eval()
+    padded.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        torch.nn.init.normal_(plain.refiners[0][-1].weight, 0.0, 0.1)
+        padded.refiners[0][-1].weight.copy_(plain.refiners[0][-1].weight)
+    # content reaching the d faces (a scan cut through the body), air (0) at the h and w faces
+    f = torch.zeros(1, 1, 11, 12, 10)
+    m = torch.zeros(1, 1, 11, 12, 10)
+    f[:, :, :, 2:10, 2:8] = _smooth_texture((11, 8, 6), 1)
+    m[:, :, :, 2:10, 2:8] = _smooth_texture((11, 8, 6), 2)
+    assert content_face_margins(f, m, 3) == (3, 3, 0, 0, 0, 0)
+    with torch.no_grad():
+        out = padded.predict(f, m)
+        expected = plain.predict(F.pad(f, (0, 0, 0, 0, 3, 3), mode="reflect"),
+                                 F.pad(m, (0, 0, 0, 0, 3, 3), mode="reflect"))[:, :, 3:-3]
+        assert out.shape == (1, 3, 11, 12, 10)
+        torch.testing.assert_close(out, expected)
+        assert not torch.allclose(out, plain.predict(f, m))  # the mirrored slices change the field
+        # where no content reaches a face, the padding changes nothing
+        inner_f, inner_m = f[:, :, 2:9], m[:, :, 2:9]
+        inner_f[:, :, [0, -1]] = 0.0
+        inner_m[:, :, [0, -1]] = 0.0
+        torch.testing.assert_close(padded.predict(inner_f, inner_m), plain.predict(inner_f, inner_m))
+
+
 def test_set_model_setting_script_changes_only_inference_settings(tmp_path):
     import subprocess
     import sys
@@ -214,6 +258,11 @@ def test_set_model_setting_script_changes_only_inference_settings(tmp_path):
     refused = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "m.pt"), "search_radius=[1,1]"],
                              capture_output=True, text=True, check=False)
     assert refused.returncode != 0 and "changes what the weights mean" in refused.stderr
+    padded = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "s.pt"), "boundary_padding=8"],
+                            capture_output=True, text=True, check=False)
+    assert padded.returncode == 0, padded.stderr
+    net, card = load_model(str(tmp_path / "s.pt"))
+    assert net.config.boundary_padding == 8 and net.config.output_smoothing == 3
 
 
 def test_network_box_is_the_body_bounding_box_with_margin():
