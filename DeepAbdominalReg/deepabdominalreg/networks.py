@@ -7,6 +7,7 @@ scaling and squaring (diffeomorphic).  Constructor arguments are plain values, s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -251,15 +252,7 @@ class CostVolumePyramidNet(nn.Module):
         """Forward pass on any grid size: mirrors :attr:`PyramidConfig.boundary_padding` voxels beyond the faces
         that the images' content reaches, pads to a multiple of :attr:`divisor` (edge values), crops back."""
         margins = content_face_margins(fixed, moving, self.config.boundary_padding)
-        if any(margins):
-            pad = []
-            for axis in reversed(range(3)):
-                pad += [margins[2 * axis], margins[2 * axis + 1]]
-            fixed = F.pad(fixed, pad, mode="reflect")
-            moving = F.pad(moving, pad, mode="reflect")
-        flow = _predict_padded(self, fixed, moving, "replicate")
-        d, h, w = flow.shape[2:]
-        return flow[:, :, margins[0]: d - margins[1], margins[2]: h - margins[3], margins[4]: w - margins[5]]
+        return _predict_padded(self, fixed, moving, "replicate", mirror=margins)
 
 
 def content_face_margins(fixed: torch.Tensor, moving: torch.Tensor, padding: int) -> tuple[int, ...]:
@@ -278,19 +271,28 @@ def content_face_margins(fixed: torch.Tensor, moving: torch.Tensor, padding: int
     return tuple(margins)
 
 
-def _predict_padded(network: nn.Module, fixed: torch.Tensor, moving: torch.Tensor, mode: str) -> torch.Tensor:
-    """``network(fixed, moving)`` on inputs padded at the far end to a multiple of ``network.divisor``
-    (``F.pad`` ``mode``: ``"constant"`` zeros or ``"replicate"``), with the field cropped back to the input grid."""
+def _pad_argument(margins: Sequence[int]) -> list[int]:
+    """``F.pad``'s argument (last axis first) from ``(d_low, d_high, h_low, h_high, w_low, w_high)`` voxels."""
+    return [int(margins[2 * axis + side]) for axis in reversed(range(3)) for side in (0, 1)]
+
+
+def _predict_padded(network: nn.Module, fixed: torch.Tensor, moving: torch.Tensor, mode: str,
+                    mirror: Sequence[int] = (0,) * 6) -> torch.Tensor:
+    """``network(fixed, moving)`` with the field cropped back to the input grid.  The inputs are first mirrored by
+    ``mirror`` voxels ``(d_low, d_high, h_low, h_high, w_low, w_high)`` (reflection), then padded at the far end to
+    a multiple of ``network.divisor`` (``F.pad`` ``mode``: ``"constant"`` zeros or ``"replicate"``)."""
     shape = fixed.shape[2:]
-    pads = [(-s) % network.divisor for s in shape]
+    if any(mirror):
+        fixed = F.pad(fixed, _pad_argument(mirror), mode="reflect")
+        moving = F.pad(moving, _pad_argument(mirror), mode="reflect")
+    pads = [(-s) % network.divisor for s in fixed.shape[2:]]
     if any(pads):
-        pad_arg = []
-        for p in reversed(pads):
-            pad_arg += [0, p]
-        fixed = F.pad(fixed, pad_arg, mode=mode)
-        moving = F.pad(moving, pad_arg, mode=mode)
+        far_end = _pad_argument([v for p in pads for v in (0, p)])
+        fixed = F.pad(fixed, far_end, mode=mode)
+        moving = F.pad(moving, far_end, mode=mode)
     flow = network(fixed, moving)
-    return flow[:, :, : shape[0], : shape[1], : shape[2]]
+    d0, h0, w0 = mirror[0], mirror[2], mirror[4]
+    return flow[:, :, d0: d0 + shape[0], h0: h0 + shape[1], w0: w0 + shape[2]]
 
 
 class SpatialTransformer(nn.Module):
