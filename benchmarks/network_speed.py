@@ -15,9 +15,11 @@ import json
 import platform
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from deepabdominalreg.allocator import reuse_freed_memory
 from deepabdominalreg.config import PRESETS
 from deepabdominalreg.image import read_image
 from deepabdominalreg.models import load_model
@@ -44,19 +46,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ct", default=None, help="CT volume (default: shared/data example_ct, else the phantom)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's allocator as it is (register_pair keeps freed memory for reuse)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     name, fixed, moving = _pair(args.ct)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = {"model": args.model, "image": name, "image_size": list(fixed.GetSize()), "threads": args.threads,
-               "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}"}
+               "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}",
+               "allocator": "glibc default" if args.default_allocator else "freed memory reused (as register_pair)"}
     for device in devices:
         network, card = load_model(args.model, device)
         t0 = time.perf_counter()
         ft, mt, grid, _ = network_inputs(fixed, moving, card, 160, device)  # as the pipeline's network stage
         prep = time.perf_counter() - t0
         times = []
-        with torch.inference_mode():
+        allocator = nullcontext() if args.default_allocator else reuse_freed_memory()
+        with allocator, torch.inference_mode():
             network.predict(ft, mt)  # warm-up
             for _ in range(args.repeats):
                 if device == "cuda":

@@ -145,6 +145,9 @@ def ssd_cost_volume(fixed_features: torch.Tensor, moving_features: torch.Tensor,
     Returns ``(B, (2r+1)^3, D, H, W)``: channel ``k`` holds ``mean_c (F(x) - M(x + k))^2`` (moving padded by
     replication at the borders), shifts ordered as :func:`_shift_offsets` (d slowest, w fastest).  Computed as
     ``mean F^2 + mean M_k^2 - 2 mean F M_k`` (one product per shift instead of a difference and a square).
+    Without autograd (inference) each shift's cross term is accumulated channel by channel straight into the
+    output (``addcmul_``: no per-shift product tensor, no stack; ~4x faster on a CPU, same values to float
+    rounding); with autograd, out-of-place products.
     """
     r = radius
     channels = fixed_features.shape[1]
@@ -152,17 +155,55 @@ def ssd_cost_volume(fixed_features: torch.Tensor, moving_features: torch.Tensor,
     padded_sq = padded.pow(2).mean(dim=1)
     fixed_sq = fixed_features.pow(2).mean(dim=1)
     d, h, w = fixed_features.shape[2:]
-    costs = []
-    for a, b, c in _shift_offsets(r):
-        window = (slice(None), slice(None), slice(r + a, r + a + d), slice(r + b, r + b + h), slice(r + c, r + c + w))
-        cross = torch.linalg.vecdot(fixed_features, padded[window], dim=1)
-        costs.append(fixed_sq + padded_sq[(window[0], *window[2:])] - (2.0 / channels) * cross)
-    return torch.stack(costs, dim=1).clamp_min_(0.0)
+    offsets = _shift_offsets(r)
+
+    def window(a: int, b: int, c: int) -> tuple[slice, ...]:
+        return (slice(None), slice(None), slice(r + a, r + a + d), slice(r + b, r + b + h), slice(r + c, r + c + w))
+
+    if torch.is_grad_enabled() and (fixed_features.requires_grad or moving_features.requires_grad):
+        costs = []
+        for a, b, c in offsets:
+            win = window(a, b, c)
+            cross = torch.linalg.vecdot(fixed_features, padded[win], dim=1)
+            costs.append(fixed_sq + padded_sq[(win[0], *win[2:])] - (2.0 / channels) * cross)
+        return torch.stack(costs, dim=1).clamp_min_(0.0)
+    with torch.no_grad():
+        cost = fixed_features.new_empty((fixed_features.shape[0], len(offsets), d, h, w))
+        for k, (a, b, c) in enumerate(offsets):
+            win = window(a, b, c)
+            shifted = padded[win]
+            out = cost[:, k]
+            torch.mul(fixed_features[:, 0], shifted[:, 0], out=out)
+            for channel in range(1, channels):
+                out.addcmul_(fixed_features[:, channel], shifted[:, channel])
+            out.mul_(-2.0 / channels).add_(fixed_sq).add_(padded_sq[(win[0], *win[2:])])
+        return cost.clamp_min_(0.0)
 
 
 def box_filter3(volume: torch.Tensor) -> torch.Tensor:
-    """3x3x3 mean filter per channel of ``(B, C, D, H, W)`` (at borders: the mean over the neighbours inside)."""
-    return F.avg_pool3d(volume, 3, stride=1, padding=1, count_include_pad=False)
+    """3x3x3 mean filter per channel of ``(B, C, D, H, W)`` (at borders: the mean over the neighbours inside).
+
+    Equal to ``F.avg_pool3d(volume, 3, stride=1, padding=1, count_include_pad=False)`` (to float rounding), as
+    three separable 3-tap sums and one multiplication by the reciprocal neighbour counts: 2-3x faster on a CPU
+    than ``avg_pool3d``, which visits all 27 neighbours.  Differentiable.
+    """
+    summed = volume
+    reciprocal = None
+    for dim in (2, 3, 4):
+        n = summed.shape[dim]
+        counts = torch.full((n,), 3.0, dtype=volume.dtype, device=volume.device)
+        counts[0] = counts[-1] = 2.0 if n > 1 else 1.0
+        shape = [1, 1, 1]
+        shape[dim - 2] = n
+        factor = counts.reciprocal().view(shape)
+        reciprocal = factor if reciprocal is None else reciprocal * factor
+        if n == 1:
+            continue
+        total = summed.clone()
+        total.narrow(dim, 1, n - 1).add_(summed.narrow(dim, 0, n - 1))
+        total.narrow(dim, 0, n - 1).add_(summed.narrow(dim, 1, n - 1))
+        summed = total
+    return summed * reciprocal
 
 
 class CostVolumePyramidNet(nn.Module):

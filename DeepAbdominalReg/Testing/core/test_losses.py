@@ -238,3 +238,27 @@ def test_uncertainty_weighting_learns_inverse_loss_weight():
         optimiser.step()
     # minimum of exp(-s) L + s is at s = log L: weight 1 / L
     assert uw.weights()["a"] == pytest.approx(0.25, rel=1e-3)
+
+
+@pytest.mark.parametrize("window", [1, 3, 5, 9])
+def test_box_filter_equals_zero_padded_average_pooling_forward_and_backward(window):
+    """The NCC's box filter (sums of shifted slices, own backward pass) is the zero-padded mean convolution."""
+    g = torch.Generator().manual_seed(window)
+    x = torch.rand(2, 3, 7, 11, 10, generator=g, dtype=torch.float64)  # odd/even sizes, some below the window
+    weight = torch.rand(x.shape, generator=g, dtype=torch.float64)
+    ours_in, ref_in = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ours = losses._box_filter(ours_in, window)
+    kernel = torch.full((3, 1, window, window, window), 1.0 / window**3, dtype=torch.float64)
+    ref = torch.nn.functional.conv3d(ref_in, kernel, padding=window // 2, groups=3)  # zero padding, counted
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    (ours * weight).sum().backward()
+    (ref * weight).sum().backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=1e-12)
+    assert torch.equal(x, ours_in.detach())  # the input is not modified
+    with torch.no_grad():  # the path without autograd gives the same values
+        torch.testing.assert_close(losses._box_filter(x, window), ref.detach(), rtol=0, atol=1e-12)
+
+
+def test_box_filter_gradient_passes_gradcheck():
+    x = torch.rand(1, 2, 5, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: losses._box_filter(v, 3), (x,))

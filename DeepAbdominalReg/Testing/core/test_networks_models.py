@@ -196,6 +196,54 @@ def test_output_smoothing_smooths_the_field_and_keeps_a_translation():
     torch.testing.assert_close(box_filter3(constant), constant)
 
 
+def _brute_force_box3(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the in-bounds 3x3x3 neighbourhood of every voxel, by loops (reference)."""
+    out = torch.empty_like(x)
+    d, h, w = x.shape[2:]
+    for i in range(d):
+        for j in range(h):
+            for k in range(w):
+                block = x[:, :, max(i - 1, 0): i + 2, max(j - 1, 0): j + 2, max(k - 1, 0): k + 2]
+                out[:, :, i, j, k] = block.mean(dim=(2, 3, 4))
+    return out
+
+
+def test_box_filter3_equals_average_pooling_without_padding_counts_forward_and_backward():
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1, 27, 9, 5, 7), (2, 4, 3, 4, 3), (1, 2, 6, 1, 2)]:  # size 1 and 2 axes: avg_pool3d cannot
+        x = torch.rand(shape, generator=g, dtype=torch.float64)
+        ours_in = x.clone().requires_grad_(True)
+        ours = box_filter3(ours_in)
+        torch.testing.assert_close(ours.detach(), _brute_force_box3(x), rtol=0, atol=1e-12)
+        assert torch.equal(ours_in.detach(), x)  # the input is not modified
+        if min(shape[2:]) >= 3:
+            weight = torch.rand(shape, generator=g, dtype=torch.float64)
+            ref_in = x.clone().requires_grad_(True)
+            ref = torch.nn.functional.avg_pool3d(ref_in, 3, stride=1, padding=1, count_include_pad=False)
+            torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+            (ours * weight).sum().backward()
+            (ref * weight).sum().backward()
+            torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=1e-12)
+
+
+def test_ssd_cost_volume_inference_path_equals_the_autograd_path():
+    """Without autograd the cost volume is accumulated in place; with it, out of place: same numbers, and the
+    autograd path still gives gradients."""
+    g = torch.Generator().manual_seed(4)
+    fixed = torch.rand(2, 5, 7, 8, 6, generator=g, requires_grad=True)
+    moving = torch.rand(2, 5, 7, 8, 6, generator=g)
+    with_grad = ssd_cost_volume(fixed, moving, radius=2)
+    with torch.no_grad():
+        without = ssd_cost_volume(fixed, moving, radius=2)
+    with torch.inference_mode():
+        inference = ssd_cost_volume(fixed.detach(), moving, radius=2)
+    assert with_grad.requires_grad and not without.requires_grad
+    torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=2e-6)
+    torch.testing.assert_close(inference, with_grad.detach(), rtol=0, atol=2e-6)
+    with_grad.sum().backward()
+    assert fixed.grad is not None and float(fixed.grad.abs().sum()) > 0
+
+
 def test_content_face_margins_mirror_only_the_faces_the_content_reaches():
     from deepabdominalreg.networks import content_face_margins
 
