@@ -51,13 +51,13 @@ class _BoxFilter(torch.autograd.Function):
     """Zero-padded box filter; being a symmetric linear operator, its backward pass is the same filter."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, window: int) -> torch.Tensor:  # noqa: D102
+    def forward(ctx, x: torch.Tensor, window: int) -> torch.Tensor:
         ctx.window = window
         with torch.no_grad():
             return _box_sum(x, window)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: D102
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return _box_sum(grad.contiguous(), ctx.window), None
 
 

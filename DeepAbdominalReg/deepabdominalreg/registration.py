@@ -19,6 +19,7 @@ from deepabdominalreg import spatial
 from deepabdominalreg.affine import optimise_affine
 from deepabdominalreg.allocator import reuse_freed_memory
 from deepabdominalreg.config import RegistrationConfig
+from deepabdominalreg.fields import affine_field_displacement, warp_image
 from deepabdominalreg.image import (
     Grid,
     ImageValidationError,
@@ -425,13 +426,15 @@ def _register_pair_on_device(
 
     with stages("composition", "composing affine and deformable fields at full resolution"):
         deformable_mm = _disp_vox_to_mm_lps(disp, w_fixed_grid)
+        # x -> affine(x + u(x)); the ITK composite is kept for the labels (nearest neighbour) and the landmarks
         transform = sitk.CompositeTransform([affine, _field_transform(deformable_mm, w_fixed_grid)])
-        displacement = dense_displacement_image(transform, fixed_grid)
-        working_displacement = dense_displacement_image(transform, w_fixed_grid)
+        displacement = affine_field_displacement(fixed_grid, deformable_mm, w_fixed_grid, after=affine, device=device)
+        working_displacement = affine_field_displacement(w_fixed_grid, deformable_mm, w_fixed_grid, after=affine,
+                                                         device=device)
 
     with stages("warping", "warping the moving image and labels"):
         air = float(min(-1024.0, float(sitk.GetArrayViewFromImage(moving).min())))
-        warped = resample_image(moving, fixed, transform, "linear", default_value=air)
+        warped = warp_image(moving, displacement, default_value=air, device=device)
         warped_labels = None
         if moving_labels is not None:
             warped_labels = resample_image(moving_labels, fixed, transform, "nearest", default_value=0)
@@ -458,10 +461,12 @@ def _register_pair_on_device(
                 "inverse_consistency_p95_mm": float(np.percentile(ic_mm, 95)) if ic_mm.size else 0.0,
                 "inverse_consistency_max_mm": float(ic_mm.max()) if ic_mm.size else 0.0,
             }
-            inverse_transform = sitk.CompositeTransform(
-                [_field_transform(_disp_vox_to_mm_lps(inverse_vox, w_fixed_grid), w_fixed_grid), affine.GetInverse()]
-            )
-            inverse_displacement = dense_displacement_image(inverse_transform, moving_grid)
+            inverse_mm = _disp_vox_to_mm_lps(inverse_vox, w_fixed_grid)
+            # y -> q + v(q), q = affine^-1(y)
+            inverse_transform = sitk.CompositeTransform([_field_transform(inverse_mm, w_fixed_grid),
+                                                         affine.GetInverse()])
+            inverse_displacement = affine_field_displacement(moving_grid, inverse_mm, w_fixed_grid,
+                                                             before=affine.GetInverse(), device=device)
             if moving_landmarks_lps is not None:
                 warped_moving_landmarks = np.array(
                     [inverse_transform.TransformPoint([float(c) for c in p]) for p in moving_landmarks_lps]

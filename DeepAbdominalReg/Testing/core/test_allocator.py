@@ -34,7 +34,6 @@ def test_reuse_freed_memory_can_be_switched_off(monkeypatch):
 
 def test_reuse_freed_memory_restores_the_depth_after_an_error(monkeypatch):
     monkeypatch.delenv(allocator.DISABLE_VARIABLE, raising=False)
-    with pytest.raises(RuntimeError, match="boom"):
-        with allocator.reuse_freed_memory():
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), allocator.reuse_freed_memory():
+        raise RuntimeError("boom")
     assert allocator._depth == 0
