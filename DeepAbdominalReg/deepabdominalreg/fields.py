@@ -97,8 +97,9 @@ def affine_field_displacement(
     (``(D, H, W, 3)`` LPS mm on ``field_grid``; zero outside it).
 
     ``sitk.CompositeTransform([after, field])`` is ``before=None``; ``CompositeTransform([field, before])`` is
-    ``after=None`` (ITK applies a composite's last transform first).  Computed ``slab`` z-slices at a time
-    (default: ~4 M voxels) straight into the output image's buffer.
+    ``after=None`` (ITK applies a composite's last transform first).  Written straight into the output image's
+    buffer: one z-slice at a time when the field grid has ``grid``'s axes (separable interpolation), else ``slab``
+    z-slices at a time (default: ~1 M voxels) through a trilinear sample per voxel.
     """
     device = torch.device(device)
     field = torch.as_tensor(field_mm_zyx3, dtype=torch.float32, device=device)
@@ -141,8 +142,8 @@ def affine_field_displacement(
 
             def plane(a: int) -> torch.Tensor:
                 if a not in cache:
-                    if len(cache) >= 2:
-                        cache.pop(min(cache))
+                    if len(cache) >= 2:  # the oldest plane (slices visit the field's planes in order)
+                        cache.pop(next(iter(cache)))
                     cache[a] = _interpolate_axis(_interpolate_axis(field[a], 1, taps_x), 0, taps_y)
                 return cache[a]
 
