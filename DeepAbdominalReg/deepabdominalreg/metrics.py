@@ -104,16 +104,17 @@ def _label_array(labels: sitk.Image | np.ndarray, role: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def jacobian_determinant(displacement_lps: sitk.Image, chunk_slices: int = 32,
+def jacobian_determinant(displacement_lps: sitk.Image, chunk_slices: int | None = None,
                          device: str | torch.device = "cpu") -> sitk.Image:
     """``det(I + du/dx)`` of the mapping ``x -> x + u(x)``; ``u`` in LPS mm on any grid (oblique, anisotropic).
 
     Derivatives are with respect to **physical** coordinates: ``du/dindex`` by central differences (one-sided at
     the borders: ``torch.gradient``, as ``numpy.gradient``), then ``du/dx = du/dindex @ inv(direction @ diag(spacing))``.  Computed
     with torch in float32 on ``device`` (the pipeline's CPU or GPU; the determinant of a near-identity mapping
-    keeps ~1e-6 relative precision), slab by slab: ``chunk_slices`` z-slices plus one overlapping slice each side,
-    so the extra memory is about 14 slab-sized float32 arrays (~0.5 GB for 32 slices of 512 x 512).  The result
-    does not depend on ``chunk_slices``.  Returns ``sitkFloat32`` on the field's grid (dimensionless: 1 = volume
+    keeps ~1e-6 relative precision), slab by slab: ``chunk_slices`` z-slices (default: ~2 M voxels, 8 slices of
+    512 x 512) plus one overlapping slice each side, so the extra memory is about 14 slab-sized float32 arrays
+    (~120 MB at the default).  The result does not depend on ``chunk_slices``; small slabs stay in the CPU's
+    caches (512 x 512 x 100 at one thread: 0.93 s with 32 slices, 0.50 s with 8).  Returns ``sitkFloat32`` on the field's grid (dimensionless: 1 = volume
     preserved, < 1 compression, > 1 expansion, <= 0 folding).
     """
     _check_displacement(displacement_lps)
@@ -126,7 +127,7 @@ def jacobian_determinant(displacement_lps: sitk.Image, chunk_slices: int = 32,
     # d index_a / d x_b: rows a = index axes (i, j, k), columns b = physical axes (x, y, z)
     d_index_d_x = np.linalg.inv(grid.direction_matrix @ np.diag(grid.spacing))
     array_dim_of_index = (2, 1, 0)  # index i, j, k live on array axes x, y, z (dims of a (z, y, x) slab)
-    chunk = max(1, int(chunk_slices))
+    chunk = max(1, int(chunk_slices) if chunk_slices else (1 << 21) // (ny * nx))
     image = grid.apply_to(sitk.Image(displacement_lps.GetSize(), sitk.sitkFloat32))
     out = writable_array_view(image)  # filled in place: no second full-size copy
     with torch.inference_mode():
