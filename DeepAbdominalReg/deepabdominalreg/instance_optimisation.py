@@ -34,7 +34,8 @@ class InstanceOptimisationSettings:
     learning_rate: float = 0.5
     control_spacing: int = 2
     ncc_window: int = 5
-    smoothness_weight: float = 1.0
+    smoothness_weight: float = 4.0
+    """Diffusion weight (``RegistrationConfig.io_smoothness_weight``, chosen on validation cases)."""
     jacobian_weight: float = 0.1
 
 
@@ -80,6 +81,38 @@ def _bounding_slices(mask: torch.Tensor | None, shape: tuple[int, ...], margin: 
         hi = min(int(nz[-1]) + margin + 1, shape[axis])
         slices.append(slice(lo, hi))
     return tuple(slices)
+
+
+def _linear_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``(n_out, n_in)`` weights of 1-D linear interpolation with ``align_corners=True`` (PyTorch's convention)."""
+    position = torch.arange(n_out, device=device, dtype=torch.float64) * ((n_in - 1) / max(n_out - 1, 1))
+    lower = position.floor().clamp(max=max(n_in - 2, 0)).long()
+    fraction = position - lower
+    matrix = torch.zeros(n_out, n_in, device=device, dtype=torch.float64)
+    rows = torch.arange(n_out, device=device)
+    matrix[rows, lower] = 1.0 - fraction
+    matrix[rows, (lower + 1).clamp(max=n_in - 1)] += fraction
+    return matrix.to(dtype)
+
+
+class _ControlUpsampler:
+    """``F.interpolate(x, size, mode="trilinear", align_corners=True)`` of a ``(B, C, d, h, w)`` control grid, as
+    three small matrix products (one per axis).  Same values to float rounding; forward and backward ~2x faster on
+    a CPU (a 57 x 51 x 62 grid to 112 x 101 x 122, 3 channels, one thread: 35 vs 65 ms), and it runs every
+    instance-optimisation iteration."""
+
+    def __init__(self, control_shape: tuple[int, ...], shape: tuple[int, ...], device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.shape = tuple(shape)
+        self.mz, self.my, self.mx = (_linear_matrix(n_in, n_out, device, dtype)
+                                     for n_in, n_out in zip(control_shape, shape))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = x.shape
+        y = x.reshape(-1, w) @ self.mx.T  # (b c d h, W)
+        y = torch.matmul(self.my, y.reshape(b * c * d, h, -1))  # (b c d, H, W)
+        y = torch.matmul(self.mz, y.reshape(b * c, d, -1))  # (b c, D, H W)
+        return y.reshape(b, c, *self.shape)
 
 
 class _CroppedNcc:
@@ -184,7 +217,8 @@ def instance_optimise(
         cshape = level_shape(lshape, settings.control_spacing)
         start = spatial.resize_displacement(disp, lshape)
         control = F.interpolate(start, size=cshape, mode="trilinear", align_corners=True)
-        residual_start = start - F.interpolate(control, size=lshape, mode="trilinear", align_corners=True)
+        upsample = _ControlUpsampler(cshape, lshape, fixed.device, fixed.dtype)
+        residual_start = start - upsample(control)
         control = control.clone().requires_grad_(True)
         if iterations <= 0:
             continue
@@ -196,7 +230,7 @@ def instance_optimise(
         plateau = Plateau(patience=15, tolerance=1e-4)
         for i in range(iterations):
             control.grad = None
-            disp_l = F.interpolate(control, size=lshape, mode="trilinear", align_corners=True) + residual_start
+            disp_l = upsample(control) + residual_start
             loss = similarity(disp_l)
             # regularisers on the control grid (in control-grid voxels): the level field is its trilinear
             # interpolation, so it inherits smoothness and positive Jacobians, at 1/cs^3 of the cost
@@ -217,6 +251,6 @@ def instance_optimise(
                 step += iterations - i - 1
                 break
         with torch.no_grad():
-            disp_l = F.interpolate(control, size=lshape, mode="trilinear", align_corners=True) + residual_start
+            disp_l = upsample(control) + residual_start
             disp = spatial.resize_displacement(disp_l, shape)
     return disp.detach()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 from deepabdominalreg import spatial
 
 
@@ -101,3 +103,20 @@ def test_coarse_to_fine_inverse_matches_the_full_resolution_fixed_point():
     fast = spatial.invert_displacement(disp, iterations=60, tolerance=1e-6, coarse_factor=2, fine_iterations=30)
     assert (fast - full).abs().max() < 1e-3
     assert spatial.compose(disp, fast).abs().mean() < 1e-3  # disp(q + inv(q)) = -inv(q)
+
+
+@pytest.mark.parametrize("control, shape", [((5, 4, 6), (9, 7, 11)), ((1, 3, 2), (4, 5, 3)), ((3, 3, 3), (3, 3, 3))])
+def test_control_upsampler_equals_trilinear_interpolation_forward_and_backward(control, shape):
+    """Instance optimisation's separable upsampling is F.interpolate(trilinear, align_corners=True)."""
+    from deepabdominalreg.instance_optimisation import _ControlUpsampler
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(2, 3, *control, generator=g, dtype=torch.float64)
+    weight = torch.rand(2, 3, *shape, generator=g, dtype=torch.float64)
+    ours_in, ref_in = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ours = _ControlUpsampler(control, shape, x.device, x.dtype)(ours_in)
+    ref = F.interpolate(ref_in, size=shape, mode="trilinear", align_corners=True)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    (ours * weight).sum().backward()
+    (ref * weight).sum().backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=1e-12)
