@@ -43,6 +43,22 @@ def _slab_size(grid: Grid, slab: int | None) -> int:
     return max(1, int(slab) if slab else _SLAB_VOXELS // max(grid.size[0] * grid.size[1], 1))
 
 
+def _index_map(matrix: np.ndarray, grid: Grid, device: torch.device,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """An affine map of ``grid``'s voxel indices (4x4 homogeneous ``matrix`` on ``(i, j, k, 1)``, float64) as its
+    values on the ``k = 0`` plane ``(ny, nx, 3)`` and its step per slice ``(3,)``: slice ``k`` is
+    ``plane + k * step``."""
+    columns = [torch.as_tensor(matrix[:3, a], dtype=dtype, device=device) for a in range(4)]
+    plane = (torch.arange(grid.size[1], device=device, dtype=dtype)[:, None, None] * columns[1]
+             + torch.arange(grid.size[0], device=device, dtype=dtype)[:, None] * columns[0] + columns[3])
+    return plane, columns[2]
+
+
+def _slices(z0: int, n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Slice indices ``z0 .. z0 + n`` shaped ``(n, 1, 1, 1)`` to scale an :func:`_index_map` step."""
+    return torch.arange(z0, z0 + n, device=device, dtype=dtype)[:, None, None, None]
+
+
 def _inside(index: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Whether continuous indices ``(..., 3)`` (``i, j, k``) lie inside the voxels' extent ``[-0.5, n - 0.5)``."""
     upper = torch.tensor([float(s) - 0.5 for s in size], device=index.device)
@@ -127,10 +143,7 @@ def affine_field_displacement(
     on_cpu = device.type == "cpu"
     with torch.no_grad():
         # offset(x) = i c_i + j c_j + k c_k + b: the (j, i) plane once, c_k per slice
-        c = [torch.as_tensor(offset[:3, a], dtype=torch.float32, device=device) for a in range(3)]
-        plane_offset = (torch.arange(ny, device=device, dtype=torch.float32)[:, None, None] * c[1]
-                        + torch.arange(nx, device=device, dtype=torch.float32)[:, None] * c[0]
-                        + torch.as_tensor(offset[:3, 3], dtype=torch.float32, device=device))
+        plane_offset, offset_step = _index_map(offset, grid, device)
         if separable:
             # per output slice: the field's planes interpolated in-plane (each used by several slices: cached),
             # then linearly in z, written straight into the output buffer
@@ -157,25 +170,22 @@ def affine_field_displacement(
                     if w1 != 0.0:
                         target.add_(plane(index_z[1][z]), alpha=w1)
                     target.add_(plane_offset)
-                target.add_(c[2] * float(z))
+                target.add_(offset_step * float(z))
                 if not on_cpu:
                     out[z] = target.cpu().numpy()
         else:
             step = _slab_size(grid, slab)
-            fc = [torch.as_tensor(to_field_index[:3, a], dtype=torch.float32, device=device) for a in range(3)]
-            field_plane = (torch.arange(ny, device=device, dtype=torch.float32)[:, None, None] * fc[1]
-                           + torch.arange(nx, device=device, dtype=torch.float32)[:, None] * fc[0]
-                           + torch.as_tensor(to_field_index[:3, 3], dtype=torch.float32, device=device))
+            field_plane, field_step = _index_map(to_field_index, grid, device)
             for z0 in range(0, nz, step):
                 n = min(step, nz - z0)
-                ks = torch.arange(z0, z0 + n, device=device, dtype=torch.float32)[:, None, None, None]
-                field_index = field_plane + ks * fc[2]
+                ks = _slices(z0, n, device)
+                field_index = field_plane + ks * field_step
                 inside = _inside(field_index, field_grid.size)
                 sampled = F.grid_sample(field_channels_first, _normalised(field_index, field_grid.size).unsqueeze(0),
                                         mode="bilinear", padding_mode="border", align_corners=True)[0]
                 displacement = sampled.permute(1, 2, 3, 0).mul_(inside.unsqueeze(-1))
                 displacement += plane_offset
-                displacement += ks * c[2]
+                displacement += ks * offset_step
                 out[z0: z0 + n] = displacement.cpu().numpy()
     del out
     return image
@@ -219,17 +229,14 @@ def warp_image(
     out = writable_array_view(output)
     step = _slab_size(grid, slab)
     depth = source.shape[0]
-    nx, ny, nz = grid.size
-    # the source index of voxel (i, j, k) before the displacement: separable, i * c_i + j * c_j + k * c_k + b
-    steps = [torch.as_tensor(voxel_to_source[:3, a], dtype=torch.float32, device=device) for a in range(3)]
-    i = torch.arange(nx, device=device, dtype=torch.float32)[:, None] * steps[0]
-    j = torch.arange(ny, device=device, dtype=torch.float32)[:, None, None] * steps[1]
-    ij = (i + j).add_(torch.as_tensor(voxel_to_source[:3, 3], dtype=torch.float32, device=device))
+    nz = grid.size[2]
+    # the source index of voxel (i, j, k) before the displacement: i * c_i + j * c_j + k * c_k + b
+    source_plane, source_step = _index_map(voxel_to_source, grid, device)
     with torch.no_grad():
         for z0 in range(0, nz, step):
             n = min(step, nz - z0)
             d = torch.as_tensor(np.array(field[z0: z0 + n], dtype=np.float32), device=device)
-            index = ij + torch.arange(z0, z0 + n, device=device, dtype=torch.float32)[:, None, None, None] * steps[2]
+            index = source_plane + _slices(z0, n, device) * source_step
             for axis in range(3):  # + M d (three multiply-adds: a matmul with an inner size of 3 is slower)
                 index.addcmul_(d[..., axis: axis + 1], displacement_to_index[:, axis])
             inside = _inside(index, source_grid.size)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from deepabdominalreg import spatial
+from deepabdominalreg.config import RegistrationConfig
 from deepabdominalreg.losses import (
     _box_filter,
     diffusion_regulariser,
@@ -34,8 +35,8 @@ class InstanceOptimisationSettings:
     learning_rate: float = 0.5
     control_spacing: int = 2
     ncc_window: int = 5
-    smoothness_weight: float = 4.0
-    """Diffusion weight (``RegistrationConfig.io_smoothness_weight``, chosen on validation cases)."""
+    smoothness_weight: float = RegistrationConfig.io_smoothness_weight
+    """Diffusion weight (the pipeline's default, chosen on validation cases: see ``RegistrationConfig``)."""
     jacobian_weight: float = 0.1
 
 
