@@ -102,3 +102,12 @@ def test_warp_image_matches_itk_resampling(pixel_type):
     mismatch = np.abs(result.astype(np.float64) - reference) > (1.0 if pixel_type == sitk.sitkInt16 else 1e-2)
     assert mismatch.mean() < 2e-3, mismatch.sum()
     assert abs(int((result == -1024.0).sum()) - int(outside.sum())) <= 3
+
+
+def test_warp_image_by_a_zero_displacement_returns_the_integer_image_unchanged():
+    """Integer images are truncated after sampling, as ITK does: float rounding must not turn 100 HU into 99 HU."""
+    rng = np.random.default_rng(7)
+    image = FIXED.image_from_array(rng.integers(-1024, 3000, size=FIXED.shape_zyx).astype(np.int16))
+    zero = affine_field_displacement(FIXED, np.zeros((*_field_grid().shape_zyx, 3)), _field_grid())
+    warped = warp_image(image, zero, default_value=-1024.0, slab=4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(warped), sitk.GetArrayFromImage(image))
