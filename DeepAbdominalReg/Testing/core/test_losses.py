@@ -262,3 +262,27 @@ def test_box_filter_equals_zero_padded_average_pooling_forward_and_backward(wind
 def test_box_filter_gradient_passes_gradcheck():
     x = torch.rand(1, 2, 5, 6, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: losses._box_filter(v, 3), (x,))
+
+
+@pytest.mark.parametrize("window", [3, 5])
+def test_local_ncc_against_fixed_matches_local_ncc_loss_value_and_gradient(window):
+    """The registration loops' NCC (fixed statistics precomputed, analytic backward) is local_ncc_loss, mask and
+    gradient included; a voxel whose window variance is zero gets no gradient through the variance."""
+    g = torch.Generator().manual_seed(window)
+    fixed = torch.rand(1, 1, 9, 12, 10, generator=g, dtype=torch.float64)
+    warped = torch.rand(1, 1, 9, 12, 10, generator=g, dtype=torch.float64)
+    warped[..., :4, :4, :4] = 0.3  # a constant patch: zero local variance
+    mask = torch.rand(fixed.shape, generator=g) > 0.3
+    ours_in, ref_in = warped.clone().requires_grad_(True), warped.clone().requires_grad_(True)
+    mean, variance = losses.local_statistics(fixed, window)
+    weight = mask.to(fixed.dtype) / mask.sum()
+    ours = losses.local_ncc_against_fixed(ours_in, fixed, mean, variance, weight, window)
+    ref = losses.local_ncc_loss(fixed, ref_in, window=window, mask=mask)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    ours.backward()
+    ref.backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=1e-12)
+    assert ours_in.grad.abs().max() > 0
+    assert torch.autograd.gradcheck(
+        lambda w: losses.local_ncc_against_fixed(w, fixed, mean, variance, weight, window), (warped.clone()
+                                                                                            .requires_grad_(True),))

@@ -120,3 +120,7 @@ def test_control_upsampler_equals_trilinear_interpolation_forward_and_backward(c
     (ours * weight).sum().backward()
     (ref * weight).sum().backward()
     torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=1e-12)
+    # on a sub-box: that part of the same interpolation
+    box = (slice(1, shape[0]), slice(0, max(1, shape[1] - 2)), slice(shape[2] // 2, shape[2]))
+    cropped = _ControlUpsampler(control, shape, x.device, x.dtype, box=box)(x)
+    torch.testing.assert_close(cropped, ref.detach()[(slice(None), slice(None), *box)], rtol=0, atol=1e-12)
