@@ -76,15 +76,15 @@ def _informative_box(intensity_zyx: np.ndarray, fov_zyx: np.ndarray, margin: int
     return tuple(box)
 
 
-def _sample_moving(
-    moving: torch.Tensor, moving_grid: Grid, points_lps: torch.Tensor
-) -> torch.Tensor:
-    """Sample ``moving`` ``(1, C, d, h, w)`` on ``moving_grid`` at LPS points ``(D, H, W, 3)``; zero outside."""
-    m = torch.as_tensor(moving_grid.physical_to_index_matrix(), dtype=torch.float32, device=points_lps.device)
-    index = points_lps @ m[:3, :3].T + m[:3, 3]
-    size = torch.tensor(moving_grid.size, dtype=torch.float32, device=points_lps.device)
-    normalised = index * (2.0 / (size - 1).clamp_min(1)) - 1.0
-    return F.grid_sample(moving, normalised.unsqueeze(0), mode="bilinear", padding_mode="zeros", align_corners=True)
+def _index_normalisation(moving_grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R, r)``: LPS mm -> ``grid_sample`` coordinates (normalised voxel index, ``align_corners=True``, order
+    ``x, y, z``) on ``moving_grid`` is ``p -> R p + r``."""
+    m = np.asarray(moving_grid.physical_to_index_matrix(), dtype=np.float64)
+    scale = 2.0 / np.maximum(np.asarray(moving_grid.size, dtype=np.float64) - 1, 1)
+    rotation = scale[:, None] * m[:3, :3]
+    offset = scale * m[:3, 3] - 1.0
+    return (torch.as_tensor(rotation, dtype=torch.float32, device=device),
+            torch.as_tensor(offset, dtype=torch.float32, device=device))
 
 
 def optimise_affine(
@@ -137,15 +137,18 @@ def optimise_affine(
             box = _informative_box(f_img, f_fov, margin=ncc_window)
             fixed_t = torch.as_tensor(np.ascontiguousarray(f_img[box]), device=device)[None, None]
             fixed_fov_t = torch.as_tensor(np.ascontiguousarray(f_fov[box]), device=device)[None, None]
-            # intensity and field of view sampled together: channel 1 is 1 inside the moving scan
-            moving_t = torch.as_tensor(np.stack([m_img, m_fov.astype(np.float32)]), device=device)[None]
-            points = _physical_points(f_grid, device, box)
+            moving_t = torch.as_tensor(m_img, device=device)[None, None]
+            moving_fov_t = torch.as_tensor(m_fov.astype(np.float32), device=device)[None, None]  # 1 inside the scan
+            points = _physical_points(f_grid, device, box).reshape(-1, 3)
+            to_moving_index, moving_index_offset = _index_normalisation(m_grid, device)
             # the coarsest level is translation only (as elastix starts with a translation): with few voxels a
             # free linear part drifts into scaling/shear that the finer levels must undo
             n_free = 3 if (level_index == 0 and len(levels_mm) > 1) else 12
 
             def objective(free: np.ndarray, n_free: int = n_free, points: torch.Tensor = points,
-                          moving_t: torch.Tensor = moving_t, m_grid: Grid = m_grid,
+                          moving_t: torch.Tensor = moving_t, moving_fov_t: torch.Tensor = moving_fov_t,
+                          to_moving_index: torch.Tensor = to_moving_index,
+                          moving_index_offset: torch.Tensor = moving_index_offset,
                           fixed_t: torch.Tensor = fixed_t, fixed_fov_t: torch.Tensor = fixed_fov_t,
                           ) -> tuple[float, np.ndarray]:
                 """Loss and gradient of the free parameters at ``free`` (float64, as scipy wants them)."""
@@ -155,11 +158,20 @@ def optimise_affine(
                 params.requires_grad_(True)
                 shift, linear = params[:3], params[3:].reshape(3, 3)
                 matrix = torch.eye(3, device=device) + linear
-                mapped = (points - c) @ matrix.T + c + t0 + translation_scale * shift
-                sampled = _sample_moving(moving_t, m_grid, mapped)
-                # similarity over the overlap of the two fields of view only (scans of different extent)
-                overlap = fixed_fov_t & (sampled[:, 1:].detach() > 0.999)
-                loss = local_ncc_loss(fixed_t, sampled[:, :1], window=ncc_window, mask=overlap)
+                # fixed LPS x -> moving LPS y = matrix (x - c) + c + t0 + scale shift -> sampling coordinates R y + r,
+                # composed into one 3 x 4 map so that the (many) points go through one matrix product
+                weight = to_moving_index @ matrix
+                bias = to_moving_index @ (c + t0 + translation_scale * shift - matrix @ c) + moving_index_offset
+                coordinates = torch.addmm(bias, points, weight.T).reshape(1, *fixed_t.shape[2:], 3)
+                sampled = F.grid_sample(moving_t, coordinates, mode="bilinear", padding_mode="zeros",
+                                        align_corners=True)
+                # similarity over the overlap of the two fields of view only (scans of different extent); the
+                # field of view is sampled apart, without autograd, so that the backward pass handles one channel
+                with torch.no_grad():
+                    inside = F.grid_sample(moving_fov_t, coordinates, mode="bilinear", padding_mode="zeros",
+                                           align_corners=True)
+                overlap = fixed_fov_t & (inside > 0.999)
+                loss = local_ncc_loss(fixed_t, sampled, window=ncc_window, mask=overlap)
                 if not torch.isfinite(loss):
                     raise FloatingPointError("affine optimisation diverged (non-finite loss)")
                 loss.backward()
