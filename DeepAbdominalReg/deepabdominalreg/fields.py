@@ -203,12 +203,15 @@ def warp_image(
     displacement: sitk.Image,
     *,
     default_value: float = 0.0,
+    interpolator: str = "linear",
     device: torch.device | str = "cpu",
     slab: int | None = None,
 ) -> sitk.Image:
-    """``image`` sampled (linear) at ``x + d(x)`` for every voxel ``x`` of ``displacement``'s grid, where ``d`` is
-    the ``sitkVectorFloat32``/``64`` displacement image (LPS mm); ``default_value`` outside ``image``.
+    """``image`` sampled at ``x + d(x)`` for every voxel ``x`` of ``displacement``'s grid, where ``d`` is the
+    ``sitkVectorFloat32``/``64`` displacement image (LPS mm); ``default_value`` outside ``image``.
 
+    ``interpolator``: ``"linear"`` (trilinear) or ``"nearest"`` (label maps: the voxel whose index is the continuous
+    index rounded half up, as ITK's nearest-neighbour interpolator does).
     The output has ``displacement``'s grid and ``image``'s pixel type (scalar images only).  Only the part of
     ``image`` that a slab maps into is converted at a time.  Integer images are sampled in float64 and their values
     truncated as ITK does, after snapping values within 1e-6 of an integer to it: in float32 an exact 100 HU came out
@@ -216,12 +219,15 @@ def warp_image(
     """
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("warp_image warps scalar images; warp each component of a vector image separately")
+    if interpolator not in ("linear", "nearest"):
+        raise ValueError(f"interpolator must be 'linear' or 'nearest', got {interpolator!r}")
     device = torch.device(device)
     grid = Grid.from_image(displacement)
     source_grid = Grid.from_image(image)
     source = sitk.GetArrayViewFromImage(image)
     limits = _integer_range(source)
-    dtype = torch.float64 if limits is not None else torch.float32
+    use_nearest = interpolator == "nearest"
+    dtype = torch.float64 if (limits is not None or use_nearest) else torch.float32
     to_source_index = source_grid.physical_to_index_matrix()
     voxel_to_source = to_source_index @ grid.index_to_physical_matrix()
     displacement_to_index = torch.as_tensor(to_source_index[:3, :3], dtype=dtype, device=device)
@@ -247,6 +253,9 @@ def warp_image(
             k = index[..., 2].clamp(-0.5, depth - 0.5)
             k0 = max(int(np.floor(float(k.min()))), 0)
             k1 = min(int(np.floor(float(k.max()))) + 2, depth)
+            if use_nearest:
+                out[z0: z0 + n] = _nearest_values(source[k0:k1], index, k0, inside, default_value)
+                continue
             block = torch.as_tensor(np.array(source[k0:k1]), device=device, dtype=dtype)[None, None]
             index[..., 2] -= float(k0)
             sampled = F.grid_sample(block, _normalised(index, (source_grid.size[0], source_grid.size[1], k1 - k0))
@@ -260,3 +269,18 @@ def warp_image(
             out[z0: z0 + n] = values.cpu().numpy().astype(out.dtype, copy=False)
     del out
     return output
+
+
+def _nearest_values(block: np.ndarray, index: torch.Tensor, k0: int, inside: torch.Tensor,
+                    default_value: float) -> np.ndarray:
+    """Values of ``block`` (the source slices ``k0...``, ``zyx``) at the voxels nearest to continuous source indices
+    ``index`` ``(..., 3)`` (``i, j, k``), rounded half up as ITK does; ``default_value`` where not ``inside``."""
+    depth, height, width = block.shape
+    rounded = torch.floor(index + 0.5).long()
+    i = rounded[..., 0].clamp_(0, width - 1)
+    j = rounded[..., 1].clamp_(0, height - 1)
+    k = (rounded[..., 2] - k0).clamp_(0, depth - 1)
+    flat = ((k * height + j) * width + i).cpu().numpy()
+    values = np.ascontiguousarray(block).reshape(-1)[flat]
+    values[~inside.cpu().numpy()] = np.asarray(default_value).astype(values.dtype)
+    return values

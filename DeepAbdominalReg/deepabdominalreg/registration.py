@@ -426,7 +426,7 @@ def _register_pair_on_device(
 
     with stages("composition", "composing affine and deformable fields at full resolution"):
         deformable_mm = _disp_vox_to_mm_lps(disp, w_fixed_grid)
-        # x -> affine(x + u(x)); the ITK composite is kept for the labels (nearest neighbour) and the landmarks
+        # x -> affine(x + u(x)); the ITK composite is kept for the landmarks
         transform = sitk.CompositeTransform([affine, _field_transform(deformable_mm, w_fixed_grid)])
         displacement = affine_field_displacement(fixed_grid, deformable_mm, w_fixed_grid, after=affine, device=device)
         working_displacement = affine_field_displacement(w_fixed_grid, deformable_mm, w_fixed_grid, after=affine,
@@ -437,7 +437,8 @@ def _register_pair_on_device(
         warped = warp_image(moving, displacement, default_value=air, device=device)
         warped_labels = None
         if moving_labels is not None:
-            warped_labels = resample_image(moving_labels, fixed, transform, "nearest", default_value=0)
+            warped_labels = warp_image(moving_labels, displacement, default_value=0, interpolator="nearest",
+                                       device=device)
 
     with stages("jacobian", "Jacobian determinant and displacement magnitude"):
         jacobian = metrics_lib.jacobian_determinant(displacement, device=device)
