@@ -139,6 +139,10 @@ def _shift_offsets(radius: int) -> list[tuple[int, int, int]]:
     return [(a, b, c) for a in r for b in r for c in r]
 
 
+_SLAB_VOXELS = 48_000
+"""Voxels per slab of :func:`ssd_cost_volume`'s inference path on a CPU (measured on this project's 2-core VM)."""
+
+
 def ssd_cost_volume(fixed_features: torch.Tensor, moving_features: torch.Tensor, radius: int) -> torch.Tensor:
     """Mean squared feature difference for every integer shift ``k`` in ``[-r, r]^3`` voxels.
 
@@ -169,15 +173,47 @@ def ssd_cost_volume(fixed_features: torch.Tensor, moving_features: torch.Tensor,
         return torch.stack(costs, dim=1).clamp_min_(0.0)
     with torch.no_grad():
         cost = fixed_features.new_empty((fixed_features.shape[0], len(offsets), d, h, w))
-        for k, (a, b, c) in enumerate(offsets):
-            win = window(a, b, c)
-            shifted = padded[win]
-            out = cost[:, k]
-            torch.mul(fixed_features[:, 0], shifted[:, 0], out=out)
-            for channel in range(1, channels):
-                out.addcmul_(fixed_features[:, channel], shifted[:, channel])
-            out.mul_(-2.0 / channels).add_(fixed_sq).add_(padded_sq[(win[0], *win[2:])])
+        # slabs of ~48k voxels along d: one slab's features and costs stay in the CPU caches while every shift and
+        # channel visits them (level 0 of the shipped model: 273 -> 184 ms, level 1: 182 -> 101 ms, one thread;
+        # the same values bit for bit); small levels in one piece (the per-operation overhead would dominate)
+        slab = max(1, _SLAB_VOXELS // (h * w)) if fixed_features.device.type == "cpu" else d
+        for z0 in range(0, d, slab):
+            z1 = min(d, z0 + slab)
+            fixed_slab, fixed_sq_slab = fixed_features[:, :, z0:z1], fixed_sq[:, z0:z1]
+            for k, (a, b, c) in enumerate(offsets):
+                win = window(a, b, c)
+                win = (win[0], win[1], slice(win[2].start + z0, win[2].start + z1), *win[3:])
+                shifted = padded[win]
+                out = cost[:, k, z0:z1]
+                torch.mul(fixed_slab[:, 0], shifted[:, 0], out=out)
+                for channel in range(1, channels):
+                    out.addcmul_(fixed_slab[:, channel], shifted[:, channel])
+                out.mul_(-2.0 / channels).add_(fixed_sq_slab).add_(padded_sq[(win[0], *win[2:])])
         return cost.clamp_min_(0.0)
+
+
+def _reciprocal_neighbour_counts(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(D, H, W)`` (broadcastable) reciprocal of how many of each voxel's 3x3x3 neighbours lie inside the grid."""
+    reciprocal = None
+    for axis, n in enumerate(shape):
+        counts = torch.full((n,), 3.0, dtype=dtype, device=device)
+        counts[0] = counts[-1] = 2.0 if n > 1 else 1.0
+        view = [1, 1, 1]
+        view[axis] = n
+        factor = counts.reciprocal().view(view)
+        reciprocal = factor if reciprocal is None else reciprocal * factor
+    return reciprocal
+
+
+def _three_tap_sum(volume: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x[i - 1] + x[i] + x[i + 1]`` along ``dim`` (the neighbours inside only), as ``(x[i] + x[i - 1]) + x[i + 1]``."""
+    n = volume.shape[dim]
+    if n == 1:
+        return volume
+    total = volume.clone()
+    total.narrow(dim, 1, n - 1).add_(volume.narrow(dim, 0, n - 1))
+    total.narrow(dim, 0, n - 1).add_(volume.narrow(dim, 1, n - 1))
+    return total
 
 
 def box_filter3(volume: torch.Tensor) -> torch.Tensor:
@@ -185,25 +221,42 @@ def box_filter3(volume: torch.Tensor) -> torch.Tensor:
 
     Equal to ``F.avg_pool3d(volume, 3, stride=1, padding=1, count_include_pad=False)`` (to float rounding), as
     three separable 3-tap sums and one multiplication by the reciprocal neighbour counts: 2-3x faster on a CPU
-    than ``avg_pool3d``, which visits all 27 neighbours.  Differentiable.
+    than ``avg_pool3d``, which visits all 27 neighbours.  Differentiable.  At inference on a CPU, large volumes
+    (the cost volumes of the finest levels) are filtered in slabs along ``D`` that stay in the caches through the
+    three passes: the same values bit for bit, ~1.7x faster (27 x 104 x 84 x 100: 84 -> 46 ms, one thread).
     """
+    reciprocal = _reciprocal_neighbour_counts(volume.shape[2:], volume.dtype, volume.device)
+    needs_grad = torch.is_grad_enabled() and volume.requires_grad
+    if not needs_grad and volume.device.type == "cpu" and volume.numel() > 4 * _BOX_SLAB_ELEMENTS:
+        return _box_filter3_in_slabs(volume, reciprocal)
     summed = volume
-    reciprocal = None
     for dim in (2, 3, 4):
-        n = summed.shape[dim]
-        counts = torch.full((n,), 3.0, dtype=volume.dtype, device=volume.device)
-        counts[0] = counts[-1] = 2.0 if n > 1 else 1.0
-        shape = [1, 1, 1]
-        shape[dim - 2] = n
-        factor = counts.reciprocal().view(shape)
-        reciprocal = factor if reciprocal is None else reciprocal * factor
-        if n == 1:
-            continue
-        total = summed.clone()
-        total.narrow(dim, 1, n - 1).add_(summed.narrow(dim, 0, n - 1))
-        total.narrow(dim, 0, n - 1).add_(summed.narrow(dim, 1, n - 1))
-        summed = total
+        summed = _three_tap_sum(summed, dim)
     return summed * reciprocal
+
+
+_BOX_SLAB_ELEMENTS = 500_000
+"""Elements (all channels) per slab of :func:`box_filter3`'s inference path on a CPU."""
+
+
+def _box_filter3_in_slabs(volume: torch.Tensor, reciprocal: torch.Tensor) -> torch.Tensor:
+    """:func:`box_filter3` slab by slab along ``D`` (same operations in the same order per voxel), no autograd."""
+    b, c, d, h, w = volume.shape
+    out = torch.empty_like(volume)
+    slab = max(1, _BOX_SLAB_ELEMENTS // (b * c * h * w))
+    with torch.no_grad():
+        for z0 in range(0, d, slab):
+            z1 = min(d, z0 + slab)
+            part = volume[:, :, z0:z1].clone()  # the D pass: + x[z - 1], then + x[z + 1], where inside
+            if d > 1:
+                lo = max(z0, 1)
+                part[:, :, lo - z0:].add_(volume[:, :, lo - 1: z1 - 1])
+                hi = min(z1, d - 1)
+                if hi > z0:
+                    part[:, :, : hi - z0].add_(volume[:, :, z0 + 1: hi + 1])
+            part = _three_tap_sum(_three_tap_sum(part, 3), 4)
+            torch.mul(part, reciprocal[z0:z1], out=out[:, :, z0:z1])
+    return out
 
 
 class CostVolumePyramidNet(nn.Module):

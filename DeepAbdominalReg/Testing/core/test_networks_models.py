@@ -244,6 +244,29 @@ def test_ssd_cost_volume_inference_path_equals_the_autograd_path():
     assert fixed.grad is not None and float(fixed.grad.abs().sum()) > 0
 
 
+@pytest.mark.parametrize("slab_elements", [1, 40, 10**12], ids=["one slice per slab", "a few slices", "one piece"])
+def test_cost_volume_and_box_filter_give_the_same_values_in_any_slabs(monkeypatch, slab_elements):
+    """The CPU inference paths work slab by slab along D (cache blocking): bit-identical to one piece, also for
+    axes of size 1 and 2 and a last slab shorter than the others."""
+    from deepabdominalreg import networks
+
+    g = torch.Generator().manual_seed(6)
+    for shape in [(1, 27, 7, 5, 6), (2, 3, 1, 4, 3), (1, 2, 2, 1, 5)]:
+        x = torch.rand(shape, generator=g)
+        fixed, moving = torch.rand(shape, generator=g), torch.rand(shape, generator=g)
+        with torch.no_grad():
+            monkeypatch.setattr(networks, "_BOX_SLAB_ELEMENTS", 10**12)
+            monkeypatch.setattr(networks, "_SLAB_VOXELS", 10**12)
+            box_ref, cost_ref = box_filter3(x), ssd_cost_volume(fixed, moving, radius=1)
+            monkeypatch.setattr(networks, "_BOX_SLAB_ELEMENTS", slab_elements)
+            monkeypatch.setattr(networks, "_SLAB_VOXELS", slab_elements)
+            box = networks._box_filter3_in_slabs(x, networks._reciprocal_neighbour_counts(shape[2:], x.dtype,
+                                                                                          x.device))
+            assert torch.equal(box, box_ref) and torch.equal(box_filter3(x), box_ref)
+            assert torch.equal(ssd_cost_volume(fixed, moving, radius=1), cost_ref)
+        torch.testing.assert_close(box_ref, _brute_force_box3(x), rtol=0, atol=1e-6)
+
+
 def test_content_face_margins_mirror_only_the_faces_the_content_reaches():
     from deepabdominalreg.networks import content_face_margins
 
