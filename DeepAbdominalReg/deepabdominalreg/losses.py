@@ -34,20 +34,48 @@ __all__ = [
 ]
 
 
+_BOX_SLAB_ELEMENTS = 500_000
+"""Elements (all channels) per slab along D of :func:`_box_sum` on a CPU: a slab stays in the caches through the
+three passes (one thread, 3 x 112 x 101 x 122 window 5: ~1.5x faster than whole-volume passes)."""
+
+
 def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
     """The window's mean with zero padding over the last three axes (no autograd: in-place sums of shifted slices).
 
     Per axis, a copy of the input gets each shifted neighbour added where it exists (no padded copy: the zero
-    padding would add nothing).  The input is not modified."""
+    padding would add nothing).  On a CPU, volumes larger than a few slabs are filtered slab by slab along D, with the
+    same operations in the same order per voxel (bit-identical).  The input is not modified."""
     pad = window // 2
-    for dim in (2, 3, 4):
-        n = x.shape[dim]
-        total = x.clone()
+    b, c, d, h, w = x.shape
+    slab = max(1, _BOX_SLAB_ELEMENTS // max(b * c * h * w, 1))
+    if x.device.type != "cpu" or d <= 2 * slab:
+        return _box_sum_part(x, x, 0, d, pad).mul_(1.0 / window**3)
+    out = torch.empty_like(x)
+    for z0 in range(0, d, slab):
+        z1 = min(d, z0 + slab)
+        out[:, :, z0:z1] = _box_sum_part(x, x[:, :, z0:z1], z0, z1, pad)
+    return out.mul_(1.0 / window**3)
+
+
+def _box_sum_part(x: torch.Tensor, part: torch.Tensor, z0: int, z1: int, pad: int) -> torch.Tensor:
+    """The window sums (unscaled) of ``x``'s slices ``z0:z1`` (``part``), neighbours along D read from ``x``."""
+    d = x.shape[2]
+    total = part.clone()
+    for offset in range(1, min(pad, d - 1) + 1):
+        lo = max(z0, offset)  # + x[z - offset] where z - offset >= 0
+        if lo < z1:
+            total[:, :, lo - z0:].add_(x[:, :, lo - offset: z1 - offset])
+        hi = min(z1, d - offset)  # + x[z + offset] where z + offset < d
+        if hi > z0:
+            total[:, :, : hi - z0].add_(x[:, :, z0 + offset: hi + offset])
+    for dim in (3, 4):
+        n = total.shape[dim]
+        source = total
+        total = source.clone()
         for offset in range(1, min(pad, n - 1) + 1):
-            total.narrow(dim, offset, n - offset).add_(x.narrow(dim, 0, n - offset))
-            total.narrow(dim, 0, n - offset).add_(x.narrow(dim, offset, n - offset))
-        x = total
-    return x.mul_(1.0 / window**3)
+            total.narrow(dim, offset, n - offset).add_(source.narrow(dim, 0, n - offset))
+            total.narrow(dim, 0, n - offset).add_(source.narrow(dim, offset, n - offset))
+    return total
 
 
 class _BoxFilter(torch.autograd.Function):

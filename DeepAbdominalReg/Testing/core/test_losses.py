@@ -286,3 +286,19 @@ def test_local_ncc_against_fixed_matches_local_ncc_loss_value_and_gradient(windo
     assert torch.autograd.gradcheck(
         lambda w: losses.local_ncc_against_fixed(w, fixed, mean, variance, weight, window), (warped.clone()
                                                                                             .requires_grad_(True),))
+
+
+@pytest.mark.parametrize("slab_elements", [1, 60, 10**12], ids=["one slice per slab", "a few slices", "one piece"])
+def test_box_sum_in_slabs_is_bit_identical(monkeypatch, slab_elements):
+    """On a CPU the box filter runs slab by slab along D (cache blocking): the same numbers bit for bit, for windows
+    wider than the axis and a last slab shorter than the others."""
+    g = torch.Generator().manual_seed(9)
+    for shape, window in [((1, 3, 11, 6, 7), 5), ((2, 2, 9, 1, 3), 3), ((1, 1, 3, 4, 4), 9)]:
+        x = torch.rand(shape, generator=g)
+        monkeypatch.setattr(losses, "_BOX_SLAB_ELEMENTS", 10**12)
+        whole = losses._box_sum(x, window)
+        monkeypatch.setattr(losses, "_BOX_SLAB_ELEMENTS", slab_elements)
+        assert torch.equal(losses._box_sum(x, window), whole)
+        kernel = torch.full((shape[1], 1, window, window, window), 1.0 / window**3)
+        reference = torch.nn.functional.conv3d(x, kernel, padding=window // 2, groups=shape[1])
+        torch.testing.assert_close(whole, reference, rtol=0, atol=1e-6)
