@@ -26,6 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from deepabdominalreg.image import Grid, writable_array_view
 
@@ -322,9 +323,13 @@ def _surface_distances_cropped(mask_a: np.ndarray, mask_b: np.ndarray, spacing_z
     surface_a, surface_b = _surface(mask_a), _surface(mask_b)
     if not surface_a.any() or not surface_b.any():
         return {"hd": nan, "hd95": nan, "asd": nan}
-    # distance (mm) of every voxel to the nearest surface voxel of the other mask
-    d_ab = ndimage.distance_transform_edt(~surface_b, sampling=spacing_zyx)[surface_a]
-    d_ba = ndimage.distance_transform_edt(~surface_a, sampling=spacing_zyx)[surface_b]
+    # distance (mm) of every surface voxel to the nearest surface voxel of the other mask: nearest neighbours
+    # between the two point sets (k-d trees; the same distances as Euclidean distance transforms of the box, which
+    # cost ~10x more and grow with the box's volume instead of its surface)
+    spacing = np.asarray(spacing_zyx, dtype=np.float64)
+    points_a, points_b = np.argwhere(surface_a) * spacing, np.argwhere(surface_b) * spacing
+    d_ab = cKDTree(points_b).query(points_a, k=1)[0]
+    d_ba = cKDTree(points_a).query(points_b, k=1)[0]
     return {
         "hd": float(max(d_ab.max(), d_ba.max())),
         "hd95": float(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95))),
@@ -340,8 +345,8 @@ def surface_distances(
     """Symmetric surface distances (mm) between two masks on the same grid: ``hd``, ``hd95``, ``asd``.
 
     ``spacing_zyx``: voxel spacing in mm in array (z, y, x) order; taken from the image when masks are SimpleITK
-    images.  Surfaces are the mask voxels with a face-neighbour outside the mask; distances are Euclidean distance
-    transforms with ``sampling=spacing``.  ``hd95`` is the larger of the two directed 95th percentiles.  If either
+    images.  Surfaces are the mask voxels with a face-neighbour outside the mask; distances are Euclidean, in mm,
+    from each surface voxel's centre to the nearest surface voxel centre of the other mask.  ``hd95`` is the larger of the two directed 95th percentiles.  If either
     mask is empty every value is NaN.  The masks are cropped to their joint bounding box before the transforms.
     """
     if spacing_zyx is None:
