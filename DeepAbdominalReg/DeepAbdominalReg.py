@@ -202,7 +202,7 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.fixedVolume, self._parameterNode.movingVolume = volumes[0], volumes[1]
 
     # Optional[...], not X | None: Slicer 5.2-5.6 run Python 3.9, where this annotation is evaluated
-    def setParameterNode(self, inputParameterNode: Optional[DeepAbdominalRegParameterNode]) -> None:  # noqa: UP045
+    def setParameterNode(self, inputParameterNode: Optional[DeepAbdominalRegParameterNode]) -> None:  # noqa: FA100
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)

@@ -19,12 +19,12 @@ if TYPE_CHECKING:  # torch is imported lazily: the registry (cards, hashes) work
     import torch
 
 __all__ = [
-    "ModelError",
     "ModelCard",
-    "models_directory",
+    "ModelError",
     "available_models",
-    "resolve_model",
     "load_model",
+    "models_directory",
+    "resolve_model",
     "save_model",
     "sha256_of",
 ]
@@ -148,7 +148,7 @@ def load_model(name_or_path: str, device: torch.device | str = "cpu") -> tuple[t
         )
     try:
         checkpoint = torch.load(card.weights_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad model file
+    except Exception as exc:  # any unpickling failure is a bad model file
         raise ModelError(
             f"weights file '{card.weights_path}' cannot be loaded safely ({type(exc).__name__}: {exc}); only plain "
             "tensors are accepted (weights_only=True)."

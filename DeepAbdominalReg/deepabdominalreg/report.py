@@ -225,7 +225,7 @@ def _draw_label_table(fig: Figure, table: list, x: float, y_top: float, max_rows
 
 def _orientation_letters(ax, plane: str, colour: str = "white") -> None:
     top, bottom = ("A", "P") if plane == "axial" else ("S", "I")
-    style = dict(color=colour, fontsize=8, fontweight="bold", transform=ax.transAxes)
+    style = {"color": colour, "fontsize": 8, "fontweight": "bold", "transform": ax.transAxes}
     ax.text(0.02, 0.5, "R", ha="left", va="center", **style)
     ax.text(0.98, 0.5, "L", ha="right", va="center", **style)
     ax.text(0.5, 0.98, top, ha="center", va="top", **style)
@@ -348,7 +348,7 @@ def write_report(
     for heading, lines in _metrics_blocks(metrics, fixed, moving, hu_window):
         text = fig.text(block_x / width_in, 1 - 0.2 / height_in, "\n".join([heading] + lines), fontsize=9,
                         family="monospace", ha="left", va="top", linespacing=1.35,
-                        bbox=dict(boxstyle="round,pad=0.5", facecolor="#f3f3f3", edgecolor="#aaaaaa"))
+                        bbox={"boxstyle": "round,pad=0.5", "facecolor": "#f3f3f3", "edgecolor": "#aaaaaa"})
         text.draw(renderer)  # lays out the box so that its width is known
         block_x = text.get_bbox_patch().get_window_extent(renderer).x1 / fig.dpi + 0.25
 

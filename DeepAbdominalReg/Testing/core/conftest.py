@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from geometry_helpers import oblique_direction, shared_data_dir  # noqa: F401
+from geometry_helpers import oblique_direction, shared_data_dir
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -85,7 +85,8 @@ def test_displacement_field_nifti_round_trip_is_lps_and_intent_1006(tmp_path, ob
     field = sitk.GetImageFromArray(vectors, isVector=True)
     field.CopyInformation(oblique_image)
     path = write_displacement_field(field, tmp_path / "disp.nii.gz")
-    header = gzip.open(path).read(348)
+    with gzip.open(path) as handle:
+        header = handle.read(348)
     assert int.from_bytes(header[68:70], "little", signed=True) == 1006
     back = read_displacement_field(path)
     np.testing.assert_allclose(sitk.GetArrayFromImage(back)[0, 0, 0], [1.5, -2.0, 3.25], atol=1e-6)

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from geometry_helpers import oblique_direction, shared_data_dir
 from deepabdominalreg.image import Grid, resample_image
 from deepabdominalreg.phantom import PHANTOM_FOV_MM, PHANTOM_LABELS, add_ct_noise, phantom_grid, render_phantom
+from geometry_helpers import oblique_direction, shared_data_dir
 
 ID = {name: key for key, name in PHANTOM_LABELS.items()}
 

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from geometry_helpers import oblique_direction
 from deepabdominalreg.image import Grid, read_displacement_field, read_labels
 from deepabdominalreg.phantom import PHANTOM_LABELS, render_phantom
 from deepabdominalreg.synthetic import (
@@ -22,6 +21,7 @@ from deepabdominalreg.synthetic import (
     warp_with_displacement,
     write_pair,
 )
+from geometry_helpers import oblique_direction
 from scipy import ndimage
 
 ID = {name: key for key, name in PHANTOM_LABELS.items()}

@@ -44,7 +44,7 @@ def test_ctrl_c_stops_the_cli_and_writes_nothing(tmp_path):
             stdout=stdout, stderr=subprocess.PIPE, text=True, env=env,
             # a shell without job control starts background jobs with SIGINT ignored, and Python then installs
             # no KeyboardInterrupt handler: give the child the default disposition a terminal's Ctrl-C meets
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 (test, no threads yet)
         )
         # wait until the affine optimisation is running, then interrupt
         deadline = time.monotonic() + 300
