@@ -87,6 +87,15 @@ def _index_normalisation(moving_grid: Grid, device: torch.device) -> tuple[torch
             torch.as_tensor(offset, dtype=torch.float32, device=device))
 
 
+_LINE_SEARCH_STEPS = 5
+"""L-BFGS-B line-search steps per iteration (scipy's default: 20).  The NCC of trilinearly sampled images has kinks
+where samples cross voxel faces (for a pure translation all of them at once), where the gradient does not predict
+the function: long line searches there used 10-15 evaluations per iteration for nothing.  With 5, the affine stage
+took 35 % fewer evaluations and 30 % less time over the 8 validation and 2 benchmark pairs (levels 12/6 and 12/8 mm),
+with the same final loss (within 5e-5), translations within 0.1 mm and the same validation accuracy after the
+deformable stages (``benchmarks/README.md``, "Performance")."""
+
+
 def optimise_affine(
     fixed_grid: Grid,
     fixed_intensity: np.ndarray,
@@ -186,7 +195,8 @@ def optimise_affine(
             result = minimize(objective, x[:n_free], jac=True, method="L-BFGS-B",
                               options={"maxiter": per_level[level_index],
                                        "maxfun": int(per_level[level_index] * 1.5),
-                                       "maxcor": 10, "ftol": 1e-6, "gtol": 1e-5})
+                                       "maxcor": 10, "ftol": 1e-6, "gtol": 1e-5,
+                                       "maxls": _LINE_SEARCH_STEPS})
             x[:n_free] = result.x
             step = sum(per_level[: level_index + 1])
     matrix = np.eye(3) + x[3:].reshape(3, 3)
