@@ -36,7 +36,7 @@ __all__ = [
 
 _BOX_SLAB_ELEMENTS = 500_000
 """Elements (all channels) per slab along D of :func:`_box_sum` on a CPU: a slab stays in the caches through the
-three passes (one thread, 3 x 112 x 101 x 122 window 5: ~1.5x faster than whole-volume passes)."""
+three passes (one thread, 3 x 112 x 101 x 122, window 5: 20 -> 11 ms against whole-volume passes)."""
 
 
 def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -49,18 +49,21 @@ def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
     b, c, d, h, w = x.shape
     slab = max(1, _BOX_SLAB_ELEMENTS // max(b * c * h * w, 1))
     if x.device.type != "cpu" or d <= 2 * slab:
-        return _box_sum_part(x, x, 0, d, pad).mul_(1.0 / window**3)
+        return _window_sums(x, 0, d, pad).mul_(1.0 / window**3)
     out = torch.empty_like(x)
     for z0 in range(0, d, slab):
         z1 = min(d, z0 + slab)
-        out[:, :, z0:z1] = _box_sum_part(x, x[:, :, z0:z1], z0, z1, pad)
+        out[:, :, z0:z1] = _window_sums(x, z0, z1, pad)
     return out.mul_(1.0 / window**3)
 
 
-def _box_sum_part(x: torch.Tensor, part: torch.Tensor, z0: int, z1: int, pad: int) -> torch.Tensor:
-    """The window sums (unscaled) of ``x``'s slices ``z0:z1`` (``part``), neighbours along D read from ``x``."""
+def _window_sums(x: torch.Tensor, z0: int, z1: int, pad: int) -> torch.Tensor:
+    """Sums over the ``(2 pad + 1)^3`` window, neighbours outside the grid left out, of ``x``'s slices ``z0:z1``
+    (``(B, C, z1 - z0, H, W)``; D neighbours read from ``x``).  Per axis D, H, W: ``x[i]``, then ``+ x[i - o]`` and
+    ``+ x[i + o]`` for ``o = 1 ... pad``, in that order (the slab-wise and whole-volume filters agree bit for bit).
+    Differentiable (out-of-place copies, in-place sums)."""
     d = x.shape[2]
-    total = part.clone()
+    total = x[:, :, z0:z1].clone()
     for offset in range(1, min(pad, d - 1) + 1):
         lo = max(z0, offset)  # + x[z - offset] where z - offset >= 0
         if lo < z1:
@@ -195,8 +198,8 @@ def local_ncc_against_fixed(
     """``-sum(weight * cc)``: :func:`local_ncc_loss` of ``warped`` against ``fixed`` with the fixed image's
     :func:`local_statistics` given and per-voxel ``weight`` (e.g. a mask divided by its count).
 
-    Same values and gradient (to float rounding; tested) with an analytic backward pass: the registration loops
-    (affine, instance optimisation) call it every iteration.  Gradient only with respect to ``warped``.
+    Same values and gradient (to float rounding; tested) with an analytic backward pass: instance optimisation calls
+    it every iteration.  Gradient only with respect to ``warped``.
     """
     return _LocalNccAgainstFixed.apply(warped, fixed, fixed_mean, fixed_variance, weight, window, eps)
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepabdominalreg import spatial
+from deepabdominalreg.losses import _window_sums
 
 __all__ = [
     "CostVolumePyramidNet",
@@ -205,17 +206,6 @@ def _reciprocal_neighbour_counts(shape: Sequence[int], dtype: torch.dtype, devic
     return reciprocal
 
 
-def _three_tap_sum(volume: torch.Tensor, dim: int) -> torch.Tensor:
-    """``x[i - 1] + x[i] + x[i + 1]`` along ``dim`` (the neighbours inside only), as ``(x[i] + x[i - 1]) + x[i + 1]``."""
-    n = volume.shape[dim]
-    if n == 1:
-        return volume
-    total = volume.clone()
-    total.narrow(dim, 1, n - 1).add_(volume.narrow(dim, 0, n - 1))
-    total.narrow(dim, 0, n - 1).add_(volume.narrow(dim, 1, n - 1))
-    return total
-
-
 def box_filter3(volume: torch.Tensor) -> torch.Tensor:
     """3x3x3 mean filter per channel of ``(B, C, D, H, W)`` (at borders: the mean over the neighbours inside).
 
@@ -225,38 +215,22 @@ def box_filter3(volume: torch.Tensor) -> torch.Tensor:
     (the cost volumes of the finest levels) are filtered in slabs along ``D`` that stay in the caches through the
     three passes: the same values bit for bit, ~1.7x faster (27 x 104 x 84 x 100: 84 -> 46 ms, one thread).
     """
-    reciprocal = _reciprocal_neighbour_counts(volume.shape[2:], volume.dtype, volume.device)
-    needs_grad = torch.is_grad_enabled() and volume.requires_grad
-    if not needs_grad and volume.device.type == "cpu" and volume.numel() > 4 * _BOX_SLAB_ELEMENTS:
-        return _box_filter3_in_slabs(volume, reciprocal)
-    summed = volume
-    for dim in (2, 3, 4):
-        summed = _three_tap_sum(summed, dim)
-    return summed * reciprocal
-
-
-_BOX_SLAB_ELEMENTS = 500_000
-"""Elements (all channels) per slab of :func:`box_filter3`'s inference path on a CPU."""
-
-
-def _box_filter3_in_slabs(volume: torch.Tensor, reciprocal: torch.Tensor) -> torch.Tensor:
-    """:func:`box_filter3` slab by slab along ``D`` (same operations in the same order per voxel), no autograd."""
     b, c, d, h, w = volume.shape
+    reciprocal = _reciprocal_neighbour_counts((d, h, w), volume.dtype, volume.device)
+    needs_grad = torch.is_grad_enabled() and volume.requires_grad
+    if needs_grad or volume.device.type != "cpu" or volume.numel() <= 4 * _BOX_SLAB_ELEMENTS:
+        return _window_sums(volume, 0, d, 1) * reciprocal
     out = torch.empty_like(volume)
     slab = max(1, _BOX_SLAB_ELEMENTS // (b * c * h * w))
     with torch.no_grad():
         for z0 in range(0, d, slab):
             z1 = min(d, z0 + slab)
-            part = volume[:, :, z0:z1].clone()  # the D pass: + x[z - 1], then + x[z + 1], where inside
-            if d > 1:
-                lo = max(z0, 1)
-                part[:, :, lo - z0:].add_(volume[:, :, lo - 1: z1 - 1])
-                hi = min(z1, d - 1)
-                if hi > z0:
-                    part[:, :, : hi - z0].add_(volume[:, :, z0 + 1: hi + 1])
-            part = _three_tap_sum(_three_tap_sum(part, 3), 4)
-            torch.mul(part, reciprocal[z0:z1], out=out[:, :, z0:z1])
+            torch.mul(_window_sums(volume, z0, z1, 1), reciprocal[z0:z1], out=out[:, :, z0:z1])
     return out
+
+
+_BOX_SLAB_ELEMENTS = 500_000
+"""Elements (all channels) per slab of :func:`box_filter3`'s inference path on a CPU."""
 
 
 class CostVolumePyramidNet(nn.Module):

@@ -105,10 +105,10 @@ def invert_displacement(
 ) -> torch.Tensor:
     """Inverse field by fixed-point iteration ``inv(q) = -disp(q + inv(q))`` (converges for det J > 0 fields).
 
-    Each voxel's iteration depends only on ``disp``, not on its neighbours' iterates, so each voxel stops on its
-    own: after ``iterations``, or once its inverse moved by no more than ``tolerance`` voxels (every component) in
-    an iteration.  Once fewer than 5 % of the voxels are still moving, only those are iterated (the rest of the grid
-    is not resampled).  ``coarse_factor`` > 1 first inverts the field resampled to a grid ``coarse_factor`` times
+    Each voxel's iteration depends only on ``disp``, not on its neighbours' iterates.  With a ``tolerance`` the
+    whole grid is iterated until fewer than 5 % of the voxels moved by more than ``tolerance`` voxels (any
+    component) in the last iteration; from then on only those are iterated (point sampling), each until it moves by
+    no more than ``tolerance``; at most ``iterations`` in all.  ``coarse_factor`` > 1 first inverts the field resampled to a grid ``coarse_factor`` times
     coarser (``iterations`` there, at ~1/factor^3 of the cost), then refines the upsampled inverse with at most
     ``fine_iterations`` on the full grid: for smooth fields (e.g. instance optimisation's, interpolated from a control
     grid) the same fixed point at a fraction of the time.
