@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from deepabdominalreg import losses
+from deepabdominalreg import losses, spatial
 
 
 def _smooth_image(shape=(12, 12, 12), seed=0, dtype=torch.float32) -> torch.Tensor:
@@ -211,6 +211,22 @@ def test_negative_jacobian_penalty():
     folding.requires_grad_(True)
     losses.negative_jacobian_penalty(folding).backward()
     assert folding.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("amplitude", [0.05, 0.8], ids=["no voxel below the margin", "some folding"])
+def test_negative_jacobian_penalty_shortcut_gives_the_same_value_and_gradient(amplitude):
+    """Without folding the penalty skips its autograd graph: the same (zero) value and (zero) gradient as the full
+    computation, still attached to the field; with folding, the full computation."""
+    g = torch.Generator().manual_seed(2)
+    disp = torch.randn(1, 3, 6, 7, 5, generator=g, dtype=torch.float64) * amplitude
+    ours_in, ref_in = disp.clone().requires_grad_(True), disp.clone().requires_grad_(True)
+    ours = losses.negative_jacobian_penalty(ours_in)
+    ref = torch.nn.functional.relu(0.01 - spatial.jacobian_determinant(ref_in)).mean()
+    assert ours.requires_grad and float(ours.detach()) == float(ref.detach())
+    (3.0 * ours).backward()
+    (3.0 * ref).backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=0)
+    assert (float(ref.detach()) == 0.0) == (amplitude < 0.1)
 
 
 # ------------------------------------------------------------------------------------------------ weighting
