@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from deepabdominalreg.image import Grid, writable_array_view
+from deepabdominalreg.spatial import normalising_scale
 
 __all__ = ["affine_field_displacement", "warp_image"]
 
@@ -67,8 +68,7 @@ def _inside(index: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 
 def _normalised(index: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """``grid_sample`` coordinates (``align_corners=True``) of continuous indices ``(..., 3)`` (``i, j, k``)."""
-    scale = torch.tensor([2.0 / max(float(s) - 1.0, 1.0) for s in size], device=index.device, dtype=index.dtype)
-    return index * scale - 1.0
+    return index * normalising_scale(size, index.device, index.dtype) - 1.0
 
 
 def _axis_weights(scale: float, offset: float, n_out: int, n_in: int, start: int,

@@ -150,7 +150,7 @@ class _CroppedNcc:
         # normalised sampling coordinates of the box's voxels, in grid_sample's order (x, y, z) = (w, h, d)
         axes = [torch.arange(sl.start, sl.stop, device=f.device, dtype=f.dtype) for sl in self.box]
         coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).flip(-1)  # (d, h, w, 3): x, y, z
-        self.scale = torch.tensor([2.0 / max(s - 1, 1) for s in reversed(shape)], device=f.device, dtype=f.dtype)
+        self.scale = spatial.normalising_scale(reversed(shape), f.device, f.dtype)
         self.base = (coords * self.scale - 1.0).unsqueeze(0)
 
     def __call__(self, disp_box_whd: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,8 @@ and direction.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +24,7 @@ __all__ = [
     "integrate_velocity",
     "invert_displacement",
     "jacobian_determinant",
+    "normalising_scale",
     "resize_displacement",
     "warp",
 ]
@@ -39,11 +42,18 @@ def identity_grid(shape: tuple[int, int, int], device=None, dtype=torch.float32)
     return grid.unsqueeze(0)
 
 
+def normalising_scale(sizes: Iterable[int], device: torch.device | str | None = None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-axis factors ``2 / (n - 1)`` that turn voxel indices along axes of ``sizes`` into ``grid_sample``
+    coordinates (``align_corners=True``: ``index * factor - 1``); 2 for an axis of one voxel."""
+    return torch.tensor([2.0 / max(float(n) - 1.0, 1.0) for n in sizes], device=device, dtype=dtype)
+
+
 def _normalised_sampling_grid(disp: torch.Tensor) -> torch.Tensor:
     """``p + disp(p)`` in grid_sample's normalised ``(x, y, z)`` = ``(w, h, d)`` order, ``(B, D, H, W, 3)``."""
     shape = disp.shape[2:]
     coords = identity_grid(shape, device=disp.device, dtype=disp.dtype) + disp
-    scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape], device=disp.device, dtype=disp.dtype)
+    scale = normalising_scale(shape, disp.device, disp.dtype)
     coords = coords * scale.view(1, 3, 1, 1, 1) - 1.0
     return coords.permute(0, 2, 3, 4, 1).flip(-1)
 
@@ -162,7 +172,7 @@ def _sample_at(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Trilinear samples ``(3, N)`` of ``field`` ``(1, 3, D, H, W)`` at voxel points ``(3, N)`` (``d, h, w``), border
     padding: the values :func:`warp` gives at those points."""
     shape = field.shape[2:]
-    scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape], device=field.device, dtype=field.dtype)
+    scale = normalising_scale(shape, field.device, field.dtype)
     grid = (points * scale[:, None] - 1.0).flip(0).T.reshape(1, -1, 1, 1, 3)
     return F.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=True).reshape(3, -1)
 
