@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from deepabdominalreg.image import Grid, writable_array_view
 from deepabdominalreg.spatial import normalising_scale
 
-__all__ = ["affine_field_displacement", "warp_image"]
+__all__ = ["affine_field_displacement", "affine_matrix", "warp_image"]
 
 _SLAB_VOXELS = 1 << 20  # voxels per slab (~1 M: ~12 MB per float32 vector temporary)
 
 
-def _affine_matrix(transform: sitk.AffineTransform | None) -> np.ndarray:
+def affine_matrix(transform: sitk.AffineTransform | None) -> np.ndarray:
     """4x4 homogeneous matrix of an ITK affine (``y = L (x - c) + c + t``), identity for ``None``."""
     m = np.eye(4)
     if transform is not None:
@@ -121,7 +121,7 @@ def affine_field_displacement(
     field = torch.as_tensor(field_mm_zyx3, dtype=torch.float32, device=device)
     if field.shape != (*field_grid.shape_zyx, 3):
         raise ValueError(f"field shape {tuple(field.shape)} does not match its grid {field_grid.shape_zyx} x 3")
-    pre, post = _affine_matrix(before), _affine_matrix(after)
+    pre, post = affine_matrix(before), affine_matrix(after)
     to_lps = grid.index_to_physical_matrix()
     # every map is affine in the output voxel index: evaluate each as one matrix (float64), apply in float32
     to_field_index = field_grid.physical_to_index_matrix() @ pre @ to_lps

@@ -142,13 +142,13 @@ def jacobian_determinant(displacement_lps: sitk.Image, chunk_slices: int | None 
             for c in range(3):
                 component = torch.from_numpy(np.ascontiguousarray(view[lo:hi, :, :, c], dtype=np.float32)).to(device)
                 for a in range(3):
-                    grad = torch.gradient(component, dim=array_dim_of_index[a])[0][keep]
+                    grad = _twice_gradient(component, array_dim_of_index[a])[keep]
                     for b in range(3):
-                        weight = float(d_index_d_x[a, b])
+                        weight = 0.5 * float(d_index_d_x[a, b])
                         if weight == 0.0:
                             continue
                         if jac[c][b] is None:
-                            jac[c][b] = grad * weight
+                            jac[c][b] = grad.mul_(weight) if _only_nonzero(d_index_d_x[a], b) else grad * weight
                         else:
                             jac[c][b].add_(grad, alpha=weight)
                     del grad
@@ -160,12 +160,39 @@ def jacobian_determinant(displacement_lps: sitk.Image, chunk_slices: int | None 
                         jac[c][b] = torch.zeros(shape, device=device)
                 jac[c][c].add_(1.0)
             (j00, j01, j02), (j10, j11, j12), (j20, j21, j22) = jac
-            det = j00 * (j11 * j22 - j12 * j21)
-            det.sub_(j01 * (j10 * j22 - j12 * j20)).add_(j02 * (j10 * j21 - j11 * j20))
+            # cofactor expansion along the first row, in place (9 passes over the slab instead of 17)
+            minor = torch.mul(j11, j22).addcmul_(j12, j21, value=-1.0)
+            det = minor.mul_(j00)
+            minor = torch.mul(j10, j22).addcmul_(j12, j20, value=-1.0)
+            det.addcmul_(j01, minor, value=-1.0)
+            minor = torch.mul(j10, j21).addcmul_(j11, j20, value=-1.0)
+            det.addcmul_(j02, minor)
+            del minor
             out[z0:z1] = det.cpu().numpy()
             del jac, det
     del out
     return image
+
+
+def _twice_gradient(volume: torch.Tensor, dim: int) -> torch.Tensor:
+    """Twice ``torch.gradient(volume, dim=dim)`` (unit spacing): central differences ``f[i+1] - f[i-1]`` inside,
+    twice the one-sided differences at the two ends; one subtraction per voxel into one new tensor (``torch.gradient``
+    took ~4x as many passes, and a concatenation)."""
+    n = volume.shape[dim]
+    out = torch.empty_like(volume)
+    if n < 2:
+        return out.zero_()
+    if n > 2:
+        torch.sub(volume.narrow(dim, 2, n - 2), volume.narrow(dim, 0, n - 2), out=out.narrow(dim, 1, n - 2))
+    for edge, (hi, lo) in ((0, (1, 0)), (n - 1, (n - 1, n - 2))):
+        torch.sub(volume.select(dim, hi), volume.select(dim, lo), out=out.select(dim, edge)).mul_(2.0)
+    return out
+
+
+def _only_nonzero(row: np.ndarray, column: int) -> bool:
+    """Whether ``row[column]`` is the row's only non-zero weight (its gradient is then used by one Jacobian entry,
+    which may take it over in place)."""
+    return int(np.count_nonzero(row)) == 1 and row[column] != 0
 
 
 def jacobian_statistics(jacobian_zyx: np.ndarray, mask_zyx: np.ndarray | None = None) -> dict:
@@ -217,11 +244,15 @@ def jacobian_statistics(jacobian_zyx: np.ndarray, mask_zyx: np.ndarray | None = 
 
 
 def _magnitude_zyx(displacement_lps: sitk.Image, out: np.ndarray | None = None) -> np.ndarray:
+    """``|u|`` per voxel (float32, ``zyx``), a few slices at a time in float32 (relative precision ~1e-7; float64
+    slabs took 2.8 s at 512 x 512 x 400, one thread)."""
     view = sitk.GetArrayViewFromImage(displacement_lps)
     out = np.empty(view.shape[:3], dtype=np.float32) if out is None else out
-    for z in range(0, view.shape[0], 32):
-        slab = np.asarray(view[z: z + 32], dtype=np.float64)
-        out[z: z + 32] = np.sqrt(np.einsum("...i,...i->...", slab, slab))
+    step = max(1, (1 << 20) // max(view.shape[1] * view.shape[2], 1))
+    with torch.inference_mode():
+        for z in range(0, view.shape[0], step):
+            slab = torch.from_numpy(np.require(view[z: z + step], dtype=np.float32, requirements="W"))
+            torch.linalg.vector_norm(slab, dim=-1, out=torch.from_numpy(out[z: z + step]))
     return out
 
 

@@ -6,6 +6,7 @@ import math
 import time
 
 import numpy as np
+import torch
 import pytest
 import SimpleITK as sitk
 from deepabdominalreg import metrics
@@ -438,3 +439,14 @@ def test_peak_memory():
     now = metrics.peak_memory_mb()
     assert now["rss_mb"] >= peak.rss_mb
     assert set(peak.as_dict()) == {"rss_mb", "rss_increase_mb", "cuda_max_allocated_mb"}
+
+
+@pytest.mark.parametrize("shape", [(5, 6, 7), (2, 3, 4), (3, 2, 9)])
+def test_twice_gradient_is_twice_torch_gradient(shape):
+    """The Jacobian's central differences: 2 x ``torch.gradient`` on every axis, ends (one-sided) included."""
+    from deepabdominalreg.metrics import _twice_gradient
+
+    volume = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    for dim in range(3):
+        expected = 2.0 * torch.gradient(volume, dim=dim)[0]
+        torch.testing.assert_close(_twice_gradient(volume, dim), expected, rtol=1e-6, atol=1e-6)

@@ -211,3 +211,71 @@ def test_network_precision_is_validated():
     with pytest.raises(ValueError, match="network_precision"):
         RegistrationConfig.from_dict({"network_precision": "half"})
     assert RegistrationConfig.from_dict({"network_precision": "bf16"}).network_precision == "bf16"
+
+
+def test_inverse_on_the_moving_axes_inverts_the_forward_and_matches_the_exact_composite():
+    """The pipeline's full-resolution inverse is ``affine^-1(y + u(y))`` with ``u`` solved at the voxels of a working
+    grid with the moving image's axes, then upsampled separably.  On oblique, anisotropic grids with different
+    directions, a rotating affine and a smooth field, it must invert the forward field and agree with the exact
+    (per-voxel trilinear) composite of the working-grid inverse."""
+    from deepabdominalreg import spatial
+    from deepabdominalreg.evaluation import inverse_consistency_error
+    from deepabdominalreg.fields import affine_field_displacement
+    from deepabdominalreg.image import make_working_grid
+    from deepabdominalreg.registration import _disp_vox_to_mm_lps, _inverse_on_grid
+
+    fixed_grid = Grid(size=(48, 44, 30), spacing=(2.0, 2.2, 3.0), origin=(-40.0, -50.0, -30.0),
+                      direction=oblique_direction(15.0))
+    # the moving grid: other axes and spacing, a larger field of view about the same centre
+    centre = fixed_grid.index_to_physical((np.asarray(fixed_grid.size) - 1) / 2)[0]
+    moving_direction = oblique_direction(-20.0, flip=False)
+    moving_size, moving_spacing = np.array([48, 64, 44]), np.array([2.5, 1.8, 2.6])
+    moving_origin = centre - np.reshape(moving_direction, (3, 3)) @ (moving_spacing * (moving_size - 1) / 2)
+    moving_grid = Grid(size=tuple(int(n) for n in moving_size), spacing=tuple(moving_spacing),
+                       origin=tuple(moving_origin), direction=moving_direction)
+    working = make_working_grid(fixed_grid, 4.0)
+    d, h, w = working.shape_zyx
+    zz, yy, xx = torch.meshgrid(torch.linspace(0, 1, d), torch.linspace(0, 1, h), torch.linspace(0, 1, w),
+                                indexing="ij")
+    disp = torch.stack([1.2 * torch.sin(2.0 * xx + 1.0 * yy), -0.9 * torch.cos(2.5 * zz + xx),
+                        1.0 * torch.sin(3.0 * yy) * torch.cos(1.5 * zz)])[None].float()  # voxels, det J > 0
+    inverse_vox = spatial.invert_displacement(disp, tolerance=1e-3, coarse_factor=2, fine_iterations=10)
+    affine = sitk.AffineTransform(3)
+    angle = np.deg2rad(6.0)
+    affine.SetMatrix(tuple((np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0],
+                                      [0, 0, 1]]) * 1.02).ravel()))
+    affine.SetCenter(tuple(fixed_grid.index_to_physical((np.asarray(fixed_grid.size) - 1) / 2)[0]))
+    affine.SetTranslation((3.0, -2.0, 1.5))
+
+    forward = affine_field_displacement(fixed_grid, _disp_vox_to_mm_lps(disp, working), working, after=affine)
+    moving_working = make_working_grid(moving_grid, working.spacing[0])
+    u = _inverse_on_grid(disp, inverse_vox, working, affine, moving_working, tolerance=1e-3)
+    inverse = affine_field_displacement(moving_grid, u, moving_working, after=affine.GetInverse())
+    assert inverse.GetSize() == moving_grid.size
+    np.testing.assert_allclose(inverse.GetDirection(), moving_grid.direction, atol=1e-12)
+
+    # it inverts the forward field, as well as the exact composite does, at the fixed voxels away from the working
+    # grid's edge (beyond it both inverses are zero, the ITK convention, while the forward field is not)
+    k, j, i = np.meshgrid(*(np.arange(n) for n in fixed_grid.shape_zyx), indexing="ij")
+    index = working.physical_to_index(fixed_grid.index_to_physical(np.stack([i, j, k], -1).reshape(-1, 3)))
+    away = np.all((index > 3.0) & (index < np.asarray(working.size) - 4.0), axis=1).reshape(k.shape)
+    exact = affine_field_displacement(moving_grid, _disp_vox_to_mm_lps(inverse_vox, working), working,
+                                      before=affine.GetInverse())
+    ic = inverse_consistency_error(forward, inverse, away)
+    ic_exact = inverse_consistency_error(forward, exact, away)
+    assert ic["ic_voxels"] > 0.3 * np.prod(fixed_grid.size)
+    assert ic["ic_mean_mm"] < 0.02 and ic["ic_p95_mm"] < 0.03, (ic, ic_exact)  # measured: 0.007, 0.011
+    assert ic["ic_mean_mm"] < ic_exact["ic_mean_mm"] + 0.002, (ic, ic_exact)
+
+    # and agrees with the exact composite y -> q + v(q), q = affine^-1(y), v trilinear on the fixed working grid,
+    # away from the working grid's edge (where the exact field steps to zero and the upsampled one ramps)
+    k, j, i = np.meshgrid(*(np.arange(n) for n in moving_grid.shape_zyx), indexing="ij")
+    points = moving_grid.index_to_physical(np.stack([i, j, k], -1).reshape(-1, 3))
+    q = np.array([affine.GetInverse().TransformPoint(tuple(p)) for p in points[::7]])
+    index = working.physical_to_index(q)
+    interior = np.all((index > 1.0) & (index < np.asarray(working.size) - 2.0), axis=1)
+    difference = np.linalg.norm(sitk.GetArrayViewFromImage(inverse).reshape(-1, 3)[::7]
+                                - sitk.GetArrayViewFromImage(exact).reshape(-1, 3)[::7], axis=1)[interior]
+    assert interior.sum() > 1000
+    # measured: median 0.003 mm, max 0.06 mm (two discretisations of one inverse, nodes 4 mm apart)
+    assert np.median(difference) < 0.01 and difference.max() < 0.1, (np.median(difference), difference.max())
