@@ -6,9 +6,9 @@ import math
 import time
 
 import numpy as np
-import torch
 import pytest
 import SimpleITK as sitk
+import torch
 from deepabdominalreg import metrics
 from deepabdominalreg.image import Grid, resample_image
 from geometry_helpers import oblique_direction
