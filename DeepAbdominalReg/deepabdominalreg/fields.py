@@ -152,25 +152,31 @@ def affine_field_displacement(
             taps_y = _axis_weights(diag[1], shift[1], ny, fy, 0, device)
             index_z, w0_z, w1_z = (t.cpu().tolist() for t in _axis_weights(diag[2], shift[2], nz, fz, 0, device))
             cache: dict[int, torch.Tensor] = {}
+            # output slice z samples the field at plane c = diag_z z + shift_z; plane a is cached with the affine's
+            # offset at the slice that would sample it exactly, zeta_a = (a - shift_z) / diag_z, so that one
+            # interpolation of two planes gives the offset of the slices between them too (linear in z)
+            zeta = (lambda a: (a - shift[2]) / diag[2]) if diag[2] != 0 else (lambda a: 0.0)
 
             def plane(a: int) -> torch.Tensor:
+                """Field plane ``a`` interpolated in-plane, plus the affine's offset at slice ``zeta(a)``."""
                 if a not in cache:
                     if len(cache) >= 2:  # the oldest plane (slices visit the field's planes in order)
                         cache.pop(next(iter(cache)))
-                    cache[a] = _interpolate_axis(_interpolate_axis(field[a], 1, taps_x), 0, taps_y)
+                    cache[a] = (_interpolate_axis(_interpolate_axis(field[a], 1, taps_x), 0, taps_y)
+                                .add_(plane_offset).add_(offset_step * float(zeta(a))))
                 return cache[a]
 
             for z in range(nz):
                 target = torch.from_numpy(out[z]) if on_cpu else torch.empty((ny, nx, 3), device=device)
-                w0, w1 = w0_z[z], w1_z[z]
+                a, b, w0, w1 = index_z[0][z], index_z[1][z], w0_z[z], w1_z[z]
                 if w0 == 0.0 and w1 == 0.0:  # outside the field's extent: the affine alone
-                    target.copy_(plane_offset)
-                else:
-                    torch.mul(plane(index_z[0][z]), w0, out=target)
-                    if w1 != 0.0:
-                        target.add_(plane(index_z[1][z]), alpha=w1)
-                    target.add_(plane_offset)
-                target.add_(offset_step * float(z))
+                    torch.add(plane_offset, offset_step * float(z), out=target)
+                else:  # inside, w0 + w1 = 1: one interpolation pass gives field and offset
+                    torch.lerp(plane(a), plane(b), w1, out=target)
+                    # slices where the field is clamped (its border half-voxels) sample the planes elsewhere
+                    residual = z - ((1.0 - w1) * zeta(a) + w1 * zeta(b))
+                    if abs(residual) > 1e-6:
+                        target.add_(offset_step * float(residual))
                 if not on_cpu:
                     out[z] = target.cpu().numpy()
         else:
