@@ -376,8 +376,7 @@ def cliArguments(config: RegistrationConfig, configPath: str | os.PathLike | Non
         args += ["--threads", str(config.threads)]
     if not config.compute_inverse:
         args.append("--no-inverse")
-    if config.network_precision != "fp32":
-        args += ["--network-precision", config.network_precision]
+    args += ["--network-precision", config.network_precision]  # always: a preset may set either
     if preset is None:
         if configPath is None:
             raise ValueError("these settings differ from every preset in fields the command line cannot set; "

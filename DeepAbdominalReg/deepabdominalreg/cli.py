@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     reg.add_argument("--no-inverse", action="store_true", help="skip the inverse field")
     reg.add_argument("--network-precision", choices=("fp32", "bf16"), default=None,
-                     help="network forward pass precision on CUDA (fp32 default; bf16 autocast)")
+                     help="network forward pass precision (bf16 autocast where the GPU/CPU computes bf16 natively)")
     reg.add_argument("--no-report", action="store_true", help="skip report.png")
     reg.add_argument("--output-format", choices=IMAGE_FORMATS, default="nii.gz",
                      help="image files: nii.gz (compressed, default) or uncompressed nii/nrrd/mha (faster to write)")

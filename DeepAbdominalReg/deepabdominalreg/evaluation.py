@@ -546,7 +546,8 @@ def run_ours(
     **overrides,
 ) -> MethodOutput:
     """Our pipeline (:func:`deepabdominalreg.registration.register_pair`) from files: read, register, return the
-    field.  ``preset`` + ``overrides`` make the :class:`RegistrationConfig`; ``model=None`` = no network stage."""
+    field.  ``preset`` + ``overrides`` make the :class:`RegistrationConfig`; ``model=None`` keeps the preset's model
+    (none for ``fast``/``balanced``/``accurate``; the shipped one for ``network``)."""
     import torch
 
     from deepabdominalreg.config import config_from_preset
@@ -558,7 +559,9 @@ def run_ours(
     fixed = read_image(fixed_path, "fixed image")
     moving = read_image(moving_path, "moving image")
     read_s = time.perf_counter() - t
-    config = config_from_preset(preset, device=device, model=model, seed=seed, threads=threads, **overrides)
+    if model is not None:
+        overrides["model"] = model
+    config = config_from_preset(preset, device=device, seed=seed, threads=threads, **overrides)
     result = register_pair(fixed, moving, config=config)
     stages = {"read": read_s}
     stages.update({k: float(v) for k, v in result.metrics["stages"].items() if k != "total"})

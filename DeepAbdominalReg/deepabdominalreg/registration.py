@@ -602,6 +602,18 @@ def _register_pair_on_device(
     )
 
 
+def native_bfloat16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU with bf16 support, or a CPU with AVX512-BF16 or
+    AMX (elsewhere bf16 is emulated and slower than float32, so ``network_precision="bf16"`` runs in float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private but stable since torch 2.3
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    return False
+
+
 def _network_displacement(
     network: torch.nn.Module,
     card,
@@ -616,8 +628,8 @@ def _network_displacement(
     working grid, in working-grid voxels ``(1, 3, D, H, W)``."""
     fixed_input, moving_input, net_grid, box = network_inputs(
         fixed, moving, card, config.max_working_voxels, device, body_mask=config.body_mask, affine=affine)
-    bf16 = config.network_precision == "bf16" and device.type == "cuda"
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+    bf16 = config.network_precision == "bf16" and native_bfloat16(device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         pred = network.predict(fixed_input, moving_input).float()
         pad = []  # outside the bodies' box the field continues its edge values
         for sl, size in reversed(list(zip(box, net_grid.shape_zyx))):

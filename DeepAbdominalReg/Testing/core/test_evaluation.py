@@ -432,3 +432,21 @@ def test_benchmark_command_hands_its_options_to_the_script(capsys):
         main(["benchmark", "--help"])
     assert stop.value.code == 0
     assert "--smoke" in capsys.readouterr().out
+
+
+def test_run_ours_keeps_the_presets_model(tmp_path):
+    """``run_ours(preset="network")`` runs the shipped network (``model=None`` must not drop the preset's model)."""
+    from deepabdominalreg.config import PRESETS
+    from deepabdominalreg.models import available_models
+    from deepabdominalreg.phantom import render_phantom
+
+    if PRESETS["network"]["model"] not in available_models():
+        pytest.skip("no shipped model")
+    image, _ = render_phantom(seed=5, spacing_mm=6.0)
+    path = tmp_path / "image.nii.gz"
+    sitk.WriteImage(image, str(path))
+    output = ev.run_ours(str(path), str(path), threads=1, preset="network", compute_inverse=False)
+    assert "network" in output.stages
+    assert output.settings["model"]["name"] == PRESETS["network"]["model"]
+    assert "network" not in ev.run_ours(str(path), str(path), threads=1, preset="fast", io_iterations=0,
+                                        compute_inverse=False).stages

@@ -164,6 +164,25 @@ def test_network_stage_runs_with_tiny_random_checkpoint(tmp_path, phantom_4mm):
     assert "network" in result.metrics["stages"]
 
 
+def test_bf16_network_precision_on_the_cpu(phantom_4mm):
+    """The shipped model with ``network_precision="bf16"`` on a CPU: autocast where the CPU computes bf16 natively
+    (a different, nearly equal field), exactly the fp32 field where it would be emulated."""
+    from deepabdominalreg.registration import native_bfloat16
+
+    moving, _ = phantom_4mm
+    fixed = _translated(moving, np.array([4.0, -3.0, 2.0]))
+    config = config_from_preset("network", device="cpu", working_spacing_mm=5.0, compute_inverse=False)
+    fields = {}
+    for precision in ("fp32", "bf16"):
+        result = register_pair(fixed, moving, config=config.replace(network_precision=precision))
+        fields[precision] = sitk.GetArrayFromImage(result.displacement_lps)
+    difference = np.linalg.norm(fields["fp32"] - fields["bf16"], axis=-1)
+    if native_bfloat16("cpu"):
+        assert 0.0 < difference.max() < 0.5 and difference.mean() < 0.05, (difference.mean(), difference.max())
+    else:
+        assert difference.max() == 0.0
+
+
 def test_mismatched_landmarks_and_outside_points_are_clear_errors(phantom_4mm):
     moving, _ = phantom_4mm
     grid = Grid.from_image(moving)

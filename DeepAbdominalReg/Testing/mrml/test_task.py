@@ -32,6 +32,7 @@ def _cliConfig(arguments):
     config_from_preset("accurate", affine=False, body_mask=False, compute_inverse=False, model="/m/x.pt",
                        io_iterations=0),
     config_from_preset("network", device="cuda", network_precision="bf16"),
+    config_from_preset("network", network_precision="fp32"),
 ])
 def test_cli_arguments_reproduce_the_config(config):
     arguments = task.cliArguments(config)
