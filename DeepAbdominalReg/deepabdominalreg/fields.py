@@ -236,8 +236,9 @@ def warp_image(
     dtype = torch.float64 if (limits is not None or use_nearest) else torch.float32
     to_source_index = source_grid.physical_to_index_matrix()
     voxel_to_source = to_source_index @ grid.index_to_physical_matrix()
-    displacement_to_index = torch.as_tensor(to_source_index[:3, :3], dtype=dtype, device=device)
+    displacement_to_index = to_source_index[:3, :3]
     field = sitk.GetArrayViewFromImage(displacement)
+    source_size = source_grid.size
 
     output = sitk.Image([int(v) for v in grid.size], image.GetPixelID())
     output = grid.apply_to(output)
@@ -250,22 +251,39 @@ def warp_image(
     with torch.no_grad():
         for z0 in range(0, nz, step):
             n = min(step, nz - z0)
-            d = torch.as_tensor(np.array(field[z0: z0 + n]), device=device, dtype=dtype)
-            index = source_plane + _slices(z0, n, device, dtype) * source_step
-            for axis in range(3):  # + M d (three multiply-adds: a matmul with an inner size of 3 is slower)
-                index.addcmul_(d[..., axis: axis + 1], displacement_to_index[:, axis])
-            inside = _inside(index, source_grid.size)
+            d = torch.as_tensor(np.array(field[z0: z0 + n]), device=device)
+            if d.dtype == torch.float64:  # a float64 field with a float32 image: the image's precision
+                d = d.to(dtype)
+            # each source index component (i, j, k) as its own contiguous array: + M d, skipping the zeros of M
+            # (axis-aligned grids: one term), and the inside test per component (a reduction over a last axis of 3,
+            # `all(dim=-1)`, took as long as the trilinear sampling's index arithmetic)
+            ks = _slices(z0, n, device, dtype)[..., 0]
+            index = []
+            inside = None
+            for a in range(3):
+                component = source_plane[..., a] + ks * source_step[a]
+                for b in range(3):
+                    if displacement_to_index[a, b] != 0.0:
+                        component.add_(d[..., b], alpha=float(displacement_to_index[a, b]))
+                index.append(component)
+                ok = (component >= -0.5) & (component < source_size[a] - 0.5)
+                inside = ok if inside is None else inside.logical_and_(ok)
+            del d
             # the source slices the trilinear weights can touch (clamped: outside voxels get the default anyway)
-            k = index[..., 2].clamp(-0.5, depth - 0.5)
-            k0 = max(int(np.floor(float(k.min()))), 0)
-            k1 = min(int(np.floor(float(k.max()))) + 2, depth)
+            k0 = max(int(np.floor(max(float(index[2].min()), -0.5))), 0)
+            k1 = min(int(np.floor(min(float(index[2].max()), depth - 0.5))) + 2, depth)
             if use_nearest:
                 out[z0: z0 + n] = _nearest_values(source[k0:k1], index, k0, inside, default_value)
                 continue
             block = torch.as_tensor(np.array(source[k0:k1]), device=device, dtype=dtype)[None, None]
-            index[..., 2] -= float(k0)
-            sampled = F.grid_sample(block, _normalised(index, (source_grid.size[0], source_grid.size[1], k1 - k0))
-                                    .unsqueeze(0), mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
+            # grid_sample's coordinates (align_corners=True) on the block of source slices k0 .. k1 - 1
+            scale = normalising_scale((source_size[0], source_size[1], k1 - k0), device, torch.float64).tolist()
+            location = torch.empty((1, *index[0].shape, 3), device=device, dtype=dtype)
+            for a in range(3):
+                shift = 1.0 + (scale[a] * k0 if a == 2 else 0.0)
+                torch.mul(index[a], scale[a], out=location[0, ..., a]).sub_(shift)
+            del index
+            sampled = F.grid_sample(block, location, mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
             values = sampled.masked_fill_(~inside, float(default_value))
             if limits is not None:
                 # ITK truncates; a value within float64 rounding of an integer (an exact 100 HU sampled as
@@ -277,15 +295,14 @@ def warp_image(
     return output
 
 
-def _nearest_values(block: np.ndarray, index: torch.Tensor, k0: int, inside: torch.Tensor,
+def _nearest_values(block: np.ndarray, index: list[torch.Tensor], k0: int, inside: torch.Tensor,
                     default_value: float) -> np.ndarray:
     """Values of ``block`` (the source slices ``k0...``, ``zyx``) at the voxels nearest to continuous source indices
-    ``index`` ``(..., 3)`` (``i, j, k``), rounded half up as ITK does; ``default_value`` where not ``inside``."""
+    ``index`` (the ``i``, ``j``, ``k`` arrays), rounded half up as ITK does; ``default_value`` where not ``inside``."""
     depth, height, width = block.shape
-    rounded = torch.floor(index + 0.5).long()
-    i = rounded[..., 0].clamp_(0, width - 1)
-    j = rounded[..., 1].clamp_(0, height - 1)
-    k = (rounded[..., 2] - k0).clamp_(0, depth - 1)
+    i = torch.floor(index[0] + 0.5).long().clamp_(0, width - 1)
+    j = torch.floor(index[1] + 0.5).long().clamp_(0, height - 1)
+    k = (torch.floor(index[2] + 0.5).long() - k0).clamp_(0, depth - 1)
     flat = ((k * height + j) * width + i).cpu().numpy()
     values = np.ascontiguousarray(block).reshape(-1)[flat]
     values[~inside.cpu().numpy()] = np.asarray(default_value).astype(values.dtype)
