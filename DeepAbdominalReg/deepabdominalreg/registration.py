@@ -19,7 +19,7 @@ from deepabdominalreg import spatial
 from deepabdominalreg.affine import optimise_affine
 from deepabdominalreg.allocator import reuse_freed_memory
 from deepabdominalreg.config import RegistrationConfig
-from deepabdominalreg.fields import affine_field_displacement, affine_matrix, warp_image
+from deepabdominalreg.fields import affine_field_displacement, inverse_field_on_grid, warp_image
 from deepabdominalreg.image import (
     Grid,
     ImageValidationError,
@@ -208,69 +208,6 @@ def _disp_vox_to_mm_lps(disp_vox: torch.Tensor, grid: Grid) -> np.ndarray:
     vox_xyz = disp_vox[0].flip(0).permute(1, 2, 3, 0).double().cpu().numpy()
     matrix = grid.direction_matrix @ np.diag(grid.spacing)
     return vox_xyz @ matrix.T
-
-
-def _inverse_on_grid(disp: torch.Tensor, inverse_vox: torch.Tensor, working_grid: Grid,
-                     affine: sitk.AffineTransform, grid: Grid, iterations: int = 20,
-                     tolerance: float = 1e-2) -> torch.Tensor:
-    """The inverse transform ``y -> q + v(q)``, ``q = affine^-1(y)``, as ``affine^-1(y + u(y))``: ``u`` ``(D, H, W, 3)``
-    float32 LPS mm at the voxels ``y`` of ``grid`` (a grid with the moving image's axes, for separable upsampling).
-
-    ``disp``: the forward displacement ``(1, 3, D, H, W)`` in voxels of ``working_grid`` (fixed); ``inverse_vox``
-    its inverse on that grid (:func:`spatial.invert_displacement`), the first guess.  ``v(q)`` is the fixed point
-    ``v = -disp(q + v)`` solved at each ``q`` (border padding, as :func:`spatial.invert_displacement`) until no
-    voxel moves by more than ``tolerance`` working voxels, so it is the inverse at ``grid``'s voxels, as accurate
-    as ``inverse_vox`` at the working voxels; ``v = 0`` where ``q`` lies outside the working grid's extent (ITK's
-    displacement fields are zero there, and so is the forward field).
-    """
-    device, dtype = disp.device, disp.dtype
-    # continuous working-grid index (i, j, k) of q for every voxel of grid: affine in the voxel index
-    to_working = working_grid.physical_to_index_matrix() @ affine_matrix(affine.GetInverse()) \
-        @ grid.index_to_physical_matrix()
-    nz, ny, nx = grid.shape_zyx
-    columns = [torch.as_tensor(to_working[:3, a], dtype=dtype, device=device) for a in range(4)]
-    q_ijk = (torch.arange(nz, device=device, dtype=dtype)[:, None, None, None] * columns[2]
-             + torch.arange(ny, device=device, dtype=dtype)[:, None, None] * columns[1]
-             + torch.arange(nx, device=device, dtype=dtype)[:, None] * columns[0] + columns[3])
-    size = torch.tensor([float(n) for n in working_grid.size], device=device, dtype=dtype)
-    inside = ((q_ijk >= -0.5) & (q_ijk < size - 0.5)).all(dim=-1)
-    scale = spatial.normalising_scale(working_grid.size, device, dtype)  # (i, j, k) = grid_sample's (x, y, z)
-    base = (q_ijk * scale - 1.0).unsqueeze(0)
-    del q_ijk
-
-    def sample(field: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.grid_sample(field, location, mode="bilinear", padding_mode="border",
-                                               align_corners=True)
-
-    with torch.no_grad():
-        v = sample(inverse_vox, base)
-        # the whole grid while many voxels move, then only those still moving (as spatial.invert_displacement)
-        active = None
-        for _ in range(iterations):
-            if active is None:
-                updated = sample(disp, base + v[0].permute(1, 2, 3, 0).flip(-1) * scale).neg_()
-                still = ((updated - v).abs() > tolerance).any(dim=1).flatten()
-                v = updated
-                count = int(still.sum())
-                if count == 0:
-                    break
-                if count < 0.05 * still.numel():
-                    active = torch.nonzero(still).flatten()
-                    flat_v, flat_base = v.view(3, -1), base.view(-1, 3)
-                continue
-            location = flat_base[active] + flat_v[:, active].T.flip(-1) * scale
-            updated = sample(disp, location.reshape(1, -1, 1, 1, 3)).reshape(3, -1).neg_()
-            still = ((updated - flat_v[:, active]).abs() > tolerance).any(dim=0)
-            flat_v[:, active] = updated
-            active = active[still]
-            if active.numel() == 0:
-                break
-        v.mul_(inside)
-        # working voxels (d, h, w) -> LPS mm, then u = L v (affine^-1(y + u) = affine^-1(y) + L^-1 u)
-        linear = np.asarray(affine.GetMatrix(), dtype=np.float64).reshape(3, 3)
-        to_mm = linear @ working_grid.direction_matrix @ np.diag(working_grid.spacing)
-        to_mm = torch.as_tensor(to_mm[:, ::-1].copy(), dtype=dtype, device=device)  # columns for (d, h, w)
-        return v[0].permute(1, 2, 3, 0) @ to_mm.T
 
 
 def _field_transform(field_mm_zyx3: np.ndarray, grid: Grid) -> sitk.DisplacementFieldTransform:
@@ -529,7 +466,7 @@ def _register_pair_on_device(
             }
             # y -> q + v(q), q = affine^-1(y), as affine^-1(y + u(y)) with u on a working grid with the moving
             # image's axes: full resolution by separable interpolation (at 512 x 512 x 400, one thread: 10 -> ~2 s)
-            inverse_u = _inverse_on_grid(disp, inverse_vox, w_fixed_grid, affine, w_moving_grid)
+            inverse_u = inverse_field_on_grid(disp, inverse_vox, w_fixed_grid, affine, w_moving_grid)
             inverse_displacement = affine_field_displacement(moving_grid, inverse_u, w_moving_grid,
                                                              after=affine.GetInverse(), device=device)
             if moving_landmarks_lps is not None:

@@ -23,6 +23,7 @@ __all__ = [
     "identity_grid",
     "integrate_velocity",
     "invert_displacement",
+    "invert_displacement_at",
     "jacobian_determinant",
     "normalising_scale",
     "resize_displacement",
@@ -116,12 +117,11 @@ def invert_displacement(
     """Inverse field by fixed-point iteration ``inv(q) = -disp(q + inv(q))`` (converges for det J > 0 fields).
 
     Each voxel's iteration depends only on ``disp``, not on its neighbours' iterates.  With a ``tolerance`` the
-    whole grid is iterated until fewer than 5 % of the voxels moved by more than ``tolerance`` voxels (any
-    component) in the last iteration; from then on only those are iterated (point sampling), each until it moves by
-    no more than ``tolerance``; at most ``iterations`` in all.  ``coarse_factor`` > 1 first inverts the field resampled to a grid ``coarse_factor`` times
-    coarser (``iterations`` there, at ~1/factor^3 of the cost), then refines the upsampled inverse with at most
-    ``fine_iterations`` on the full grid: for smooth fields (e.g. instance optimisation's, interpolated from a control
-    grid) the same fixed point at a fraction of the time.
+    iteration runs as :func:`invert_displacement_at` at the grid's own voxels: each voxel until it moves by no more
+    than ``tolerance`` voxels, at most ``iterations`` in all.  ``coarse_factor`` > 1 first inverts the field resampled
+    to a grid ``coarse_factor`` times coarser (``iterations`` there, at ~1/factor^3 of the cost), then refines the
+    upsampled inverse with at most ``fine_iterations`` on the full grid: for smooth fields (e.g. instance
+    optimisation's, interpolated from a control grid) the same fixed point at a fraction of the time.
     """
     _check_disp(disp)
     shape = tuple(disp.shape[2:])
@@ -136,21 +136,47 @@ def invert_displacement(
         for _ in range(iterations):
             inverse = -warp(disp, inverse, padding_mode="border")
         return inverse
-    active = None  # flat indices of the voxels still moving, once they are few
-    flat = inverse.view(3, -1)
+    points = identity_grid(shape, device=disp.device, dtype=disp.dtype)
+    return invert_displacement_at(disp, points, inverse, iterations, tolerance)
+
+
+def invert_displacement_at(
+    disp: torch.Tensor,
+    points: torch.Tensor,
+    initial: torch.Tensor,
+    iterations: int = 30,
+    tolerance: float = 1e-2,
+) -> torch.Tensor:
+    """The inverse of ``p -> p + disp(p)`` at any points ``q``: ``v`` with ``v = -disp(q + v)``.
+
+    ``disp``: ``(1, 3, D, H, W)`` voxels; ``points``: ``q`` as voxel coordinates of ``disp``'s grid, ``(1, 3, *S)``
+    (channels ``d, h, w``; ``S`` any 3-D shape, e.g. another grid's voxels mapped onto this one); ``initial``: the
+    first guess of ``v``, same shape.  ``disp`` is sampled trilinearly with border padding.  The whole set is
+    iterated until fewer than 5 % of the points moved by more than ``tolerance`` voxels (any component) in the last
+    iteration; from then on only those are (point sampling), each until it moves by no more than ``tolerance``; at
+    most ``iterations`` in all.  Returns ``v`` ``(1, 3, *S)``.
+    """
+    _check_disp(disp)
+    if disp.shape[0] != 1 or points.shape[0] != 1 or points.shape != initial.shape:
+        raise ValueError("invert_displacement_at takes one field and points/initial of one shape (1, 3, ...)")
+    scale = normalising_scale(disp.shape[2:], disp.device, disp.dtype).flip(0)  # grid_sample's (x, y, z) order
+    base = (points[0].permute(1, 2, 3, 0).flip(-1) * scale - 1.0).unsqueeze(0)  # q as grid_sample coordinates
+    inverse = initial
+    active = None  # flat indices of the points still moving, once they are few
     for _ in range(iterations):
         if active is None:
-            updated = -warp(disp, inverse, padding_mode="border")
+            updated = _sample_border(disp, base + inverse[0].permute(1, 2, 3, 0).flip(-1) * scale).neg_()
             moving = ((updated - inverse).abs() > tolerance).any(dim=1).flatten()
-            inverse, flat = updated, updated.view(3, -1)
+            inverse = updated
             count = int(moving.sum())
             if count == 0:
                 break
             if count < 0.05 * moving.numel():
                 active = torch.nonzero(moving).flatten()
+                flat, flat_base = inverse.view(3, -1), base.view(-1, 3)
             continue
-        points = _voxel_coordinates(active, shape, disp.dtype) + flat[:, active]
-        updated = -_sample_at(disp, points)
+        location = flat_base[active] + flat[:, active].T.flip(-1) * scale
+        updated = _sample_border(disp, location.reshape(1, -1, 1, 1, 3)).reshape(3, -1).neg_()
         still = ((updated - flat[:, active]).abs() > tolerance).any(dim=0)
         flat[:, active] = updated
         active = active[still]
@@ -159,22 +185,9 @@ def invert_displacement(
     return inverse
 
 
-def _voxel_coordinates(flat_index: torch.Tensor, shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
-    """``(3, N)`` voxel coordinates ``(d, h, w)`` of flat (C-order) indices into a grid of ``shape``."""
-    _, h, w = shape
-    d_index = torch.div(flat_index, h * w, rounding_mode="floor")
-    rest = flat_index - d_index * (h * w)
-    h_index = torch.div(rest, w, rounding_mode="floor")
-    return torch.stack([d_index, h_index, rest - h_index * w]).to(dtype)
-
-
-def _sample_at(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Trilinear samples ``(3, N)`` of ``field`` ``(1, 3, D, H, W)`` at voxel points ``(3, N)`` (``d, h, w``), border
-    padding: the values :func:`warp` gives at those points."""
-    shape = field.shape[2:]
-    scale = normalising_scale(shape, field.device, field.dtype)
-    grid = (points * scale[:, None] - 1.0).flip(0).T.reshape(1, -1, 1, 1, 3)
-    return F.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=True).reshape(3, -1)
+def _sample_border(field: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of ``field`` at ``grid_sample`` coordinates ``location`` (border padding)."""
+    return F.grid_sample(field, location, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def jacobian_determinant(disp: torch.Tensor, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> torch.Tensor:

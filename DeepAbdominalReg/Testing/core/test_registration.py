@@ -239,9 +239,9 @@ def test_inverse_on_the_moving_axes_inverts_the_forward_and_matches_the_exact_co
     (per-voxel trilinear) composite of the working-grid inverse."""
     from deepabdominalreg import spatial
     from deepabdominalreg.evaluation import inverse_consistency_error
-    from deepabdominalreg.fields import affine_field_displacement
+    from deepabdominalreg.fields import affine_field_displacement, inverse_field_on_grid
     from deepabdominalreg.image import make_working_grid
-    from deepabdominalreg.registration import _disp_vox_to_mm_lps, _inverse_on_grid
+    from deepabdominalreg.registration import _disp_vox_to_mm_lps
 
     fixed_grid = Grid(size=(48, 44, 30), spacing=(2.0, 2.2, 3.0), origin=(-40.0, -50.0, -30.0),
                       direction=oblique_direction(15.0))
@@ -268,7 +268,7 @@ def test_inverse_on_the_moving_axes_inverts_the_forward_and_matches_the_exact_co
 
     forward = affine_field_displacement(fixed_grid, _disp_vox_to_mm_lps(disp, working), working, after=affine)
     moving_working = make_working_grid(moving_grid, working.spacing[0])
-    u = _inverse_on_grid(disp, inverse_vox, working, affine, moving_working, tolerance=1e-3)
+    u = inverse_field_on_grid(disp, inverse_vox, working, affine, moving_working, tolerance=1e-3)
     inverse = affine_field_displacement(moving_grid, u, moving_working, after=affine.GetInverse())
     assert inverse.GetSize() == moving_grid.size
     np.testing.assert_allclose(inverse.GetDirection(), moving_grid.direction, atol=1e-12)
