@@ -124,7 +124,7 @@ class DeepAbdominalRegParameterNode:
     affineIterations: Annotated[int, WithinRange(0, 1000)] = DEFAULTS["affineIterations"]
     affineLevelsMm: str = DEFAULTS["affineLevelsMm"]
     model: str = DEFAULTS["model"]
-    networkPrecision: Annotated[str, Choice(["fp32", "bf16"])] = DEFAULTS["networkPrecision"]
+    networkPrecision: Annotated[str, Choice(["auto", "fp32", "bf16"])] = DEFAULTS["networkPrecision"]
     ioIterations: Annotated[int, WithinRange(0, 2000)] = DEFAULTS["ioIterations"]
     ioFineIterations: Annotated[int, WithinRange(0, 2000)] = DEFAULTS["ioFineIterations"]
     ioLevels: str = DEFAULTS["ioLevels"]

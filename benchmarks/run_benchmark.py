@@ -60,10 +60,8 @@ def our_methods(configs: list[str], devices: list[str], model: str | None) -> li
                     print(f"skipping ours-{config}: no trained model shipped in Resources/Models "
                           "(deepabdominalreg.models.available_models() is empty)", file=sys.stderr)
                     continue
-                # net: the network preset (affine + network, bf16 where native); net+io: then balanced's IO
-                options = {"preset": "network", "device": device, "model": model}
-                if config == "net+io":
-                    options.update(preset="balanced", network_precision=PRESETS["network"]["network_precision"])
+                # net: the network preset (affine + network); net+io: the network, then balanced's IO
+                options = {"preset": "network" if config == "net" else "balanced", "device": device, "model": model}
                 methods.append(ev.MethodSpec(f"ours-{config}{suffix}", OURS, options, WARM_OURS))
             else:
                 raise SystemExit(f"unknown configuration {config!r}: use io-fast, io-balanced, io-accurate, net, net+io")

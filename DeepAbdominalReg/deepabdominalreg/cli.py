@@ -336,8 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--working-spacing", type=float, default=None, help="working grid spacing (mm)")
     reg.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     reg.add_argument("--no-inverse", action="store_true", help="skip the inverse field")
-    reg.add_argument("--network-precision", choices=("fp32", "bf16"), default=None,
-                     help="network forward pass precision (bf16 autocast where the GPU/CPU computes bf16 natively)")
+    reg.add_argument("--network-precision", choices=("auto", "fp32", "bf16"), default=None,
+                     help="network forward pass precision: bf16 autocast where the device computes it natively "
+                          "(bf16), only where that is faster for the shipped model (auto: CPUs with AVX512-BF16/AMX), "
+                          "or never (fp32)")
     reg.add_argument("--no-report", action="store_true", help="skip report.png")
     reg.add_argument("--output-format", choices=IMAGE_FORMATS, default="nii.gz",
                      help="image files: nii.gz (compressed, default) or uncompressed nii/nrrd/mha (faster to write)")

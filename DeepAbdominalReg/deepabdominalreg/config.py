@@ -37,10 +37,11 @@ class RegistrationConfig:
     # deformable stage 1: network
     model: str | None = None
     """Name of a shipped model or path to a ``.pt`` checkpoint; ``None`` skips the network stage."""
-    network_precision: str = "fp32"
-    """``fp32`` or ``bf16``: the network's forward pass in bfloat16 autocast (the output field stays float32) where
-    the device computes bf16 natively (CUDA; CPUs with AVX512-BF16 or AMX: ``registration.native_bfloat16``),
-    else fp32.  ``benchmarks/gpu_speed.py`` (CUDA) and ``benchmarks/network_speed.py`` (CPU) measure the difference."""
+    network_precision: str = "auto"
+    """``auto``, ``fp32`` or ``bf16``: the network's forward pass in bfloat16 autocast (the output field stays
+    float32).  ``bf16``: wherever the device computes bf16 natively (CUDA; CPUs with AVX512-BF16 or AMX); ``auto``:
+    only where that was measured faster for the shipped network, such CPUs (``registration.network_uses_bfloat16``;
+    ``benchmarks/network_speed.py`` and ``benchmarks/gpu_speed.py`` measure it); ``fp32``: never."""
 
     # deformable stage 2: instance optimisation
     io_iterations: int = 60
@@ -79,8 +80,8 @@ class RegistrationConfig:
     """CPU threads for torch (``None``: leave torch's default)."""
 
     def __post_init__(self) -> None:
-        if self.network_precision not in ("fp32", "bf16"):
-            raise ValueError(f"network_precision must be 'fp32' or 'bf16', got {self.network_precision!r}")
+        if self.network_precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"network_precision must be 'auto', 'fp32' or 'bf16', got {self.network_precision!r}")
 
     def replace(self, **changes) -> RegistrationConfig:
         return dataclasses.replace(self, **changes)
@@ -104,10 +105,8 @@ PRESETS: dict[str, dict] = {
     # fast: no full-resolution IO level and an 8 mm finest affine level (the IO absorbs its ~1 mm residual)
     "fast": {"io_iterations": 40, "io_levels": (4, 2), "affine_levels_mm": (12.0, 8.0)},
     "balanced": {},
-    # network: affine + the shipped network, no instance optimisation (smoothest fields; docs/training.md); its
-    # forward pass in bf16 where the device computes bf16 natively (CPU here: 2.3 -> 1.7 s for the network stage,
-    # the same validation accuracy to 0.003 mm: docs/data/network_bf16_cpu_validation.csv)
-    "network": {"model": "abdomen-ct-4mm-v3", "io_iterations": 0, "network_precision": "bf16"},
+    # network: affine + the shipped network, no instance optimisation (smoothest fields; docs/training.md)
+    "network": {"model": "abdomen-ct-4mm-v3", "io_iterations": 0},
     "accurate": {"io_iterations": 200, "io_fine_iterations": 80, "io_levels": (4, 2, 1), "working_spacing_mm": 2.5,
                  "affine_levels_mm": (8.0, 4.0), "affine_iterations": 40},
 }

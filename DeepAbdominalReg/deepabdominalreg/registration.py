@@ -210,6 +210,12 @@ def _disp_vox_to_mm_lps(disp_vox: torch.Tensor, grid: Grid) -> np.ndarray:
     return vox_xyz @ matrix.T
 
 
+_SEPARABLE_INVERSE_RATIO = 8
+"""The inverse field is solved on a working grid with the moving image's axes (:func:`fields.inverse_field_on_grid`)
+when the moving image has more than this many times that grid's voxels (measured, one thread: 3 mm benchmark CT,
+ratio ~1: 0.47 s directly vs 0.59 s through the second solve; 512 x 512 x 400 at 3 mm, ratio ~76: ~10 s vs ~4 s)."""
+
+
 def _field_transform(field_mm_zyx3: np.ndarray, grid: Grid) -> sitk.DisplacementFieldTransform:
     image = grid.image_from_array(np.ascontiguousarray(field_mm_zyx3, dtype=np.float64), is_vector=True)
     return sitk.DisplacementFieldTransform(image)
@@ -357,6 +363,7 @@ def _register_pair_on_device(
 
     network = None
     card = None
+    network_bf16 = network_uses_bfloat16(config.network_precision, device)
     hu_window = config.hu_window
     if config.model:
         network, card = load_model(config.model, device)
@@ -393,7 +400,8 @@ def _register_pair_on_device(
 
     if network is not None:
         with stages("network", f"network {card.name}"):
-            disp = _network_displacement(network, card, fixed, moving, affine, w_fixed_grid, config, device)
+            disp = _network_displacement(network, card, fixed, moving, affine, w_fixed_grid, config, device,
+                                         bf16=network_bf16)
 
     io_settings = InstanceOptimisationSettings(
         levels=tuple(config.io_levels), iterations=config.io_iterations,
@@ -464,14 +472,22 @@ def _register_pair_on_device(
                 "inverse_consistency_p95_mm": float(np.percentile(ic_mm, 95)) if ic_mm.size else 0.0,
                 "inverse_consistency_max_mm": float(ic_mm.max()) if ic_mm.size else 0.0,
             }
-            # y -> q + v(q), q = affine^-1(y), as affine^-1(y + u(y)) with u on a working grid with the moving
-            # image's axes: full resolution by separable interpolation (at 512 x 512 x 400, one thread: 10 -> ~2 s)
-            inverse_u = inverse_field_on_grid(disp, inverse_vox, w_fixed_grid, affine, w_moving_grid)
-            inverse_displacement = affine_field_displacement(moving_grid, inverse_u, w_moving_grid,
-                                                             after=affine.GetInverse(), device=device)
+            # y -> q + v(q), q = affine^-1(y).  A moving image much finer than the working grid (clinical CT):
+            # as affine^-1(y + u(y)) with u solved on a working grid with the moving image's axes, then separable
+            # interpolation (512 x 512 x 400, one thread: 10 -> ~2 s).  Otherwise one trilinear sample of v per
+            # moving voxel costs less than that second solve.
+            if np.prod(moving_grid.size) > _SEPARABLE_INVERSE_RATIO * np.prod(w_moving_grid.size):
+                inverse_grid, before, after = w_moving_grid, None, affine.GetInverse()
+                inverse_u = inverse_field_on_grid(disp, inverse_vox, w_fixed_grid, affine, inverse_grid)
+            else:
+                inverse_grid, before, after = w_fixed_grid, affine.GetInverse(), None
+                inverse_u = _disp_vox_to_mm_lps(inverse_vox, w_fixed_grid)
+            inverse_displacement = affine_field_displacement(moving_grid, inverse_u, inverse_grid, before=before,
+                                                             after=after, device=device)
             if moving_landmarks_lps is not None:
-                inverse_transform = sitk.CompositeTransform([
-                    affine.GetInverse(), _field_transform(inverse_u.cpu().numpy(), w_moving_grid)])
+                field = _field_transform(np.asarray(torch.as_tensor(inverse_u).cpu()), inverse_grid)
+                parts = [affine.GetInverse(), field] if after is not None else [field, affine.GetInverse()]
+                inverse_transform = sitk.CompositeTransform(parts)
                 warped_moving_landmarks = np.array(
                     [inverse_transform.TransformPoint([float(c) for c in p]) for p in moving_landmarks_lps]
                 )
@@ -480,7 +496,8 @@ def _register_pair_on_device(
         jac_zyx = sitk.GetArrayViewFromImage(jacobian)
         metrics: dict = {
             "device": str(device),
-            "model": {"name": card.name if card else None, "sha256": card.sha256 if card else None},
+            "model": {"name": card.name if card else None, "sha256": card.sha256 if card else None,
+                      "precision": ("bf16" if network_bf16 else "fp32") if card else None},
             "config": _config_as_dict(config),
             "working_grid": {"size": list(w_fixed_grid.size), "spacing_mm": w_fixed_grid.spacing[0]},
             "affine_fixed_to_moving": {
@@ -551,6 +568,19 @@ def native_bfloat16(device: torch.device | str) -> bool:
     return False
 
 
+def network_uses_bfloat16(precision: str, device: torch.device | str) -> bool:
+    """Whether the network's forward pass runs in bf16 autocast for ``RegistrationConfig.network_precision``:
+    ``fp32`` never; ``bf16`` where the device computes bf16 natively; ``auto`` (the default) where that was also
+    measured faster for the shipped network, i.e. on such CPUs (forward 1.71 -> 1.27 s at one thread, fields within
+    0.003 mm on the validation cases) but not on CUDA (H100: 29 ms fp32, 36 ms bf16: ``benchmarks/README.md``)."""
+    device = torch.device(device)
+    if precision == "bf16":
+        return native_bfloat16(device)
+    if precision == "auto":
+        return device.type == "cpu" and native_bfloat16(device)
+    return False
+
+
 def _network_displacement(
     network: torch.nn.Module,
     card,
@@ -560,12 +590,13 @@ def _network_displacement(
     working_grid: Grid,
     config: RegistrationConfig,
     device: torch.device,
+    *,
+    bf16: bool = False,
 ) -> torch.Tensor:
     """Run the network on its own grid (the card's spacing and HU window) and return the displacement on the
     working grid, in working-grid voxels ``(1, 3, D, H, W)``."""
     fixed_input, moving_input, net_grid, box = network_inputs(
         fixed, moving, card, config.max_working_voxels, device, body_mask=config.body_mask, affine=affine)
-    bf16 = config.network_precision == "bf16" and native_bfloat16(device)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         pred = network.predict(fixed_input, moving_input).float()
         pad = []  # outside the bodies' box the field continues its edge values
