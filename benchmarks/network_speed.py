@@ -2,10 +2,12 @@
 
 Times what the pipeline's network stage does on the model's own grid: preprocessing of both images (resampling to
 the model spacing, HU window, body mask, the bodies' bounding box) and one forward pass (``torch.inference_mode``),
-median of ``--repeats``.
+median of ``--repeats``, in the precision the pipeline would use (``--precision``, default ``auto``: bf16 autocast
+on CPUs with native bf16, fp32 on CUDA; ``registration.network_uses_bfloat16``).
 The pair is the CT and a synthetic deformation of it (``synthetic.make_synthetic_pair``, 10 mm).
 
     python benchmarks/network_speed.py --threads 2   # the network preset's model
+    python benchmarks/network_speed.py --threads 1 --precision fp32
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from deepabdominalreg.allocator import reuse_freed_memory
 from deepabdominalreg.config import PRESETS
 from deepabdominalreg.image import read_image
 from deepabdominalreg.models import load_model
-from deepabdominalreg.registration import network_inputs
+from deepabdominalreg.registration import network_inputs, network_uses_bfloat16
 
 SHARED_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator" / "example_ct.nii.gz"
 
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ct", default=None, help="CT volume (default: shared/data example_ct, else the phantom)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="network_precision as in RegistrationConfig")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's allocator as it is (register_pair keeps freed memory for reuse)")
     args = parser.parse_args(argv)
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         prep = time.perf_counter() - t0
         times = []
         allocator = nullcontext() if args.default_allocator else reuse_freed_memory()
-        with allocator, torch.inference_mode():
+        bf16 = network_uses_bfloat16(args.precision, device)
+        with allocator, torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             network.predict(ft, mt)  # warm-up
             for _ in range(args.repeats):
                 if device == "cuda":
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
-        results[device] = {"grid_zyx": list(grid.shape_zyx), "network_input_zyx": list(ft.shape[2:]), "preprocessing_s": round(prep, 3),
+        results[device] = {"precision": "bf16" if bf16 else "fp32", "grid_zyx": list(grid.shape_zyx), "network_input_zyx": list(ft.shape[2:]), "preprocessing_s": round(prep, 3),
                            "forward_median_s": round(statistics.median(times), 3),
                            "forward_all_s": [round(t, 3) for t in times]}
     print(json.dumps(results, indent=1))
