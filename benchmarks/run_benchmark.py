@@ -129,43 +129,32 @@ def targets_markdown(rows: list[dict], memory: dict | None) -> str:
                              f"{'yes' if ours >= theirs else 'no'} |")
     folding = max((ev._number(r.get("folding_percent")) for r in ok if r["method"] == DEFAULT_METHOD), default=float("nan"))
     lines.append(f"| folding < 0.5 % (worst pair, {DEFAULT_METHOD}) | {folding:.3f} % | {'yes' if folding < 0.5 else 'no'} |")
-    # speed: per case, fastest of elastix / ANTs (the registration peers named in the issue) vs ours
-    ratios = []
-    for case in sorted({r["case"] for r in timed}):
-        ours_t = [ev._number(r["runtime_s"]) for r in timed if r["case"] == case and r["method"] == DEFAULT_METHOD]
-        peer_t = [ev._number(r["runtime_s"]) for r in timed if r["case"] == case and r["method"] in
-                  ("elastix-bspline", "ants-syn", "ants-synra")]
-        if ours_t and peer_t:
-            ratios.append(min(peer_t) / ours_t[0])
-    if ratios:
-        ratios.sort()
-        lines.append(f"| >= 10x faster than the fastest of elastix / ANTs (per pair, incl. reading) | "
-                     f"median {statistics.median(ratios):.2f}x (range {ratios[0]:.2f}–{ratios[-1]:.2f}x) | "
-                     f"{'yes' if ratios[0] >= 10 else 'no'} |")
-    for method in ("ours-io-fast",):
-        fast = [ev._number(r["runtime_s"]) for r in ok if r["method"] == method]
-        if fast and ratios:
-            per_case = []
-            for case in sorted({r["case"] for r in timed}):
-                f = [ev._number(r["runtime_s"]) for r in timed if r["case"] == case and r["method"] == method]
-                p = [ev._number(r["runtime_s"]) for r in timed if r["case"] == case and r["method"] in
-                     ("elastix-bspline", "ants-syn", "ants-synra")]
-                if f and p:
-                    per_case.append(min(p) / f[0])
-            per_case.sort()
-            lines.append(f"| (same, {method}) | median {statistics.median(per_case):.2f}x (range "
-                         f"{per_case[0]:.2f}–{per_case[-1]:.2f}x) | {'yes' if per_case[0] >= 10 else 'no'} |")
-    if "sitk-demons" in peers:
-        demons = []
+    # speed: per case, the fastest of elastix / ANTs (the registration peers named in the issue) against ours
+    registration_peers = ("elastix-bspline", "ants-syn", "ants-synra")
+
+    def speed_ratios(slower: tuple[str, ...], method: str) -> list[float]:
+        """Per case: the fastest of ``slower``'s runtimes over ``method``'s, sorted."""
+        ratios = []
         for case in sorted({r["case"] for r in timed}):
-            d = [ev._number(r["runtime_s"]) for r in timed if r["case"] == case and r["method"] == "sitk-demons"]
-            o = [ev._number(r["runtime_s"]) for r in timed if r["case"] == case and r["method"] == DEFAULT_METHOD]
-            if d and o:
-                demons.append(d[0] / o[0])
-        if demons:
-            demons.sort()
-            lines.append(f"| (for reference) speed vs SimpleITK demons | median {statistics.median(demons):.2f}x "
-                         f"(range {demons[0]:.2f}–{demons[-1]:.2f}x) | – |")
+            times = {r["method"]: ev._number(r["runtime_s"]) for r in timed if r["case"] == case}
+            peer_times = [times[m] for m in slower if m in times]
+            if peer_times and method in times:
+                ratios.append(min(peer_times) / times[method])
+        return sorted(ratios)
+
+    def ratio_cells(ratios: list[float]) -> str:
+        return f"median {statistics.median(ratios):.2f}x (range {ratios[0]:.2f}–{ratios[-1]:.2f}x)"
+
+    ratios = speed_ratios(registration_peers, DEFAULT_METHOD)
+    if ratios:
+        lines.append(f"| >= 10x faster than the fastest of elastix / ANTs (per pair, incl. reading) | "
+                     f"{ratio_cells(ratios)} | {'yes' if ratios[0] >= 10 else 'no'} |")
+        fast = speed_ratios(registration_peers, "ours-io-fast")
+        if fast:
+            lines.append(f"| (same, ours-io-fast) | {ratio_cells(fast)} | {'yes' if fast[0] >= 10 else 'no'} |")
+    demons = speed_ratios(("sitk-demons",), DEFAULT_METHOD) if "sitk-demons" in peers else []
+    if demons:
+        lines.append(f"| (for reference) speed vs SimpleITK demons | {ratio_cells(demons)} | – |")
     net = [ev._number(r.get("time_network_s")) for r in timed if r["method"] == "ours-net"]
     niced = [ev._number(r.get("time_network_s")) for r in ok if r["method"] == "ours-net" and r not in timed]
     threads = sorted({str(r.get("threads")) for r in ok if r["method"] == "ours-net"})

@@ -321,7 +321,7 @@ def warp_image(
                 continue
             block = torch.as_tensor(np.array(source[k0:k1]), device=device, dtype=dtype)[None, None]
             # grid_sample's coordinates (align_corners=True) on the block of source slices k0 .. k1 - 1
-            scale = normalising_scale((source_size[0], source_size[1], k1 - k0), device, torch.float64).tolist()
+            scale = normalising_scale((source_size[0], source_size[1], k1 - k0), dtype=torch.float64).tolist()
             location = torch.empty((1, *index[0].shape, 3), device=device, dtype=dtype)
             for a in range(3):
                 shift = 1.0 + (scale[a] * k0 if a == 2 else 0.0)

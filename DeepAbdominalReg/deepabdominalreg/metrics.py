@@ -279,10 +279,10 @@ def displacement_statistics(
     if values.size == 0:
         nan = float("nan")
         return {"max_mm": nan, "p95_mm": nan, "mean_mm": nan, "median_mm": nan}
-    summary = {"max_mm": float(values.max()), "mean_mm": float(np.mean(values, dtype=np.float64))}
+    maximum, mean = float(values.max()), float(np.mean(values, dtype=np.float64))
     # values is a copy when masked: the percentiles may reorder it in place (one copy fewer of ~10^7-10^8 floats)
     p50, p95 = np.percentile(values, [50, 95], overwrite_input=mask is not None)
-    return {"max_mm": summary["max_mm"], "p95_mm": float(p95), "mean_mm": summary["mean_mm"], "median_mm": float(p50)}
+    return {"max_mm": maximum, "p95_mm": float(p95), "mean_mm": mean, "median_mm": float(p50)}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -68,8 +68,8 @@ def main() -> None:
         def full_inverse() -> sitk.Image:
             from deepabdominalreg import registration  # the pipeline's own choice of path and grid
             moving_working = make_working_grid(grid, working.spacing[0])
-            if hasattr(registration, "inverse_field_on_grid") and np.prod(grid.size) > 8 * np.prod(
-                    moving_working.size):
+            ratio = getattr(registration, "_SEPARABLE_INVERSE_RATIO", None)  # None: code before that path
+            if ratio is not None and np.prod(grid.size) > ratio * np.prod(moving_working.size):
                 u = registration.inverse_field_on_grid(disp, inverse, working, affine, moving_working)
                 return affine_field_displacement(grid, u, moving_working, after=affine.GetInverse())
             v = registration._disp_vox_to_mm_lps(inverse, working)
