@@ -21,23 +21,12 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from deepabdominalreg.image import Grid, writable_array_view
+from deepabdominalreg.image import Grid, affine_matrix, writable_array_view
 from deepabdominalreg.spatial import invert_displacement_at, normalising_scale
 
-__all__ = ["affine_field_displacement", "affine_matrix", "inverse_field_on_grid", "warp_image"]
+__all__ = ["affine_field_displacement", "inverse_field_on_grid", "warp_image"]
 
 _SLAB_VOXELS = 1 << 20  # voxels per slab (~1 M: ~12 MB per float32 vector temporary)
-
-
-def affine_matrix(transform: sitk.AffineTransform | None) -> np.ndarray:
-    """4x4 homogeneous matrix of an ITK affine (``y = L (x - c) + c + t``), identity for ``None``."""
-    m = np.eye(4)
-    if transform is not None:
-        linear = np.asarray(transform.GetMatrix(), dtype=np.float64).reshape(3, 3)
-        centre = np.asarray(transform.GetCenter(), dtype=np.float64)
-        m[:3, :3] = linear
-        m[:3, 3] = centre + np.asarray(transform.GetTranslation(), dtype=np.float64) - linear @ centre
-    return m
 
 
 def _slab_size(grid: Grid, slab: int | None) -> int:

@@ -28,6 +28,7 @@ import SimpleITK as sitk
 __all__ = [
     "Grid",
     "ImageValidationError",
+    "affine_matrix",
     "make_working_grid",
     "physical_overlap_fraction",
     "read_displacement_field",
@@ -134,6 +135,17 @@ class Grid:
         """Wrap a ``zyx`` (or ``zyx3`` when ``is_vector``) array in an image with this geometry."""
         image = sitk.GetImageFromArray(array_zyx, isVector=is_vector)
         return self.apply_to(image)
+
+
+def affine_matrix(transform: sitk.AffineTransform | None) -> np.ndarray:
+    """4x4 homogeneous matrix of an ITK affine (``y = L (x - c) + c + t``), identity for ``None``."""
+    m = np.eye(4)
+    if transform is not None:
+        linear = np.asarray(transform.GetMatrix(), dtype=np.float64).reshape(3, 3)
+        centre = np.asarray(transform.GetCenter(), dtype=np.float64)
+        m[:3, :3] = linear
+        m[:3, 3] = centre + np.asarray(transform.GetTranslation(), dtype=np.float64) - linear @ centre
+    return m
 
 
 def writable_array_view(image: sitk.Image) -> np.ndarray:

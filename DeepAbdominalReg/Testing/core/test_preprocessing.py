@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from deepabdominalreg.image import Grid, make_working_grid
+from deepabdominalreg.image import Grid, make_working_grid, resample_image
 from deepabdominalreg.phantom import PHANTOM_LABELS, render_phantom
 from deepabdominalreg.preprocessing import (
     _fill_holes,
     body_mask,
+    field_of_view,
     looks_like_ct,
     prepare_working_image,
     window_and_scale,
@@ -110,4 +111,69 @@ def test_prepare_working_image_masks_fills_field_of_view_and_keeps_the_input(pha
     assert working.field_of_view.any() and not working.field_of_view.all()
     assert not np.any(working.mask & ~working.field_of_view)
     assert np.all(working.intensity[~working.mask] == 0.0)
+    assert np.array_equal(before, sitk.GetArrayFromImage(image))
+
+
+def _field_of_view_by_resampling(image_grid: Grid, grid: Grid, transform) -> np.ndarray:
+    """The reference: an image of ones resampled (nearest, default 0) onto ``grid``, as ITK decides inside."""
+    ones = image_grid.apply_to(sitk.Image([int(v) for v in image_grid.size], sitk.sitkUInt8) + 1)
+    return sitk.GetArrayFromImage(
+        resample_image(ones, grid, transform=transform, interpolator="nearest", default_value=0)).astype(bool)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_field_of_view_equals_itks_inside_test_on_oblique_anisotropic_grids(seed):
+    """The analytic field of view is exactly where ITK's resampler reads image data, for no transform, an affine
+    and a non-affine transform (which takes the resampling path), on oblique grids with anisotropic spacing."""
+    rng = np.random.default_rng(seed)
+    rotation = sitk.Euler3DTransform()
+    rotation.SetRotation(*rng.uniform(-0.5, 0.5, 3))
+    image_grid = Grid(tuple(int(v) for v in rng.integers(8, 40, 3)), tuple(rng.uniform(0.6, 3.5, 3)),
+                      tuple(rng.uniform(-60.0, 60.0, 3)), tuple(rotation.GetMatrix()))
+    working = make_working_grid(image_grid, 2.5)
+    # shifted so that part of the grid lies outside the image, and with other axes than the image
+    other_rotation = sitk.Euler3DTransform()
+    other_rotation.SetRotation(*rng.uniform(-0.3, 0.3, 3))
+    grid = Grid(working.size, working.spacing,
+                tuple(np.add(working.origin, rng.uniform(-0.3, 0.3, 3) * working.physical_extent_mm())),
+                tuple(other_rotation.GetMatrix()) if seed % 2 else working.direction)
+    centre = image_grid.index_to_physical((np.asarray(image_grid.size) - 1.0) / 2.0)[0]
+    extent = float(np.min(image_grid.physical_extent_mm()))
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix(tuple((np.eye(3) + rng.normal(0.0, 0.08, (3, 3))).ravel()))
+    affine.SetTranslation(tuple(rng.uniform(-0.2, 0.2, 3) * extent))
+    affine.SetCenter(tuple(centre + rng.normal(0.0, 10.0, 3)))
+    euler = sitk.Euler3DTransform()
+    euler.SetCenter(tuple(centre))
+    euler.SetRotation(0.1, -0.2, 0.05)
+    euler.SetTranslation(tuple(rng.uniform(-0.2, 0.2, 3) * extent))
+    for transform in (None, affine, euler):
+        expected = _field_of_view_by_resampling(image_grid, grid, transform)
+        got = field_of_view(image_grid, grid, transform)
+        assert got.shape == expected.shape == tuple(reversed(grid.size))
+        assert expected.any() and not expected.all()
+        assert np.array_equal(got, expected)
+
+
+def test_prepare_working_image_reuses_a_body_mask_through_the_transform(phantom_4mm):
+    """``body_mask_of``: the mask is the other working image's mask resampled (nearest) through the transform and
+    cut to the field of view; no new mask is computed from the resampled intensities, and the inputs are kept."""
+    image, _ = phantom_4mm
+    before = sitk.GetArrayFromImage(image).copy()
+    own = prepare_working_image(image, make_working_grid(image, 6.0, 160), (-160.0, 240.0))
+    own_mask_before = own.mask.copy()
+    grid = make_working_grid(image, 6.0, 160)
+    shift = sitk.AffineTransform(3)
+    shift.SetTranslation((30.0, -12.0, 6.0))
+    moved = prepare_working_image(image, grid, (-160.0, 240.0), transform=shift, body_mask_of=own)
+    expected = sitk.GetArrayFromImage(resample_image(
+        own.grid.image_from_array(own.mask.astype(np.uint8)), grid, transform=shift, interpolator="nearest",
+    )).astype(bool) & moved.field_of_view
+    assert np.array_equal(moved.mask, expected)
+    assert moved.mask.any() and not moved.field_of_view.all()
+    assert np.all(moved.intensity[~moved.mask] == 0.0)
+    # the same body as a mask computed again on the moved image, up to its border voxels
+    recomputed = prepare_working_image(image, grid, (-160.0, 240.0), transform=shift)
+    assert (moved.mask != recomputed.mask).mean() < 0.02
+    assert np.array_equal(own.mask, own_mask_before)
     assert np.array_equal(before, sitk.GetArrayFromImage(image))
