@@ -41,7 +41,8 @@ DEFAULT_METHOD = "ours-io-balanced"
 
 def our_methods(configs: list[str], devices: list[str], model: str | None) -> list[ev.MethodSpec]:
     """Our configurations: ``io-<preset>`` (affine + instance optimisation), ``net`` (network only, at its working
-    resolution) and ``net+io`` (network then balanced instance optimisation); ``net*`` need a model."""
+    resolution), ``net+io`` (network then balanced instance optimisation; ``net*`` need a model) and ``affine``
+    (every stage but the deformable ones: the time no deformable stage, however fast, can go below)."""
     from deepabdominalreg.config import PRESETS
     from deepabdominalreg.models import available_models
 
@@ -56,6 +57,9 @@ def our_methods(configs: list[str], devices: list[str], model: str | None) -> li
                 preset = config[3:]
                 methods.append(ev.MethodSpec(f"ours-{config}{suffix}", OURS, {"preset": preset, "device": device},
                                              WARM_OURS))
+            elif config == "affine":
+                options = {"preset": "balanced", "device": device, "io_iterations": 0}
+                methods.append(ev.MethodSpec(f"ours-affine{suffix}", OURS, options, WARM_OURS))
             elif config in ("net", "net+io"):
                 if model is None:
                     print(f"skipping ours-{config}: no trained model shipped in Resources/Models "
@@ -65,7 +69,8 @@ def our_methods(configs: list[str], devices: list[str], model: str | None) -> li
                 options = {"preset": "network" if config == "net" else "balanced", "device": device, "model": model}
                 methods.append(ev.MethodSpec(f"ours-{config}{suffix}", OURS, options, WARM_OURS))
             else:
-                raise SystemExit(f"unknown configuration {config!r}: use io-fast, io-balanced, io-accurate, net, net+io")
+                raise SystemExit(f"unknown configuration {config!r}: use io-fast, io-balanced, io-accurate, net, net+io, "
+                                 "affine")
     return methods
 
 
@@ -152,6 +157,10 @@ def targets_markdown(rows: list[dict], memory: dict | None) -> str:
         fast = speed_ratios(registration_peers, "ours-io-fast")
         if fast:
             lines.append(f"| (same, ours-io-fast) | {ratio_cells(fast)} | {'yes' if fast[0] >= 10 else 'no'} |")
+        floor = speed_ratios(registration_peers, "ours-affine")
+        if floor:
+            lines.append(f"| (ceiling: ours-affine, every stage but the deformable ones, i.e. the ratio a deformable "
+                         f"stage taking no time would give) | {ratio_cells(floor)} | – |")
     demons = speed_ratios(("sitk-demons",), DEFAULT_METHOD) if "sitk-demons" in peers else []
     if demons:
         lines.append(f"| (for reference) speed vs SimpleITK demons | {ratio_cells(demons)} | – |")

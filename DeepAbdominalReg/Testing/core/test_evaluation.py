@@ -398,14 +398,45 @@ def test_peer_recovers_a_translation_in_our_convention(peers_module, blob_pair, 
     assert error["field_error_mean_mm"] < 3.0, error  # |t| = 7.8 mm; a flipped axis or sign gives > 6 mm
 
 
-@pytest.mark.slow
-def test_benchmark_smoke_run(tmp_path, peers_module):
-    """CI's smoke benchmark: one 6 mm phantom pair, ours (fast, tiny) and the installed peers with quick settings."""
+def _load_run_benchmark():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("run_benchmark", BENCHMARKS / "run_benchmark.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_affine_configuration_is_the_floor_of_the_speed_ratio():
+    """``--ours affine`` runs every stage but the deformable ones; the targets table turns its time into the ceiling
+    of the speed ratio (the fastest peer's time over it, per pair)."""
+    if not (BENCHMARKS / "run_benchmark.py").is_file():
+        pytest.skip("benchmarks/ is not in this checkout")
+    module = _load_run_benchmark()
+    (spec,) = module.our_methods(["affine"], ["cpu"], model=None)
+    assert spec.name == "ours-affine"
+    assert spec.options["io_iterations"] == 0 and "model" not in spec.options
+    with pytest.raises(SystemExit, match="affine"):
+        module.our_methods(["nonsense"], ["cpu"], model=None)
+    rows = []
+    for case, ants, elastix, ours, affine_only in (("a", 10.0, 30.0, 5.0, 2.0), ("b", 20.0, 16.0, 4.0, 4.0)):
+        for method, seconds in (("ants-syn", ants), ("elastix-bspline", elastix), ("ours-io-balanced", ours),
+                                ("ours-affine", affine_only)):
+            rows.append({"case": case, "method": method, "status": "ok", "runtime_s": seconds, "source": "ct",
+                         "dice_organs": 0.9, "folding_percent": 0.0, "nice": 0})
+    table = module.targets_markdown(rows, None)
+    # balanced: 10 / 5 = 2x and 16 / 4 = 4x; the ceiling: 10 / 2 = 5x and 16 / 4 = 4x
+    assert "median 3.00x (range 2.00–4.00x) | no |" in table
+    ceiling = next(line for line in table.splitlines() if line.startswith("| (ceiling: ours-affine"))
+    assert "median 4.50x (range 4.00–5.00x)" in ceiling
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_run(tmp_path, peers_module):
+    """CI's smoke benchmark: one 6 mm phantom pair, ours (fast, tiny) and the installed peers with quick settings."""
+    import importlib.util
+
+    module = _load_run_benchmark()
     peers = ["sitk-demons"] + [name for name, package in (("elastix-bspline", "itk"), ("ants-syn", "ants"))
                                if importlib.util.find_spec(package) is not None]
     out = tmp_path / "bench"
