@@ -63,7 +63,7 @@ def body_mask(
     if not foreground.any():
         return np.zeros(hu.shape, dtype=bool)
     structure = _ellipsoid(radius_vox)
-    opened = ndimage.binary_opening(foreground, structure=structure) if structure.size > 1 else foreground
+    opened = _dilate(_erode(foreground, structure), structure) if structure.size > 1 else foreground
     if not opened.any():
         opened = foreground
     labels, count = ndimage.label(opened)
@@ -73,8 +73,9 @@ def body_mask(
     else:
         body = labels == 1
     # give back what the opening shaved off the body's edge (but not the table: only voxels near the body)
-    body = ndimage.binary_dilation(body, structure=structure) & foreground
-    body = ndimage.binary_closing(body, structure=_ellipsoid(np.maximum(radius_vox // 2, 1)), iterations=1)
+    body = _dilate(body, structure) & foreground
+    closing = _ellipsoid(np.maximum(radius_vox // 2, 1))
+    body = _erode(_dilate(body, closing), closing)
     body = _fill_holes(_fill_holes(body, in_plane=True), in_plane=False)
     return body[tuple(slice(p0, body.shape[i] - p1) for i, (p0, p1) in enumerate(pad))]
 
@@ -99,6 +100,73 @@ def _fill_holes(mask: np.ndarray, in_plane: bool) -> np.ndarray:
     outside[np.concatenate([b.ravel() for b in border])] = True
     outside[0] = True  # label 0 is the mask itself
     return ~outside[labels] | mask
+
+
+def _structure_rows(structure: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(dz, dy, half_width)`` of each non-empty row (along the last axis) of a structuring element whose rows are
+    runs centred on the middle column (an ellipsoid, a cross, a box); ``dz``, ``dy`` relative to its centre."""
+    if any(n % 2 == 0 for n in structure.shape):
+        raise ValueError(f"structuring element needs odd sizes, got {structure.shape}")
+    cz, cy, cx = (n // 2 for n in structure.shape)
+    rows = []
+    for iz, iy in zip(*np.nonzero(structure.any(axis=2))):
+        columns = np.flatnonzero(structure[iz, iy]) - cx
+        half = int(columns.max())
+        if int(columns.min()) != -half or columns.size != 2 * half + 1:
+            raise ValueError("every row of the structuring element must be a run centred on its middle column")
+        rows.append((int(iz) - cz, int(iy) - cy, half))
+    return rows
+
+
+def _shifted_rows(mask: np.ndarray, structure: np.ndarray, dilate: bool) -> np.ndarray:
+    """``ndimage.binary_dilation`` (``dilate``) or ``binary_erosion`` of ``mask`` by a point-symmetric
+    ``structure`` (:func:`_structure_rows`), the outside of the array being background in both (scipy's default
+    ``border_value=0``): the same result, as OR (AND) of shifted copies.  Along the last axis each distinct run
+    half-width ``a`` is one running OR (AND) of ``mask`` shifted by ``-a .. a``; then one shifted copy per row of
+    the element.  3-4x faster than scipy's per-voxel loop for the body mask's elements (5^3 ellipsoid: 33 voxels in
+    13 rows)."""
+    combine = np.logical_or if dilate else np.logical_and
+    rows = _structure_rows(structure)
+    runs = {0: mask}
+    run = mask
+    for half in range(1, max(h for _, _, h in rows) + 1):
+        run = run.copy()
+        n = mask.shape[2]
+        if half < n:
+            combine(run[:, :, half:], mask[:, :, : n - half], out=run[:, :, half:])
+            combine(run[:, :, : n - half], mask[:, :, half:], out=run[:, :, : n - half])
+        if not dilate:  # a run reaching beyond the array's ends meets background there
+            run[:, :, : min(half, n)] = False
+            run[:, :, max(n - half, 0):] = False
+        runs[half] = run
+    out = np.zeros(mask.shape, dtype=bool) if dilate else np.ones(mask.shape, dtype=bool)
+    nz, ny = mask.shape[:2]
+    for dz, dy, half in rows:
+        # out[z, y] combines runs[half][z + dz, y + dy] where that exists; for erosion, background where it does not
+        if abs(dz) < nz and abs(dy) < ny:
+            target = out[max(-dz, 0): nz - max(dz, 0), max(-dy, 0): ny - max(dy, 0)]
+            source = runs[half][max(dz, 0): nz + min(dz, 0), max(dy, 0): ny + min(dy, 0)]
+            combine(target, source, out=target)
+        if not dilate:  # where the row reaches beyond the array, it meets background
+            if dz > 0:
+                out[max(nz - dz, 0):] = False
+            elif dz < 0:
+                out[: min(-dz, nz)] = False
+            if dy > 0:
+                out[:, max(ny - dy, 0):] = False
+            elif dy < 0:
+                out[:, : min(-dy, ny)] = False
+    return out
+
+
+def _dilate(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_dilation(mask, structure)`` for the body mask's elements (:func:`_shifted_rows`)."""
+    return _shifted_rows(mask, structure, dilate=True)
+
+
+def _erode(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_erosion(mask, structure)`` (outside the array is background) (:func:`_shifted_rows`)."""
+    return _shifted_rows(mask, structure, dilate=False)
 
 
 def _ellipsoid(radius_vox: np.ndarray) -> np.ndarray:

@@ -8,6 +8,9 @@ import SimpleITK as sitk
 from deepabdominalreg.image import Grid, make_working_grid, resample_image
 from deepabdominalreg.phantom import PHANTOM_LABELS, render_phantom
 from deepabdominalreg.preprocessing import (
+    _dilate,
+    _ellipsoid,
+    _erode,
     _fill_holes,
     body_mask,
     field_of_view,
@@ -47,6 +50,31 @@ def test_fill_holes_equals_scipys_flood_fill_per_slice_and_in_3d(seed):
     ring[1, 4, 4] = False  # a hole in the middle slice, closed in 3D too
     assert _fill_holes(ring, in_plane=True).all() == ring[:, 2:7, 2:7].all()
     assert _fill_holes(ring, in_plane=True)[1, 4, 4] and _fill_holes(ring, in_plane=False)[1, 4, 4]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_shifted_row_morphology_equals_scipy(seed):
+    """Dilation and erosion by shifted rows give exactly scipy's ``binary_dilation`` / ``binary_erosion`` (outside
+    the array is background): ellipsoids of any radii (the body mask's elements), crosses and boxes, arrays thinner
+    than the element."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in rng.integers(1, 16, 3))
+    mask = rng.random(shape) < rng.uniform(0.2, 0.95)
+    if seed % 3 == 0:
+        structure = ndimage.generate_binary_structure(3, int(rng.integers(1, 4)))
+    else:
+        structure = _ellipsoid(rng.integers(0, 4, 3))
+    assert np.array_equal(_dilate(mask, structure), ndimage.binary_dilation(mask, structure=structure))
+    assert np.array_equal(_erode(mask, structure), ndimage.binary_erosion(mask, structure=structure))
+
+
+def test_shifted_row_morphology_rejects_elements_it_cannot_decompose():
+    off_centre = np.zeros((3, 3, 3), dtype=bool)
+    off_centre[1, 1, 1:] = True
+    with pytest.raises(ValueError, match="centred"):
+        _dilate(np.ones((4, 4, 4), dtype=bool), off_centre)
+    with pytest.raises(ValueError, match="odd"):
+        _erode(np.ones((4, 4, 4), dtype=bool), np.ones((2, 3, 3), dtype=bool))
 
 
 def test_body_mask_removes_the_table_and_keeps_gas_and_every_organ(phantom_4mm):
