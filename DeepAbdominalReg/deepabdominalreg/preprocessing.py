@@ -123,13 +123,13 @@ def _shifted_rows(mask: np.ndarray, structure: np.ndarray, dilate: bool) -> np.n
     ``structure`` (:func:`_structure_rows`), the outside of the array being background in both (scipy's default
     ``border_value=0``): the same result, as OR (AND) of shifted copies.  Along the last axis each distinct run
     half-width ``a`` is one running OR (AND) of ``mask`` shifted by ``-a .. a``; then one shifted copy per row of
-    the element.  3-4x faster than scipy's per-voxel loop for the body mask's elements (5^3 ellipsoid: 33 voxels in
-    13 rows)."""
+    the element.  For the body mask's elements (5^3 ellipsoid: 33 voxels in 13 rows) several times faster than
+    scipy's per-voxel loop (the whole ``body_mask`` at 3 mm: 0.18 -> 0.05 s)."""
     combine = np.logical_or if dilate else np.logical_and
     rows = _structure_rows(structure)
     runs = {0: mask}
     run = mask
-    for half in range(1, max(h for _, _, h in rows) + 1):
+    for half in range(1, max((h for _, _, h in rows), default=0) + 1):
         run = run.copy()
         n = mask.shape[2]
         if half < n:
