@@ -301,14 +301,21 @@ class CostVolumePyramidNet(nn.Module):
             warped = spatial.warp(m, disp, padding_mode="border") if level < len(fixed_levels) - 1 else m
             radius = self.config.search_radius[level]
             cost = ssd_cost_volume(f, warped, radius)
+            del warped
             for _ in range(self.config.cost_smoothing):
                 cost = box_filter3(cost)
             # contrast-normalised cost (1 = the mean over the candidate shifts): a flat cost gives uniform weights,
             # i.e. exactly zero update, and the temperature means the same in bright and dark regions
-            cost = cost / (cost.mean(dim=1, keepdim=True) + 1e-6)
-            weights = torch.softmax(-torch.exp(self.log_inverse_temperature[level]) * cost, dim=1)
+            sharpness = -torch.exp(self.log_inverse_temperature[level])
+            if torch.is_grad_enabled():
+                cost = sharpness * (cost / (cost.mean(dim=1, keepdim=True) + 1e-6))
+            else:  # the same values in place: two cost volumes less at the peak (first touch of new memory)
+                cost = cost.div_(cost.mean(dim=1, keepdim=True).add_(1e-6)).mul_(sharpness)
+            weights = torch.softmax(cost, dim=1)
+            del cost
             offsets = getattr(self, f"offsets_{radius}")
             update = torch.einsum("bkdhw,kc->bcdhw", weights, offsets)
+            del weights  # not held through the refinement below
             disp = disp + update
             warped = spatial.warp(m, disp, padding_mode="border")
             disp = disp + self.refiners[level](torch.cat([disp, f, warped], dim=1))

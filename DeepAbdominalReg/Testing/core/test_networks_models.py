@@ -226,6 +226,24 @@ def test_box_filter3_equals_average_pooling_without_padding_counts_forward_and_b
             torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=1e-12)
 
 
+def test_pyramid_net_inference_path_equals_the_autograd_path():
+    """At inference the cost volume is normalised and sharpened in place (less memory at the peak): the field equals
+    the autograd path's, whose graph still reaches the temperature."""
+    torch.manual_seed(3)
+    net = CostVolumePyramidNet(PYRAMID)
+    with torch.no_grad():
+        for refiner in net.refiners:  # non-zero correction heads, so that every branch contributes
+            refiner[-1].weight.normal_(0.0, 0.05)
+    fixed, moving = _smooth_texture((12, 16, 8), 5), _smooth_texture((12, 16, 8), 6)
+    with_grad = net(fixed, moving)
+    with torch.inference_mode():
+        inference = net(fixed, moving)
+    # the cost volume's two paths differ by float rounding (~1e-6, test below), which the levels carry on
+    torch.testing.assert_close(inference, with_grad.detach(), rtol=0, atol=1e-4)
+    with_grad.pow(2).mean().backward()
+    assert float(net.log_inverse_temperature.grad.abs().sum()) > 0
+
+
 def test_ssd_cost_volume_inference_path_equals_the_autograd_path():
     """Without autograd the cost volume is accumulated in place; with it, out of place: same numbers, and the
     autograd path still gives gradients."""
