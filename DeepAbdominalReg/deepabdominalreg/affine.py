@@ -16,7 +16,7 @@ from scipy import ndimage
 from scipy.optimize import minimize
 
 from deepabdominalreg.image import Grid, make_working_grid, resample_image
-from deepabdominalreg.losses import local_ncc_loss
+from deepabdominalreg.losses import local_ncc_against_fixed, local_statistics
 
 __all__ = ["centre_of_mass_lps", "downsample_working", "optimise_affine"]
 
@@ -51,15 +51,43 @@ def downsample_working(
     return coarse, sitk.GetArrayFromImage(resampled), sitk.GetArrayFromImage(coarse_fov).astype(bool)
 
 
-def _physical_points(grid: Grid, device: torch.device, box: tuple[slice, slice, slice] | None = None) -> torch.Tensor:
-    """LPS mm of every voxel centre of ``grid`` (or of its ``zyx`` sub-box ``box``): ``(D, H, W, 3)``."""
-    size = grid.size
-    if box is None:
-        box = (slice(0, size[2]), slice(0, size[1]), slice(0, size[0]))
-    k, j, i = np.meshgrid(*(np.arange(b.start, b.stop) for b in box), indexing="ij")
-    index = np.stack([i, j, k], axis=-1).reshape(-1, 3).astype(np.float64)
-    points = grid.index_to_physical(index).reshape(*k.shape, 3)
-    return torch.as_tensor(points, dtype=torch.float32, device=device)
+def _box_index_axes(grid: Grid, box: tuple[slice, slice, slice], device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LPS mm of the voxel centres of ``grid``'s ``zyx`` sub-box ``box`` as an affine map of voxel indices:
+    ``(P, p, i, j, k)`` with ``P`` (3 x 3, columns for the axes i, j, k), ``p`` the box's first voxel and ``i``, ``j``,
+    ``k`` the index offsets within the box, shaped to broadcast over ``(D, H, W, 1)``: voxel ``(k, j, i)`` of the box
+    is at ``P[:, 0] i + P[:, 1] j + P[:, 2] k + p``."""
+    m = grid.index_to_physical_matrix()
+    start = np.array([box[2].start, box[1].start, box[0].start], dtype=np.float64)  # x, y, z
+    matrix = torch.as_tensor(m[:3, :3], dtype=torch.float32, device=device)
+    first = torch.as_tensor(m[:3, :3] @ start + m[:3, 3], dtype=torch.float32, device=device)
+    axes = [torch.arange(b.stop - b.start, dtype=torch.float32, device=device) for b in box]  # z, y, x
+    return (matrix, first, axes[2].view(1, 1, -1, 1), axes[1].view(1, -1, 1, 1), axes[0].view(-1, 1, 1, 1))
+
+
+def _box_of(mask_zyx: np.ndarray) -> np.ndarray | None:
+    """``[[lo, hi], ...]`` voxel-index bounds (order x, y, z) when the ``True`` voxels of ``mask_zyx`` fill their
+    bounding box exactly (a scan's field of view on a grid with the scan's axes), else ``None``."""
+    if not mask_zyx.any():
+        return None
+    bounds = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(mask_zyx.any(axis=other))
+        bounds.append((int(hits[0]), int(hits[-1])))
+    if not mask_zyx[tuple(slice(lo, hi + 1) for lo, hi in bounds)].all():
+        return None
+    return np.array(bounds[::-1], dtype=np.float64)
+
+
+def _inside_box(coordinates: torch.Tensor, bounds_normalised: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What ``grid_sample`` (trilinear, zero padding, ``align_corners=True``) of a 0/1 mask that is 1 exactly on
+    a box gives at ``coordinates`` ``(1, D, H, W, 3)``: the product over the axes of one minus the distance outside
+    the box in voxels (clamped to [0, 1]).  ``bounds_normalised`` ``(2, 3)``: the box's first and last voxel in
+    ``grid_sample`` coordinates; ``scale`` ``(3,)``: normalised units per voxel.  Returns ``(1, 1, D, H, W)``."""
+    below = (bounds_normalised[0] - coordinates).div_(scale).clamp_(0.0, 1.0)
+    above = (coordinates - bounds_normalised[1]).div_(scale).clamp_(0.0, 1.0)
+    return (1.0 - below - above).prod(dim=-1).unsqueeze(1)
 
 
 def _informative_box(intensity_zyx: np.ndarray, fov_zyx: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
@@ -146,19 +174,30 @@ def optimise_affine(
             box = _informative_box(f_img, f_fov, margin=ncc_window)
             fixed_t = torch.as_tensor(np.ascontiguousarray(f_img[box]), device=device)[None, None]
             fixed_fov_t = torch.as_tensor(np.ascontiguousarray(f_fov[box]), device=device)[None, None]
+            # the fixed image's local mean and variance do not change between evaluations
+            fixed_mean, fixed_variance = local_statistics(fixed_t, ncc_window)
             moving_t = torch.as_tensor(m_img, device=device)[None, None]
             moving_fov_t = torch.as_tensor(m_fov.astype(np.float32), device=device)[None, None]  # 1 inside the scan
-            points = _physical_points(f_grid, device, box).reshape(-1, 3)
+            index_map = _box_index_axes(f_grid, box, device)
             to_moving_index, moving_index_offset = _index_normalisation(m_grid, device)
+            # a moving field of view that fills a box of its grid (the usual case: the working grid has the scan's
+            # axes) is tested from the sampling coordinates themselves instead of by sampling the mask
+            fov_box, fov_test = _box_of(m_fov), None
+            if fov_box is not None:  # (the box's first and last voxel, normalised units per voxel)
+                scale = 2.0 / np.maximum(np.asarray(m_grid.size, dtype=np.float64) - 1, 1)
+                fov_test = (torch.as_tensor(fov_box.T * scale - 1.0, dtype=torch.float32, device=device),
+                            torch.as_tensor(scale, dtype=torch.float32, device=device))
             # the coarsest level is translation only (as elastix starts with a translation): with few voxels a
             # free linear part drifts into scaling/shear that the finer levels must undo
             n_free = 3 if (level_index == 0 and len(levels_mm) > 1) else 12
 
-            def objective(free: np.ndarray, n_free: int = n_free, points: torch.Tensor = points,
+            def objective(free: np.ndarray, n_free: int = n_free, index_map: tuple = index_map,
+                          fov_test: tuple | None = fov_test,
                           moving_t: torch.Tensor = moving_t, moving_fov_t: torch.Tensor = moving_fov_t,
                           to_moving_index: torch.Tensor = to_moving_index,
                           moving_index_offset: torch.Tensor = moving_index_offset,
                           fixed_t: torch.Tensor = fixed_t, fixed_fov_t: torch.Tensor = fixed_fov_t,
+                          fixed_mean: torch.Tensor = fixed_mean, fixed_variance: torch.Tensor = fixed_variance,
                           ) -> tuple[float, np.ndarray]:
                 """Loss and gradient of the free parameters at ``free`` (float64, as scipy wants them)."""
                 nonlocal step
@@ -167,20 +206,29 @@ def optimise_affine(
                 params.requires_grad_(True)
                 shift, linear = params[:3], params[3:].reshape(3, 3)
                 matrix = torch.eye(3, device=device) + linear
-                # fixed LPS x -> moving LPS y = matrix (x - c) + c + t0 + scale shift -> sampling coordinates R y + r,
-                # composed into one 3 x 4 map so that the (many) points go through one matrix product
+                # fixed voxel (i, j, k) -> LPS x = P (i, j, k) + p -> moving LPS y = matrix (x - c) + c + t0 + scale
+                # shift -> sampling coordinates R y + r: one affine map of the voxel index, evaluated as a sum of
+                # per-axis terms broadcast over the box (no per-voxel matrix product)
                 weight = to_moving_index @ matrix
                 bias = to_moving_index @ (c + t0 + translation_scale * shift - matrix @ c) + moving_index_offset
-                coordinates = torch.addmm(bias, points, weight.T).reshape(1, *fixed_t.shape[2:], 3)
+                index_matrix, first, i, j, k = index_map
+                per_axis = weight @ index_matrix  # (3, 3): coordinate change per voxel along i, j, k
+                offset = weight @ first + bias
+                coordinates = ((k * per_axis[:, 2] + j * per_axis[:, 1]) + (i * per_axis[:, 0] + offset)).unsqueeze(0)
                 sampled = F.grid_sample(moving_t, coordinates, mode="bilinear", padding_mode="zeros",
                                         align_corners=True)
                 # similarity over the overlap of the two fields of view only (scans of different extent); the
                 # field of view is sampled apart, without autograd, so that the backward pass handles one channel
                 with torch.no_grad():
-                    inside = F.grid_sample(moving_fov_t, coordinates, mode="bilinear", padding_mode="zeros",
-                                           align_corners=True)
-                overlap = fixed_fov_t & (inside > 0.999)
-                loss = local_ncc_loss(fixed_t, sampled, window=ncc_window, mask=overlap)
+                    if fov_test is not None:
+                        inside = _inside_box(coordinates.detach(), *fov_test)
+                    else:
+                        inside = F.grid_sample(moving_fov_t, coordinates, mode="bilinear", padding_mode="zeros",
+                                               align_corners=True)
+                overlap = (fixed_fov_t & (inside > 0.999)).to(sampled.dtype)
+                # local_ncc_loss(fixed_t, sampled, ncc_window, mask=overlap), with an analytic backward pass
+                loss = local_ncc_against_fixed(sampled, fixed_t, fixed_mean, fixed_variance,
+                                               overlap / overlap.sum().clamp_min(1.0), ncc_window)
                 if not torch.isfinite(loss):
                     raise FloatingPointError("affine optimisation diverged (non-finite loss)")
                 loss.backward()
