@@ -73,7 +73,7 @@ def affine_pair() -> tuple[Grid, object, Grid, object, sitk.AffineTransform]:
     truth = sitk.AffineTransform(3)
     centre = moving.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in moving.GetSize()])
     truth.SetCenter(centre)
-    truth.SetMatrix(tuple((sitk.Euler3DTransform(centre, 0.0, 0.0, 0.06).GetMatrix())))
+    truth.SetMatrix(tuple(sitk.Euler3DTransform(centre, 0.0, 0.0, 0.06).GetMatrix()))
     truth.SetTranslation((6.0, -4.0, 3.0))
     fixed = resample_image(moving, moving, truth, "linear", -1024.0)
     fixed_grid, moving_grid = make_working_grid(fixed, 6.0, 160), make_working_grid(moving, 6.0)
