@@ -290,15 +290,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"generating a phantom patient pair (seed {seed}, {args.spacing} mm) ...", file=sys.stderr)
     pair = make_phantom_pair(seed=seed, spacing_mm=_parse_spacing(args.spacing))
     paths = write_pair(pair, out / "input")
-    register_args = argparse.Namespace(
-        fixed=str(paths["fixed"]), moving=str(paths["moving"]), fixed_seg=str(paths["fixed_seg"]),
-        moving_seg=str(paths["moving_seg"]), fixed_landmarks=str(paths["fixed_landmarks"]),
-        moving_landmarks=str(paths["moving_landmarks"]), label_names=str(paths["labels"]),
-        output_dir=str(out), device=args.device, model=args.model, no_affine=False, no_body_mask=False,
-        io_iterations=None, working_spacing=None, no_inverse=False, threads=None, seed=args.seed,
-        preset=args.preset, progress_json=False, no_report=False, config=None,
-    )
-    code = _cmd_register(register_args)
+    # the register command's own parser fills every other option with its default (a hand-built namespace had
+    # fallen behind when register gained --output-format)
+    argv = ["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]),
+            "--fixed-seg", str(paths["fixed_seg"]), "--moving-seg", str(paths["moving_seg"]),
+            "--fixed-landmarks", str(paths["fixed_landmarks"]), "--moving-landmarks", str(paths["moving_landmarks"]),
+            "--label-names", str(paths["labels"]), "--output-dir", str(out)]
+    for flag, value in (("--device", args.device), ("--model", args.model), ("--preset", args.preset),
+                        ("--seed", args.seed)):
+        if value is not None:
+            argv += [flag, str(value)]
+    code = _cmd_register(build_parser().parse_args(argv))
     print(f"report: {out / 'report.png'}")
     return code
 

@@ -135,3 +135,17 @@ def test_progress_json_lines(pair_dir, tmp_path, capsys):
     assert events[-1]["stage"] == "finished" and "displacement" in events[-1]["outputs"]
     fractions = [e["fraction"] for e in events]
     assert fractions == sorted(fractions)
+
+
+def test_demo_generates_registers_and_writes_every_output(tmp_path, capsys):
+    """The README's first command, on a coarse phantom: it must run through ``register`` with that command's own
+    defaults (it once failed at writing because its hand-built options lacked ``--output-format``)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--output-dir", str(out), "--spacing", "8", "--preset", "fast", "--seed", "3"]) == 0
+    for name in EXPECTED:
+        assert (out / name).is_file(), name
+    assert (out / "input" / "fixed.nii.gz").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dice_mean_after"] > metrics["dice_mean_before"]
+    assert metrics["config"]["seed"] == 3 and metrics["config"]["io_levels"] == [4, 2]  # the fast preset
+    assert "report:" in capsys.readouterr().out
