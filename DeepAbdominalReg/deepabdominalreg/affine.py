@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 from scipy.optimize import minimize
 
-from deepabdominalreg.image import Grid, make_working_grid, resample_image
+from deepabdominalreg.image import Grid, make_working_grid, mask_bounding_box, resample_image
 from deepabdominalreg.losses import local_ncc_against_fixed, local_statistics
+from deepabdominalreg.spatial import normalising_scale
 
 __all__ = ["centre_of_mass_lps", "downsample_working", "optimise_affine"]
 
@@ -68,16 +69,10 @@ def _box_index_axes(grid: Grid, box: tuple[slice, slice, slice], device: torch.d
 def _box_of(mask_zyx: np.ndarray) -> np.ndarray | None:
     """``[[lo, hi], ...]`` voxel-index bounds (order x, y, z) when the ``True`` voxels of ``mask_zyx`` fill their
     bounding box exactly (a scan's field of view on a grid with the scan's axes), else ``None``."""
-    if not mask_zyx.any():
+    box = mask_bounding_box(mask_zyx)
+    if box is None or not mask_zyx[box].all():
         return None
-    bounds = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(mask_zyx.any(axis=other))
-        bounds.append((int(hits[0]), int(hits[-1])))
-    if not mask_zyx[tuple(slice(lo, hi + 1) for lo, hi in bounds)].all():
-        return None
-    return np.array(bounds[::-1], dtype=np.float64)
+    return np.array([[b.start, b.stop - 1] for b in reversed(box)], dtype=np.float64)
 
 
 def _inside_box(coordinates: torch.Tensor, bounds_normalised: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -93,22 +88,14 @@ def _inside_box(coordinates: torch.Tensor, bounds_normalised: torch.Tensor, scal
 def _informative_box(intensity_zyx: np.ndarray, fov_zyx: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
     """``zyx`` slices of the bounding box of the voxels inside ``fov_zyx`` with intensity > 0 (the body after
     windowing and masking), grown by ``margin`` voxels; the whole grid when there are none."""
-    informative = fov_zyx & (intensity_zyx > 0)
-    if not informative.any():
-        return tuple(slice(0, s) for s in intensity_zyx.shape)
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        nz = np.flatnonzero(informative.any(axis=other))
-        box.append(slice(max(int(nz[0]) - margin, 0), min(int(nz[-1]) + margin + 1, intensity_zyx.shape[axis])))
-    return tuple(box)
+    return mask_bounding_box(fov_zyx & (intensity_zyx > 0), margin, whole_if_empty=True)
 
 
 def _index_normalisation(moving_grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(R, r)``: LPS mm -> ``grid_sample`` coordinates (normalised voxel index, ``align_corners=True``, order
     ``x, y, z``) on ``moving_grid`` is ``p -> R p + r``."""
     m = np.asarray(moving_grid.physical_to_index_matrix(), dtype=np.float64)
-    scale = 2.0 / np.maximum(np.asarray(moving_grid.size, dtype=np.float64) - 1, 1)
+    scale = normalising_scale(moving_grid.size, dtype=torch.float64).numpy()
     rotation = scale[:, None] * m[:3, :3]
     offset = scale * m[:3, 3] - 1.0
     return (torch.as_tensor(rotation, dtype=torch.float32, device=device),
@@ -184,7 +171,7 @@ def optimise_affine(
             # axes) is tested from the sampling coordinates themselves instead of by sampling the mask
             fov_box, fov_test = _box_of(m_fov), None
             if fov_box is not None:  # (the box's first and last voxel, normalised units per voxel)
-                scale = 2.0 / np.maximum(np.asarray(m_grid.size, dtype=np.float64) - 1, 1)
+                scale = normalising_scale(m_grid.size, dtype=torch.float64).numpy()
                 fov_test = (torch.as_tensor(fov_box.T * scale - 1.0, dtype=torch.float32, device=device),
                             torch.as_tensor(scale, dtype=torch.float32, device=device))
             # the coarsest level is translation only (as elastix starts with a translation): with few voxels a

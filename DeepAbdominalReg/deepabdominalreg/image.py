@@ -30,6 +30,7 @@ __all__ = [
     "ImageValidationError",
     "affine_matrix",
     "make_working_grid",
+    "mask_bounding_box",
     "physical_overlap_fraction",
     "read_displacement_field",
     "read_image",
@@ -146,6 +147,22 @@ def affine_matrix(transform: sitk.AffineTransform | None) -> np.ndarray:
         m[:3, :3] = linear
         m[:3, 3] = centre + np.asarray(transform.GetTranslation(), dtype=np.float64) - linear @ centre
     return m
+
+
+def mask_bounding_box(mask: np.ndarray, margin: int = 0, *, whole_if_empty: bool = False
+                      ) -> tuple[slice, ...] | None:
+    """Array slices (voxel indices, array axis order, e.g. ``z, y, x``) of the bounding box of ``mask``'s ``True``
+    voxels, grown by ``margin`` voxels and cut to the array; for an empty mask ``None``, or the whole array with
+    ``whole_if_empty``."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return tuple(slice(0, n) for n in mask.shape) if whole_if_empty else None
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)
 
 
 def writable_array_view(image: sitk.Image) -> np.ndarray:

@@ -28,7 +28,7 @@ import torch
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from deepabdominalreg.image import Grid, writable_array_view
+from deepabdominalreg.image import Grid, mask_bounding_box, writable_array_view
 
 __all__ = [
     "PeakMemory",
@@ -326,11 +326,6 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=_FACE_CONNECTIVITY, border_value=0)
 
 
-def _bounding_slices(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
-    slices = ndimage.find_objects(mask.astype(np.uint8, copy=False))
-    if not slices or slices[0] is None:
-        return None
-    return _grow(slices[0], mask.shape, margin)
 
 
 def _grow(box: tuple[slice, ...], shape: tuple[int, ...], margin: int) -> tuple[slice, ...]:
@@ -385,7 +380,7 @@ def surface_distances(
     b = _as_array(mask_b).astype(bool, copy=False)
     if a.shape != b.shape:
         raise ValueError(f"masks differ in shape: {a.shape} vs {b.shape} (zyx)")
-    box_a, box_b = _bounding_slices(a, 1), _bounding_slices(b, 1)
+    box_a, box_b = mask_bounding_box(a, 1), mask_bounding_box(b, 1)
     if box_a is None or box_b is None:
         nan = float("nan")
         return {"hd": nan, "hd95": nan, "asd": nan}

@@ -24,6 +24,7 @@ from deepabdominalreg.image import (
     Grid,
     ImageValidationError,
     make_working_grid,
+    mask_bounding_box,
     physical_overlap_fraction,
     points_inside,
     resample_image,
@@ -644,14 +645,7 @@ def network_inputs(
 
 def _body_box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
     """Bounding box (array axes z, y, x) of ``mask`` grown by ``margin`` voxels; the whole grid if it is empty."""
-    if not mask.any():
-        return tuple(slice(0, s) for s in mask.shape)
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.nonzero(mask.any(axis=other))[0]
-        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(box)
+    return mask_bounding_box(mask, margin, whole_if_empty=True)
 
 
 def _mm_lps_to_disp_vox(field_mm_zyx3: np.ndarray, grid: Grid, device: torch.device) -> torch.Tensor:
