@@ -43,8 +43,8 @@ DEFAULT_RUNS = (
 
 
 def _make_pair(ct: Path, work: Path, size: tuple[int, int, int]) -> tuple[Path, Path]:
-    from deepabdominalreg.image import read_image, write_image
-    from deepabdominalreg.synthetic import make_synthetic_pair
+    from deepabdominalreg.io import read_image, write_image
+    from deepabdominalreg.synthetic.pairs import make_synthetic_pair
     from memory_test import make_large_pair
 
     work.mkdir(parents=True, exist_ok=True)
@@ -96,9 +96,9 @@ def _time_forward(network, fixed: torch.Tensor, moving: torch.Tensor, repeats: i
 
 
 def _forward_timings(fixed_path: Path, moving_path: Path, model: str, repeats: int) -> dict:
-    from deepabdominalreg.image import read_image
-    from deepabdominalreg.models import load_model
-    from deepabdominalreg.registration import network_inputs
+    from deepabdominalreg.io import read_image
+    from deepabdominalreg.nn.models import load_model
+    from deepabdominalreg.registration.network import network_inputs
 
     fixed, moving = read_image(fixed_path, "fixed"), read_image(moving_path, "moving")
     results: dict = {}

@@ -27,7 +27,7 @@ SIZE = (512, 512, 400)
 
 def make_large_pair(fixed_path: str, moving_path: str, folder: Path, size=SIZE) -> tuple[Path, Path]:
     """Resample both images onto ``size`` voxels spanning the fixed image's extent; int16; uncompressed NIfTI."""
-    from deepabdominalreg.image import Grid, resample_image
+    from deepabdominalreg.geometry import Grid, resample_image
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -57,8 +57,8 @@ def _child(connection, fixed: str, moving: str, preset: str, threads: int, overr
 
     import torch
     from deepabdominalreg.config import config_from_preset
-    from deepabdominalreg.image import read_image
-    from deepabdominalreg.registration import register_pair
+    from deepabdominalreg.io import read_image
+    from deepabdominalreg.registration.pipeline import register_pair
 
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)

@@ -21,17 +21,17 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from deepabdominalreg.allocator import reuse_freed_memory
 from deepabdominalreg.config import PRESETS
-from deepabdominalreg.image import read_image
-from deepabdominalreg.models import load_model
-from deepabdominalreg.registration import network_inputs, network_uses_bfloat16
+from deepabdominalreg.device import network_uses_bfloat16, reuse_freed_memory
+from deepabdominalreg.io import read_image
+from deepabdominalreg.nn.models import load_model
+from deepabdominalreg.registration.network import network_inputs
 
 SHARED_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator" / "example_ct.nii.gz"
 
 
 def _pair(ct: str | None):
-    from deepabdominalreg.synthetic import make_phantom_pair, make_synthetic_pair
+    from deepabdominalreg.synthetic.pairs import make_phantom_pair, make_synthetic_pair
 
     path = Path(ct) if ct else SHARED_CT
     if path.exists():

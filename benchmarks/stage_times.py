@@ -27,8 +27,8 @@ def main() -> None:
     import SimpleITK as sitk
     import torch
     from deepabdominalreg.config import config_from_preset
-    from deepabdominalreg.image import read_image
-    from deepabdominalreg.registration import register_pair
+    from deepabdominalreg.io import read_image
+    from deepabdominalreg.registration.pipeline import register_pair
 
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)

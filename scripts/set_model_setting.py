@@ -14,8 +14,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from deepabdominalreg.models import load_model, save_model
-from deepabdominalreg.networks import build_network
+from deepabdominalreg.nn.models import load_model, save_model
+from deepabdominalreg.nn.networks import build_network
 
 INFERENCE_ONLY = {"output_smoothing", "boundary_padding"}
 

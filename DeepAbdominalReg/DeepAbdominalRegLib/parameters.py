@@ -203,15 +203,15 @@ def _same(a: Any, b: Any) -> bool:
 def shippedModelNames(directory: str | None = None) -> list[str]:
     """Names of the model cards (``*.json``) in the models folder, read without importing torch.
 
-    The folder is ``$DEEPABDOMINALREG_MODELS`` or ``Resources/Models`` beside the core package (as in
-    ``deepabdominalreg.models.models_directory``).  Unreadable cards are skipped; the core checks them on use.
+    The folder is :func:`deepabdominalreg.nn.models.models_directory` (a module that does not import torch).
+    Unreadable cards are skipped; the core checks them on use.
     """
     import json
-    import os
     from pathlib import Path
 
-    folder = Path(directory or os.environ.get("DEEPABDOMINALREG_MODELS")
-                  or Path(__file__).resolve().parent.parent / "Resources" / "Models")
+    from deepabdominalreg.nn.models import models_directory
+
+    folder = Path(directory) if directory else models_directory()
     names = []
     for card in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:

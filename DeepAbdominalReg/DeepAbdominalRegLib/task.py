@@ -148,8 +148,7 @@ class CoreOutputs:
     @classmethod
     def fromDirectory(cls, folder: str | os.PathLike) -> CoreOutputs:
         """Read what ``deepabdominalreg register --output-dir folder`` wrote."""
-        from deepabdominalreg.cli import IMAGE_FORMATS
-        from deepabdominalreg.image import read_displacement_field
+        from deepabdominalreg.io import IMAGE_FORMATS, read_displacement_field
 
         folder = Path(folder)
 
@@ -331,7 +330,7 @@ def registerBlocking(inputs: InputNodes, config: RegistrationConfig, requested: 
     ``progress`` receives ``deepabdominalreg.registration.ProgressEvent`` objects.  Nothing is added to the scene
     unless the registration succeeds.
     """
-    from deepabdominalreg.registration import RegistrationCancelled, register_pair
+    from deepabdominalreg.registration.pipeline import RegistrationCancelled, register_pair
 
     checkOutputsAreNotInputs(inputs, requested)
     core = prepareCoreInputs(inputs)
@@ -397,7 +396,7 @@ def pythonExecutable() -> str:
 
 def writeCoreInputs(core: CoreInputs, folder: Path) -> dict[str, Path]:
     """Write the converted inputs for the command line (uncompressed NRRD, CSV landmarks in LPS, labels.json)."""
-    from deepabdominalreg.landmarks import write_landmarks
+    from deepabdominalreg.io import write_landmarks
 
     paths = {"fixed": folder / "fixed.nrrd", "moving": folder / "moving.nrrd"}
     sitk.WriteImage(core.fixed, str(paths["fixed"]), False)

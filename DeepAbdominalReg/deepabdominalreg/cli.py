@@ -1,155 +1,32 @@
 """The ``deepabdominalreg`` command-line tool: register, demo, phantom (see ``deepabdominalreg --help``)."""
 
+
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
-
-import numpy as np
-import SimpleITK as sitk
 
 from deepabdominalreg import __version__
 from deepabdominalreg.config import PRESETS, RegistrationConfig, config_from_preset
-from deepabdominalreg.image import (
+from deepabdominalreg.io import (
+    IMAGE_FORMATS,
     ImageValidationError,
     read_image,
     read_labels,
-    write_displacement_field,
-    write_image,
+    read_landmarks,
+    write_result,
 )
-from deepabdominalreg.landmarks import read_landmarks, write_landmarks
-from deepabdominalreg.models import ModelError
-from deepabdominalreg.registration import ProgressEvent, RegistrationCancelled, RegistrationResult, register_pair
-
-__all__ = ["main", "write_result"]
+from deepabdominalreg.nn.models import ModelError
+from deepabdominalreg.registration.pipeline import (
+    ProgressEvent,
+    RegistrationCancelled,
+    register_pair,
+)
 
 EXIT_INPUT_ERROR = 2
 EXIT_CANCELLED = 130
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value)}")
-
-
-def write_json(data: dict, path: str | os.PathLike) -> Path:
-    """Write JSON atomically (NaN written as null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_nan_to_none(data), indent=2, default=_json_default)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-def _nan_to_none(value):
-    if isinstance(value, dict):
-        return {str(k): _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_nan_to_none(v) for v in value]
-    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
-        return None
-    return value
-
-
-def write_result(
-    result: RegistrationResult,
-    out_dir: str | os.PathLike,
-    *,
-    fixed: sitk.Image,
-    moving: sitk.Image,
-    fixed_labels: sitk.Image | None = None,
-    moving_labels: sitk.Image | None = None,
-    report: bool = True,
-    hu_window: tuple[float, float] = (-160.0, 240.0),
-    image_format: str = "nii.gz",
-) -> dict[str, Path]:
-    """Write every output of a registration into ``out_dir``; returns name -> path.
-
-    ``image_format``: one of :data:`IMAGE_FORMATS` (``nii.gz`` is gzip-compressed NIfTI; the others are written
-    uncompressed: larger files, several times faster to write for a full-size CT).  The time spent writing is
-    recorded as the ``writing`` stage in ``metrics.json``.
-    Files are first written into a hidden staging folder inside ``out_dir`` and moved into place only when all of
-    them exist, so an interruption (Ctrl-C, a full disk) leaves ``out_dir`` as it was.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-    try:
-        if image_format not in IMAGE_FORMATS:
-            raise ValueError(f"unknown image format {image_format!r}; choose one of {', '.join(IMAGE_FORMATS)}")
-        staged = _write_outputs(result, staging, fixed=fixed, moving=moving, fixed_labels=fixed_labels,
-                                moving_labels=moving_labels, report=report, hu_window=hu_window,
-                                ext=image_format)
-        paths = {}
-        for name, path in staged.items():
-            target = out / path.name
-            os.replace(path, target)
-            paths[name] = target
-        return paths
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-#: Output image formats of ``register`` (``--output-format``); only ``nii.gz`` is compressed.
-IMAGE_FORMATS = ("nii.gz", "nii", "nrrd", "mha")
-
-
-def _write_outputs(result, out: Path, *, fixed, moving, fixed_labels, moving_labels, report, hu_window, ext):
-    t0 = time.perf_counter()
-    compress = ext.endswith(".gz")
-    paths = {
-        "warped": write_image(result.warped_image, out / f"warped.{ext}", compress),
-        "displacement": write_displacement_field(result.displacement_lps, out / f"displacement.{ext}", compress),
-        "jacobian": write_image(result.jacobian, out / f"jacobian.{ext}", compress),
-        "displacement_magnitude": write_image(result.displacement_magnitude, out / f"displacement_magnitude.{ext}",
-                                              compress),
-    }
-    if result.body_mask is not None:
-        paths["body_mask"] = write_image(result.body_mask, out / f"body_mask.{ext}", compress)
-    if result.warped_labels is not None:
-        paths["warped_seg"] = write_image(result.warped_labels, out / f"warped_seg.{ext}", compress)
-    if result.inverse_displacement_lps is not None:
-        paths["inverse_displacement"] = write_displacement_field(
-            result.inverse_displacement_lps, out / f"inverse_displacement.{ext}", compress
-        )
-    if result.warped_moving_landmarks_lps is not None:
-        paths["warped_moving_landmarks"] = write_landmarks(
-            result.warped_moving_landmarks_lps, out / "warped_moving_landmarks.csv"
-        )
-    if report:
-        from deepabdominalreg.report import write_report
-
-        t_report = time.perf_counter()
-        paths["report"] = write_report(
-            out / "report.png",
-            fixed=fixed,
-            moving=moving,
-            warped=result.warped_image,
-            jacobian=result.jacobian,
-            displacement_magnitude=result.displacement_magnitude,
-            fixed_labels=fixed_labels,
-            moving_labels=moving_labels,
-            warped_labels=result.warped_labels,
-            metrics=result.metrics,
-            hu_window=hu_window,
-        )
-        result.metrics.setdefault("stages", {})["report"] = round(time.perf_counter() - t_report, 3)
-    result.metrics.setdefault("stages", {})["writing"] = round(time.perf_counter() - t0, 3)
-    paths["metrics"] = write_json(result.metrics, out / "metrics.json")
-    return paths
 
 
 def _read_label_names(path: str | None, seg_path: str | None) -> dict[int, str]:
@@ -264,7 +141,7 @@ def _print_summary(metrics: dict, paths: dict[str, Path], as_json: bool = False)
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
-    from deepabdominalreg.synthetic import make_phantom_pair, write_pair
+    from deepabdominalreg.synthetic.pairs import make_phantom_pair, write_pair
 
     spacing = _parse_spacing(args.spacing)
     pair = make_phantom_pair(seed=args.seed, spacing_mm=spacing, amplitude_mm=args.amplitude)
@@ -283,7 +160,7 @@ def _parse_spacing(text: str) -> float | tuple[float, float, float]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from deepabdominalreg.synthetic import make_phantom_pair, write_pair
+    from deepabdominalreg.synthetic.pairs import make_phantom_pair, write_pair
 
     out = Path(args.output_dir)
     seed = args.seed or 0
@@ -360,9 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--spacing", default="2.0", help="mm: one value or x,y,z (e.g. 0.8,0.8,2.5)")
     ph.add_argument("--amplitude", type=float, default=10.0, help="deformation amplitude (mm)")
     ph.set_defaults(func=_cmd_phantom)
-    from deepabdominalreg.evaluation_cli import add_commands as add_evaluation_commands
+    from deepabdominalreg.evaluation.cli import add_commands as add_evaluation_commands
     add_evaluation_commands(sub)
-    from deepabdominalreg.training_cli import add_commands
+    from deepabdominalreg.training.cli import add_commands
     add_commands(sub)
     return parser
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from deepabdominalreg.cli import main
-from deepabdominalreg.image import read_displacement_field
-from deepabdominalreg.landmarks import read_landmarks
+from deepabdominalreg.io import read_displacement_field, read_landmarks
 
 EXPECTED = ["warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "displacement_magnitude.nii.gz",
             "warped_seg.nii.gz", "metrics.json", "report.png", "inverse_displacement.nii.gz"]

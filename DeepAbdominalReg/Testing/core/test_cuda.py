@@ -11,17 +11,19 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from deepabdominalreg import training
 from deepabdominalreg.config import config_from_preset
-from deepabdominalreg.models import load_model
-from deepabdominalreg.registration import register_pair
+from deepabdominalreg.nn.models import load_model
+from deepabdominalreg.registration.pipeline import register_pair
+from deepabdominalreg.training.config import TrainingConfig
+from deepabdominalreg.training.data import PairSampler, prepare_phantom_pool
+from deepabdominalreg.training.loop import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
 
 @pytest.fixture(scope="module")
 def phantom_pair():
-    from deepabdominalreg.synthetic import make_phantom_pair
+    from deepabdominalreg.synthetic.pairs import make_phantom_pair
 
     return make_phantom_pair(0, 4.0, 10.0)
 
@@ -71,15 +73,15 @@ def test_bf16_network_forward_stays_close_to_fp32(phantom_pair):
 
 
 def test_augmentation_on_the_gpu_draws_the_same_pairs(tmp_path):
-    config = training.TrainingConfig.from_dict({
+    config = TrainingConfig.from_dict({
         "cache_dir": str(tmp_path / "cache"), "spacing_mm": 12.0, "crop_size": [16, 24, 24],
         "phantom_seeds": [1000], "phantom_motion_fields": 1,
         "augmentation": {"tps_probability": 1.0, "van_eijnatten_probability": 1.0, "rigid_probability": 1.0},
     })
-    pool = training.prepare_phantom_pool(config, log=lambda _m: None)
+    pool = prepare_phantom_pool(config, log=lambda _m: None)
     label_ids = sorted(int(i) for i in np.unique(pool[0].labels) if i)
-    on_cpu = training.PairSampler(config, pool, [], label_ids, torch.Generator().manual_seed(5))()
-    on_gpu = training.PairSampler(config, pool, [], label_ids, torch.Generator().manual_seed(5), "cuda")()
+    on_cpu = PairSampler(config, pool, [], label_ids, torch.Generator().manual_seed(5))()
+    on_gpu = PairSampler(config, pool, [], label_ids, torch.Generator().manual_seed(5), "cuda")()
     for key in ("fixed", "moving", "disp", "fixed_mask"):
         assert on_gpu[key].device.type == "cuda", key
         np.testing.assert_allclose(on_gpu[key].float().cpu().numpy(), on_cpu[key].float().numpy(), atol=1e-3,
@@ -87,7 +89,7 @@ def test_augmentation_on_the_gpu_draws_the_same_pairs(tmp_path):
 
 
 def test_training_steps_on_cuda(tmp_path):
-    config = training.TrainingConfig.from_dict({
+    config = TrainingConfig.from_dict({
         "name": "cuda-test", "out_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
         "spacing_mm": 12.0, "crop_size": [16, 24, 24], "phantom_seeds": [1000, 1001], "phantom_motion_fields": 1,
         "validation_seeds": [900], "epochs": 2, "iterations_per_epoch": 4, "accumulation_steps": 1,
@@ -95,7 +97,7 @@ def test_training_steps_on_cuda(tmp_path):
         "network": {"feature_channels": [8, 8], "search_radius": [1, 1], "refine_channels": 8},
         "device": "cuda", "progress": False, "data_workers": 2,
     })
-    summary = training.train(config, log=lambda _m: None)
+    summary = train(config, log=lambda _m: None)
     assert summary["epochs"] == 2
     assert all(np.isfinite(row["train_total"]) for row in summary["history"])
     network, _ = load_model(summary["model"], "cpu")  # saved on the CPU, loadable anywhere
@@ -103,7 +105,7 @@ def test_training_steps_on_cuda(tmp_path):
 
 
 def test_jacobian_on_the_gpu_matches_the_cpu(oblique_image):
-    from deepabdominalreg.metrics import jacobian_determinant
+    from deepabdominalreg.metrics.fields import jacobian_determinant
 
     shape = sitk.GetArrayViewFromImage(oblique_image).shape
     grid = np.meshgrid(*[np.linspace(0.0, np.pi, n) for n in shape], indexing="ij")

@@ -108,7 +108,7 @@ def test_coarse_to_fine_inverse_matches_the_full_resolution_fixed_point():
 @pytest.mark.parametrize("control, shape", [((5, 4, 6), (9, 7, 11)), ((1, 3, 2), (4, 5, 3)), ((3, 3, 3), (3, 3, 3))])
 def test_control_upsampler_equals_trilinear_interpolation_forward_and_backward(control, shape):
     """Instance optimisation's separable upsampling is F.interpolate(trilinear, align_corners=True)."""
-    from deepabdominalreg.instance_optimisation import _ControlUpsampler
+    from deepabdominalreg.registration.instance_optimisation import _ControlUpsampler
 
     g = torch.Generator().manual_seed(5)
     x = torch.rand(2, 3, *control, generator=g, dtype=torch.float64)

@@ -23,7 +23,7 @@ def test_extension_metadata():
 
 def _module_python_files() -> set[str]:
     return {p.relative_to(MODULE_DIR).as_posix() for pattern in
-            ("DeepAbdominalReg.py", "DeepAbdominalRegLib/*.py", "deepabdominalreg/*.py")
+            ("DeepAbdominalReg.py", "DeepAbdominalRegLib/*.py", "deepabdominalreg/**/*.py")
             for p in MODULE_DIR.glob(pattern)}
 
 
@@ -61,5 +61,8 @@ add_subdirectory({MODULE_DIR} module)
     assert scripts == _module_python_files()
     for resource in (tmp_path / "resources.txt").read_text().split(";"):
         assert (MODULE_DIR / resource).is_file(), resource
-    assert "Resources/UI/DeepAbdominalReg.ui" in (tmp_path / "resources.txt").read_text()
+    resources = (tmp_path / "resources.txt").read_text()
+    assert "Resources/UI/DeepAbdominalReg.ui" in resources
+    weights = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "deepabdominalreg/nn/weights").glob("*.pt")}
+    assert weights and weights <= set(resources.split(";")), "the shipped weights are installed with the module"
     assert (tmp_path / "unittest.txt").read_text() == "SCRIPT;DeepAbdominalReg.py"

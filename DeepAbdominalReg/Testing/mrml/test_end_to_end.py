@@ -32,7 +32,7 @@ def _blob(offset_mm=(0.0, 0.0, 0.0), constant=False):
 
 
 def test_invalid_input_raises_and_adds_no_node(scene):
-    from deepabdominalreg.image import ImageValidationError
+    from deepabdominalreg.io import ImageValidationError
 
     fixed = addVolumeNode(scene, _blob(constant=True), "constant")
     moving = addVolumeNode(scene, _blob(), "moving")

@@ -8,7 +8,7 @@ import vtk
 from DeepAbdominalRegLib import nodes
 
 
-def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
+def rotation_xyz(ax: float, ay: float, az: float) -> np.ndarray:
     cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
@@ -16,7 +16,7 @@ def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
     return rz @ ry @ rx
 
 
-OBLIQUE = _rotation(0.2, -0.35, 0.5) @ np.diag([1.0, -1.0, 1.0])  # rotated and flipped (a left-handed frame)
+OBLIQUE = rotation_xyz(0.2, -0.35, 0.5) @ np.diag([1.0, -1.0, 1.0])  # rotated and flipped (a left-handed frame)
 SPACING = (0.7, 1.1, 2.5)
 ORIGIN_LPS = (-120.5, 87.25, -300.0)
 
@@ -69,7 +69,7 @@ def test_volume_under_linear_transform_is_read_where_it_is_shown(scene):
     node = nodes.updateVolumeNodeFromImage(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"), image)
     transformNode = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     toParent = np.eye(4)
-    toParent[:3, :3] = _rotation(0.0, 0.0, 0.1)
+    toParent[:3, :3] = rotation_xyz(0.0, 0.0, 0.1)
     toParent[:3, 3] = (10.0, -4.0, 2.0)  # RAS mm
     transformNode.SetMatrixTransformToParent(nodes.vtkMatrixFromArray(toParent))
     node.SetAndObserveTransformNodeID(transformNode.GetID())
@@ -163,7 +163,7 @@ def test_grid_transform_to_world_maps_moving_points_onto_fixed(scene):
 
 def test_grid_transform_matches_slicer_reading_the_core_nifti_file(scene, tmp_path):
     """Slicer's own reader (vtkMRMLTransformStorageNode) of the core's displacement.nii.gz is the oracle."""
-    from deepabdominalreg.image import write_displacement_field
+    from deepabdominalreg.io import write_displacement_field
 
     field = _affineField()
     path = write_displacement_field(field, tmp_path / "displacement.nii.gz")

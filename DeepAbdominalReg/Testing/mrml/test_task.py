@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from deepabdominalreg import cli
+from deepabdominalreg.cli import _build_config, build_parser
 from deepabdominalreg.config import PRESETS, RegistrationConfig, config_from_preset
 from DeepAbdominalRegLib import display, nodes, task
 from DeepAbdominalRegLib.testing import addSegmentationNode, addVolumeNode
@@ -21,8 +21,8 @@ from test_display import METRICS
 
 
 def _cliConfig(arguments):
-    args = cli.build_parser().parse_args(["register", "--fixed", "f", "--moving", "m", "--output-dir", "o", *arguments])
-    return cli._build_config(args)
+    args = build_parser().parse_args(["register", "--fixed", "f", "--moving", "m", "--output-dir", "o", *arguments])
+    return _build_config(args)
 
 
 @pytest.mark.parametrize("config", [
@@ -51,7 +51,7 @@ def test_settings_no_flag_can_express_need_a_config_file():
 
 def test_cli_accepts_a_config_file(tmp_path):
     """Needs the core CLI's --config option (requested from the core); skipped until it exists."""
-    parser = cli.build_parser()
+    parser = build_parser()
     register = parser._subparsers._group_actions[0].choices["register"]
     if "--config" not in register._option_string_actions:
         pytest.skip("deepabdominalreg register has no --config option yet")
@@ -250,7 +250,7 @@ def test_prepare_inputs_rejects_bad_selections(scene, synthetic):
 
 
 def test_core_inputs_are_written_for_the_command_line(scene, synthetic, tmp_path):
-    from deepabdominalreg.image import read_labels
+    from deepabdominalreg.io import read_labels
 
     _, core, _ = synthetic
     paths = task.writeCoreInputs(core, tmp_path)

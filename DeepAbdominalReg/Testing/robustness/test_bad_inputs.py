@@ -11,8 +11,8 @@ import pytest
 import SimpleITK as sitk
 from deepabdominalreg.cli import main
 from deepabdominalreg.config import config_from_preset
-from deepabdominalreg.image import ImageValidationError, read_image, read_labels, write_image
-from deepabdominalreg.registration import register_pair
+from deepabdominalreg.io import ImageValidationError, read_image, read_labels, write_image
+from deepabdominalreg.registration.pipeline import register_pair
 
 TINY = config_from_preset("fast", working_spacing_mm=6.0, io_iterations=10, affine_iterations=10,
                           io_levels=(2,), compute_inverse=False)

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from deepabdominalreg import registration
 from deepabdominalreg.config import config_from_preset
-from deepabdominalreg.image import write_image
+from deepabdominalreg.io import write_image
+from deepabdominalreg.registration import pipeline
+from deepabdominalreg.registration.pipeline import _register_pair_on_device, register_pair
 
 REPO_CORE = Path(__file__).resolve().parents[2]
 
@@ -63,7 +64,7 @@ def test_ctrl_c_stops_the_cli_and_writes_nothing(tmp_path):
 
 def test_cuda_out_of_memory_reruns_on_cpu(monkeypatch):
     calls = []
-    real = registration._register_pair_on_device
+    real = _register_pair_on_device
 
     def fake(fixed, moving, *, config, **kwargs):
         calls.append(config.device)
@@ -71,11 +72,11 @@ def test_cuda_out_of_memory_reruns_on_cpu(monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(fixed, moving, config=config, **kwargs)
 
-    monkeypatch.setattr(registration, "_register_pair_on_device", fake)
-    monkeypatch.setattr(registration, "resolve_device",
+    monkeypatch.setattr(pipeline, "_register_pair_on_device", fake)
+    monkeypatch.setattr(pipeline, "resolve_device",
                         lambda requested: torch.device("cuda" if requested == "cuda" else "cpu"))
     image = sitk.ReadImage(str(_ct(Path(os.environ.get("TMPDIR", "/tmp")), 1)), sitk.sitkFloat32)
     config = config_from_preset("fast", working_spacing_mm=6.0, device="cuda", io_iterations=3, compute_inverse=False)
-    result = registration.register_pair(image, image, config=config)
+    result = register_pair(image, image, config=config)
     assert calls == ["cuda", "cpu"]
     assert any("out of memory" in w for w in result.metrics["warnings"])

@@ -1,0 +1,321 @@
+"""Known-answer tests of every loss term in :mod:`deepabdominalreg.losses` (values, signs, gradients)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from deepabdominalreg import spatial
+from deepabdominalreg.nn import losses
+
+
+def _smooth_image(shape=(12, 12, 12), seed=0, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, 1, *shape, generator=g, dtype=torch.float64)
+    x = torch.nn.functional.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)
+    return x.to(dtype)
+
+
+def _cube(shape, lo, hi) -> torch.Tensor:
+    m = torch.zeros(1, 1, *shape)
+    m[0, 0, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 1.0
+    return m
+
+
+def _linear_field(shape, a: float, channel: int = 0, axis: int = 2, dtype=torch.float32) -> torch.Tensor:
+    disp = torch.zeros(1, 3, *shape, dtype=dtype)
+    coord = torch.arange(shape[axis - 2], dtype=dtype)
+    view = [1, 1, 1]
+    view[axis - 2] = -1
+    disp[0, channel] = a * coord.view(*view).expand(*shape)
+    return disp
+
+
+# ------------------------------------------------------------------------------------------------ similarity
+
+
+def test_local_ncc_perfect_and_linear_intensity_change():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 12, 12, 12, generator=g)  # zero mean, unit variance: well above eps
+    assert losses.local_ncc_loss(x, x, window=5).item() == pytest.approx(-1.0, abs=2e-3)
+    # NCC is invariant to a positive scaling (an offset too, away from the zero-padded borders)
+    assert losses.local_ncc_loss(x, 3.0 * x, window=5).item() == pytest.approx(-1.0, abs=2e-3)
+    assert losses.local_ncc_loss(x, 3.0 * x + 0.5, window=5).item() < -0.9
+    # independent noise: squared local correlation ~ 1 / window³
+    other = torch.randn(1, 1, 12, 12, 12, generator=g)
+    assert losses.local_ncc_loss(x, other, window=5).item() > -0.05
+
+
+def test_local_ncc_window_must_be_odd():
+    x = _smooth_image()
+    with pytest.raises(ValueError):
+        losses.local_ncc_loss(x, x, window=4)
+
+
+def test_global_ncc_signs():
+    x = _smooth_image()
+    assert losses.global_ncc_loss(x, x).item() == pytest.approx(-1.0, abs=1e-5)
+    assert losses.global_ncc_loss(x, -x).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_mse_known_value_and_mask():
+    a = torch.zeros(1, 1, 4, 4, 4)
+    b = torch.full((1, 1, 4, 4, 4), 2.0)
+    assert losses.mse_loss(a, b).item() == pytest.approx(4.0)
+    b[..., :2] = 0.0
+    mask = torch.zeros_like(a)
+    mask[..., :2] = 1
+    assert losses.mse_loss(a, b, mask).item() == pytest.approx(0.0)
+    assert losses.mse_loss(a, b).item() == pytest.approx(2.0)
+
+
+def test_ssim_identity_zero_and_worse_for_different_images():
+    x = _smooth_image()
+    assert losses.ssim_loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    y = _smooth_image(seed=3)
+    value = losses.ssim_loss(x, y).item()
+    assert 0.05 < value <= 2.0
+    # a brightness offset lowers only the luminance term: less than a different image
+    assert 0.0 < losses.ssim_loss(x, x + 0.05).item() < value
+
+
+def test_ssim_gradcheck_float64():
+    x = _smooth_image((4, 4, 5), dtype=torch.float64)
+    y = _smooth_image((4, 4, 5), seed=2, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: losses.ssim_loss(x, t, window=3), (y,))
+
+
+def test_ncc_gradcheck_float64():
+    x = _smooth_image((4, 4, 5), dtype=torch.float64)
+    y = _smooth_image((4, 4, 5), seed=2, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: losses.local_ncc_loss(x, t, window=3), (y,))
+
+
+# ------------------------------------------------------------------------------------------------ labels
+
+
+def test_one_hot_known_channels():
+    labels = torch.tensor([0, 3, 5, 3, 7]).view(1, 1, 5, 1, 1)
+    out = losses.one_hot(labels, [3, 5])
+    assert out.shape == (1, 2, 5, 1, 1)
+    assert out[0, 0, :, 0, 0].tolist() == [0, 1, 0, 1, 0]
+    assert out[0, 1, :, 0, 0].tolist() == [0, 0, 1, 0, 0]
+    with pytest.raises(ValueError):
+        losses.one_hot(labels[:, 0], [3])
+
+
+def test_dice_loss_known_overlaps():
+    shape = (8, 8, 8)
+    a = _cube(shape, (0, 0, 0), (4, 4, 4))
+    assert losses.dice_loss(a, a).item() == pytest.approx(0.0, abs=1e-6)
+    disjoint = _cube(shape, (4, 4, 4), (8, 8, 8))
+    assert losses.dice_loss(a, disjoint).item() == pytest.approx(1.0, abs=1e-6)
+    half = _cube(shape, (2, 0, 0), (6, 4, 4))  # shares half of its 64 voxels with a
+    assert losses.dice_loss(a, half).item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_dice_loss_ignores_absent_channels_and_has_gradient():
+    shape = (8, 8, 8)
+    a = torch.cat([_cube(shape, (0, 0, 0), (4, 4, 4)), torch.zeros(1, 1, *shape)], dim=1)
+    assert losses.dice_loss(a, a.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.dice_loss(a, a.clone(), ignore_empty=False).item() == pytest.approx(0.0, abs=1e-6)
+    soft = (0.5 * a).requires_grad_(True)
+    loss = losses.dice_loss(a, soft)
+    loss.backward()
+    assert loss.item() > 0 and soft.grad is not None and soft.grad.abs().sum() > 0
+    # more mass on the target lowers the loss: gradient points that way
+    assert soft.grad[a.bool()].mean() < 0
+
+
+def test_hausdorff_dt_loss_zero_and_grows_with_distance():
+    shape = (16, 16, 16)
+    target = _cube(shape, (4, 4, 4), (10, 10, 10))
+    assert losses.hausdorff_dt_loss(target, target).item() == pytest.approx(0.0, abs=1e-7)
+    near = _cube(shape, (5, 4, 4), (11, 10, 10))
+    far = _cube(shape, (7, 4, 4), (13, 10, 10))
+    assert 0 < losses.hausdorff_dt_loss(target, near).item() < losses.hausdorff_dt_loss(target, far).item()
+    pred = far.clone().requires_grad_(True)
+    losses.hausdorff_dt_loss(target, pred).backward()
+    assert pred.grad.abs().sum() > 0
+
+
+def test_hausdorff_dt_loss_penalises_far_outliers_more_than_dice():
+    shape = (20, 20, 20)
+    target = _cube(shape, (2, 2, 2), (8, 8, 8))
+    close = target.clone()
+    close[0, 0, 8, 2, 2] = 1  # one stray voxel next to the object
+    far = target.clone()
+    far[0, 0, 18, 18, 18] = 1  # one stray voxel far away
+    assert losses.dice_loss(target, close).item() == pytest.approx(losses.dice_loss(target, far).item())
+    assert losses.hausdorff_dt_loss(target, far).item() > 10 * losses.hausdorff_dt_loss(target, close).item()
+
+
+# ------------------------------------------------------------------------------------------------ fields
+
+
+def test_inverse_consistency_translation():
+    shape = (6, 6, 6)
+    t = torch.tensor([0.5, -1.0, 0.25]).view(1, 3, 1, 1, 1)
+    forward = t.expand(1, 3, *shape).clone()
+    assert losses.inverse_consistency_loss(forward, -forward).item() == pytest.approx(0.0, abs=1e-10)
+    expected = float((t**2).sum())
+    assert losses.inverse_consistency_loss(forward, torch.zeros_like(forward)).item() == pytest.approx(expected)
+    back = torch.zeros_like(forward).requires_grad_(True)
+    losses.inverse_consistency_loss(forward, back).backward()
+    assert back.grad.abs().sum() > 0
+
+
+def test_supervised_displacement_loss_known_values():
+    shape = (4, 4, 4)
+    true = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(0))
+    assert losses.supervised_displacement_loss(true, true).item() == pytest.approx(0.0)
+    offset = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1, 1)
+    # 1 voxel along d at 2 mm spacing: 2 mm endpoint error, 4 mm² squared
+    assert losses.supervised_displacement_loss(true + offset, true, spacing_mm=2.0).item() == pytest.approx(4.0)
+    assert losses.supervised_displacement_loss(true + offset, true, spacing_mm=2.0, squared=False).item() == \
+        pytest.approx(2.0, abs=1e-5)
+    anisotropic = losses.supervised_displacement_loss(true + offset, true, spacing_mm=(3.0, 1.0, 1.0))
+    assert anisotropic.item() == pytest.approx(9.0)
+    mask = torch.zeros(1, 1, *shape)
+    pred = true.clone()
+    pred[..., 0] += 5.0
+    mask[..., 1:] = 1
+    assert losses.supervised_displacement_loss(pred, true, mask).item() == pytest.approx(0.0)
+
+
+def test_diffusion_regulariser_known_values():
+    shape = (5, 5, 5)
+    translation = torch.ones(1, 3, *shape)
+    assert losses.diffusion_regulariser(translation).item() == 0.0
+    # disp_d = a * d: the only non-zero forward difference is a, in 1 of 3 channels, along 1 of 3 axes
+    a = 0.3
+    assert losses.diffusion_regulariser(_linear_field(shape, a)).item() == pytest.approx(a * a / 9, rel=1e-5)
+
+
+def test_bending_energy_zero_for_affine_positive_for_curved():
+    shape = (7, 7, 7)
+    assert losses.bending_energy(_linear_field(shape, 0.4)).item() == pytest.approx(0.0, abs=1e-10)
+    curved = torch.zeros(1, 3, *shape)
+    d = torch.arange(7.0)
+    curved[0, 0] = (0.1 * d**2).view(-1, 1, 1).expand(*shape)
+    # second derivative of 0.1 d² is 0.2 in the interior (one of three channels; the one-sided borders give less)
+    value = losses.bending_energy(curved).item()
+    assert 0.5 * 0.2**2 / 3 < value <= 0.2**2 / 3 + 1e-6
+
+
+def test_negative_jacobian_penalty():
+    shape = (5, 5, 5)
+    assert losses.negative_jacobian_penalty(torch.zeros(1, 3, *shape)).item() == 0.0
+    folding = _linear_field(shape, -2.0)  # d -> -d: det J = -1 everywhere
+    assert losses.negative_jacobian_penalty(folding).item() == pytest.approx(1.01, abs=1e-5)
+    folding.requires_grad_(True)
+    losses.negative_jacobian_penalty(folding).backward()
+    assert folding.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("amplitude", [0.05, 0.8], ids=["no voxel below the margin", "some folding"])
+def test_negative_jacobian_penalty_shortcut_gives_the_same_value_and_gradient(amplitude):
+    """Without folding the penalty skips its autograd graph: the same (zero) value and (zero) gradient as the full
+    computation, still attached to the field; with folding, the full computation."""
+    g = torch.Generator().manual_seed(2)
+    disp = torch.randn(1, 3, 6, 7, 5, generator=g, dtype=torch.float64) * amplitude
+    ours_in, ref_in = disp.clone().requires_grad_(True), disp.clone().requires_grad_(True)
+    ours = losses.negative_jacobian_penalty(ours_in)
+    ref = torch.nn.functional.relu(0.01 - spatial.jacobian_determinant(ref_in)).mean()
+    assert ours.requires_grad and float(ours.detach()) == float(ref.detach())
+    (3.0 * ours).backward()
+    (3.0 * ref).backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=0)
+    assert (float(ref.detach()) == 0.0) == (amplitude < 0.1)
+
+
+# ------------------------------------------------------------------------------------------------ weighting
+
+
+def test_uncertainty_weighting_initial_weights_and_fixed_terms():
+    uw = losses.UncertaintyWeighting({"ncc": 1.0, "dice": 2.0, "diffusion": 5e-3}, learnable={"ncc", "dice"},
+                                     offsets={"ncc": 1.0})
+    w = uw.weights()
+    assert w["ncc"] == pytest.approx(1.0) and w["dice"] == pytest.approx(2.0) and w["diffusion"] == 5e-3
+    assert set(dict(uw.named_parameters())) == {"log_variances.ncc", "log_variances.dice"}
+    terms = {"ncc": torch.tensor(-0.5), "dice": torch.tensor(0.25), "diffusion": torch.tensor(2.0)}
+    # 1 * (-0.5 + 1) + 0  +  2 * 0.25 - log 2  +  5e-3 * 2
+    assert uw(terms).item() == pytest.approx(0.5 + 0.5 - math.log(2.0) + 0.01, abs=1e-6)
+    with pytest.raises(ValueError):
+        uw({"mse": torch.tensor(1.0)})
+
+
+def test_uncertainty_weighting_learns_inverse_loss_weight():
+    uw = losses.UncertaintyWeighting({"a": 1.0})
+    optimiser = torch.optim.SGD(uw.parameters(), lr=0.1)
+    for _ in range(400):
+        optimiser.zero_grad()
+        uw({"a": torch.tensor(4.0)}).backward()
+        optimiser.step()
+    # minimum of exp(-s) L + s is at s = log L: weight 1 / L
+    assert uw.weights()["a"] == pytest.approx(0.25, rel=1e-3)
+
+
+@pytest.mark.parametrize("window", [1, 3, 5, 9])
+def test_box_filter_equals_zero_padded_average_pooling_forward_and_backward(window):
+    """The NCC's box filter (sums of shifted slices, own backward pass) is the zero-padded mean convolution."""
+    g = torch.Generator().manual_seed(window)
+    x = torch.rand(2, 3, 7, 11, 10, generator=g, dtype=torch.float64)  # odd/even sizes, some below the window
+    weight = torch.rand(x.shape, generator=g, dtype=torch.float64)
+    ours_in, ref_in = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ours = losses._box_filter(ours_in, window)
+    kernel = torch.full((3, 1, window, window, window), 1.0 / window**3, dtype=torch.float64)
+    ref = torch.nn.functional.conv3d(ref_in, kernel, padding=window // 2, groups=3)  # zero padding, counted
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    (ours * weight).sum().backward()
+    (ref * weight).sum().backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=1e-12)
+    assert torch.equal(x, ours_in.detach())  # the input is not modified
+    with torch.no_grad():  # the path without autograd gives the same values
+        torch.testing.assert_close(losses._box_filter(x, window), ref.detach(), rtol=0, atol=1e-12)
+
+
+def test_box_filter_gradient_passes_gradcheck():
+    x = torch.rand(1, 2, 5, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: losses._box_filter(v, 3), (x,))
+
+
+@pytest.mark.parametrize("window", [3, 5])
+def test_local_ncc_against_fixed_matches_local_ncc_loss_value_and_gradient(window):
+    """The registration loops' NCC (fixed statistics precomputed, analytic backward) is local_ncc_loss, mask and
+    gradient included; a voxel whose window variance is zero gets no gradient through the variance."""
+    g = torch.Generator().manual_seed(window)
+    fixed = torch.rand(1, 1, 9, 12, 10, generator=g, dtype=torch.float64)
+    warped = torch.rand(1, 1, 9, 12, 10, generator=g, dtype=torch.float64)
+    warped[..., :4, :4, :4] = 0.3  # a constant patch: zero local variance
+    mask = torch.rand(fixed.shape, generator=g) > 0.3
+    ours_in, ref_in = warped.clone().requires_grad_(True), warped.clone().requires_grad_(True)
+    mean, variance = losses.local_statistics(fixed, window)
+    weight = mask.to(fixed.dtype) / mask.sum()
+    ours = losses.local_ncc_against_fixed(ours_in, fixed, mean, variance, weight, window)
+    ref = losses.local_ncc_loss(fixed, ref_in, window=window, mask=mask)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    ours.backward()
+    ref.backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=1e-12)
+    assert ours_in.grad.abs().max() > 0
+    assert torch.autograd.gradcheck(
+        lambda w: losses.local_ncc_against_fixed(w, fixed, mean, variance, weight, window), (warped.clone()
+                                                                                            .requires_grad_(True),))
+
+
+@pytest.mark.parametrize("slab_elements", [1, 60, 10**12], ids=["one slice per slab", "a few slices", "one piece"])
+def test_box_sum_in_slabs_is_bit_identical(monkeypatch, slab_elements):
+    """On a CPU the box filter runs slab by slab along D (cache blocking): the same numbers bit for bit, for windows
+    wider than the axis and a last slab shorter than the others."""
+    g = torch.Generator().manual_seed(9)
+    for shape, window in [((1, 3, 11, 6, 7), 5), ((2, 2, 9, 1, 3), 3), ((1, 1, 3, 4, 4), 9)]:
+        x = torch.rand(shape, generator=g)
+        monkeypatch.setattr(losses, "_BOX_SLAB_ELEMENTS", 10**12)
+        whole = losses._box_sum(x, window)
+        monkeypatch.setattr(losses, "_BOX_SLAB_ELEMENTS", slab_elements)
+        assert torch.equal(losses._box_sum(x, window), whole)
+        kernel = torch.full((shape[1], 1, window, window, window), 1.0 / window**3)
+        reference = torch.nn.functional.conv3d(x, kernel, padding=window // 2, groups=shape[1])
+        torch.testing.assert_close(whole, reference, rtol=0, atol=1e-6)

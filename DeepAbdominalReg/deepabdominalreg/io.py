@@ -1,0 +1,463 @@
+"""Reading, validating and writing what the tool exchanges with users: images (NIfTI, NRRD, MHA, DICOM
+series), label maps, displacement fields, landmarks (CSV, Slicer markups) and the registration's output file set.
+
+Every reader validates what it read and raises :class:`ImageValidationError` (a ``ValueError`` whose message names
+the input, the problem and the fix); every writer writes to a temporary file and renames it, so a failed write never
+leaves a partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import gzip
+import json
+import os
+import shutil
+import struct
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import SimpleITK as sitk
+
+if TYPE_CHECKING:  # the pipeline's result type, for annotations only (io sits below the pipeline)
+    from deepabdominalreg.registration.pipeline import RegistrationResult
+
+
+class ImageValidationError(ValueError):
+    """An input image cannot be used; the message says which input, what is wrong and what to do."""
+
+
+def writable_array_view(image: sitk.Image) -> np.ndarray:
+    """A writable ``zyx`` (``zyxc`` for vector images) NumPy view of ``image``'s own pixel buffer, without a copy.
+
+    For filling a freshly created image slab by slab (a full-resolution field is >1 GB: building it in NumPy and
+    then copying it into an image needs twice that).  Only use it on an image whose buffer no other image shares
+    (SimpleITK copies share buffers until written through SimpleITK); keep ``image`` alive while using the view.
+    """
+    view = sitk.GetArrayViewFromImage(image)
+    address = view.__array_interface__["data"][0]
+    buffer = (ctypes.c_byte * view.nbytes).from_address(address)
+    return np.frombuffer(buffer, dtype=view.dtype).reshape(view.shape)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reading and validation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_gzip_complete(path: Path, role: str) -> None:
+    """SimpleITK reads a truncated ``.gz`` without error; decompress it fully once to detect that."""
+    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                decompressor.decompress(chunk, 0)
+                while decompressor.unconsumed_tail:
+                    decompressor.decompress(decompressor.unconsumed_tail, 0)
+    except zlib.error as exc:
+        raise ImageValidationError(
+            f"{role} file '{path}' is corrupt ({exc}); copy it again from its source."
+        ) from exc
+    if not decompressor.eof:
+        raise ImageValidationError(
+            f"{role} file '{path}' is truncated (the compressed stream ends early, e.g. an interrupted copy); "
+            "copy it again from its source."
+        )
+
+
+def _read_dicom_folder(folder: Path, role: str, series_uid: str | None) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = list(reader.GetGDCMSeriesIDs(str(folder)))
+    if not series:
+        raise ImageValidationError(
+            f"{role} folder '{folder}' contains no DICOM series; give a DICOM folder or an image file "
+            "(NIfTI, NRRD, MHA)."
+        )
+    if series_uid is None and len(series) > 1:
+        listing = "\n".join(
+            f"  {uid}  ({len(reader.GetGDCMSeriesFileNames(str(folder), uid))} files)" for uid in series
+        )
+        raise ImageValidationError(
+            f"{role} folder '{folder}' holds {len(series)} DICOM series; choose one with "
+            f"'<folder>::<SeriesInstanceUID>' or move it into its own folder:\n{listing}"
+        )
+    uid = series_uid or series[0]
+    if uid not in series:
+        raise ImageValidationError(f"{role}: series '{uid}' is not in '{folder}'; found: {', '.join(series)}")
+    files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def _read_any(path: str | os.PathLike, role: str) -> sitk.Image:
+    text = str(path)
+    series_uid = None
+    if "::" in text:
+        text, series_uid = text.split("::", 1)
+    p = Path(text)
+    if not p.exists():
+        raise ImageValidationError(f"{role} '{p}' does not exist; check the path.")
+    if p.is_dir():
+        return _read_dicom_folder(p, role, series_uid)
+    if p.stat().st_size == 0:
+        raise ImageValidationError(f"{role} file '{p}' is empty (0 bytes); copy it again from its source.")
+    if p.name.endswith(".gz"):
+        _check_gzip_complete(p, role)
+    try:
+        return sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = first[-1] if first else ""
+        raise ImageValidationError(
+            f"{role} file '{p}' cannot be read as an image ({detail}); use NIfTI, NRRD, MHA or a DICOM folder, "
+            "and check that the file is complete."
+        ) from exc
+
+
+def validate_image(image: sitk.Image, role: str, *, allow_vector: bool = False) -> None:
+    """Raise :class:`ImageValidationError` if ``image`` is not a usable 3D scalar image.
+
+    Checks: 3 dimensions, scalar pixels, spacing > 0, non-singular direction, finite voxels, not constant.
+    """
+    if image.GetDimension() != 3:
+        raise ImageValidationError(
+            f"{role} has {image.GetDimension()} dimensions; a 3D volume is required "
+            "(for a 4D series, extract one time point first)."
+        )
+    if image.GetNumberOfComponentsPerPixel() != 1 and not allow_vector:
+        raise ImageValidationError(
+            f"{role} has {image.GetNumberOfComponentsPerPixel()} components per voxel (a vector/RGB image); "
+            "a scalar CT volume is required."
+        )
+    spacing = np.asarray(image.GetSpacing())
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ImageValidationError(
+            f"{role} has invalid voxel spacing {tuple(spacing)} mm; all spacings must be positive — fix the header."
+        )
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
+        raise ImageValidationError(
+            f"{role} has a singular direction (orientation) matrix {direction.round(3).tolist()}; fix the header."
+        )
+    if min(image.GetSize()) < 2:
+        raise ImageValidationError(f"{role} has size {image.GetSize()}; every axis needs at least 2 voxels.")
+    if allow_vector:
+        return
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad = int(array.size - np.count_nonzero(finite))
+            raise ImageValidationError(
+                f"{role} contains {bad} NaN/inf voxels; replace them (e.g. by -1000 HU) before registering."
+            )
+    if array.size and array.min() == array.max():
+        raise ImageValidationError(
+            f"{role} is constant (every voxel = {array.flat[0]}); it holds no image to register — check the file."
+        )
+
+
+def read_image(path: str | os.PathLike, role: str = "image") -> sitk.Image:
+    """Read and validate a 3D scalar image (file or DICOM folder; ``folder::SeriesUID`` picks a series)."""
+    image = _read_any(path, role)
+    validate_image(image, f"{role} '{path}'")
+    return image
+
+
+def validate_labels(labels: sitk.Image, role: str) -> None:
+    """Raise if ``labels`` is not a label map (3D, scalar, integer values >= 0)."""
+    validate_image_geometry_only(labels, role)
+    array = sitk.GetArrayViewFromImage(labels)
+    if np.issubdtype(array.dtype, np.floating) and (
+        not np.all(np.isfinite(array)) or not np.all(array == np.round(array))
+    ):
+        raise ImageValidationError(
+            f"{role} has non-integer values; a label map (one integer per structure) is required — "
+            "export the segmentation as a labelmap."
+        )
+    if array.size and array.min() < 0:
+        raise ImageValidationError(f"{role} has negative values; labels must be >= 0 (0 = background).")
+
+
+def validate_image_geometry_only(image: sitk.Image, role: str) -> None:
+    """Dimension, components, spacing and direction checks without looking at voxel values."""
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageValidationError(f"{role} must be a 3D scalar image (got {image.GetDimension()}D, "
+                                   f"{image.GetNumberOfComponentsPerPixel()} components).")
+    spacing = np.asarray(image.GetSpacing())
+    if np.any(spacing <= 0) or not np.all(np.isfinite(spacing)):
+        raise ImageValidationError(f"{role} has invalid spacing {tuple(spacing)}; fix the header.")
+    if abs(np.linalg.det(np.asarray(image.GetDirection()).reshape(3, 3))) < 1e-6:
+        raise ImageValidationError(f"{role} has a singular direction matrix; fix the header.")
+
+
+def read_labels(path: str | os.PathLike, role: str = "segmentation") -> sitk.Image:
+    """Read a label map and return it as ``sitkUInt16`` (values preserved exactly)."""
+    image = _read_any(path, role)
+    validate_labels(image, f"{role} '{path}'")
+    if sitk.GetArrayViewFromImage(image).max() > np.iinfo(np.uint16).max:
+        raise ImageValidationError(f"{role} '{path}' has label values above 65535; relabel it.")
+    return sitk.Cast(image, sitk.sitkUInt16)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# writing (atomic)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _atomic_target(path: Path) -> Path:
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write ``image`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_target(path)
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_displacement_field(field_lps: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write a displacement field (3-component vectors in LPS mm) that ITK, SimpleITK and Slicer read as such.
+
+    For NIfTI the file follows the NIfTI displacement convention (intent code 1006, vectors stored in RAS); ITK
+    readers, SimpleITK and Slicer convert them back to LPS on reading; the extension decides the compression
+    (``.nii.gz`` or ``.nii``).  Other formats (``.mha``, ``.nrrd``) store LPS vectors as they are, compressed when
+    ``compress``.
+    """
+    path = Path(path)
+    if field_lps.GetNumberOfComponentsPerPixel() != 3:
+        raise ValueError("a displacement field needs 3 components per voxel")
+    field32 = sitk.Cast(field_lps, sitk.sitkVectorFloat32)
+    if not path.name.endswith((".nii", ".nii.gz")):
+        return write_image(field32, path, compress)
+    array = sitk.GetArrayFromImage(field32)
+    array[..., :2] *= -1.0  # LPS -> RAS
+    ras = sitk.GetImageFromArray(array, isVector=True)
+    ras.CopyInformation(field32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".disp-") as tmpdir:
+        raw = Path(tmpdir) / "field.nii"
+        sitk.WriteImage(ras, str(raw))
+        data = bytearray(raw.read_bytes())
+        sizeof_hdr = struct.unpack("<i", data[0:4])[0]
+        if sizeof_hdr != 348:
+            raise RuntimeError("unexpected NIfTI header written by SimpleITK")
+        data[68:70] = struct.pack("<h", 1006)  # NIFTI_INTENT_DISPVECT
+        tmp_out = Path(tmpdir) / "out"
+        if path.name.endswith(".gz"):
+            with gzip.open(tmp_out, "wb", compresslevel=4) as handle:
+                handle.write(data)
+        else:
+            tmp_out.write_bytes(data)
+        os.replace(tmp_out, path)
+    return path
+
+
+def read_displacement_field(path: str | os.PathLike) -> sitk.Image:
+    """Read a displacement field as ``sitkVectorFloat64`` in LPS mm (ready for ``sitk.DisplacementFieldTransform``)."""
+    image = _read_any(path, "displacement field")
+    if image.GetNumberOfComponentsPerPixel() != 3:
+        raise ImageValidationError(f"'{path}' is not a 3-component displacement field")
+    return sitk.Cast(image, sitk.sitkVectorFloat64)
+
+
+def read_landmarks(path: str | os.PathLike, role: str = "landmarks") -> np.ndarray:
+    """Points ``(N, 3)`` in LPS mm from a CSV (``x,y,z`` header optional, extra columns ignored) or ``.mrk.json``.
+
+    Markups in RAS (Slicer's default) are converted to LPS (x and y negated).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageValidationError(f"{role} file '{path}' does not exist; check the path.")
+    try:
+        if path.name.endswith(".json"):
+            return _read_markups(path, role)
+        return _read_csv(path, role)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ImageValidationError(f"{role} file '{path}' cannot be read ({exc}).") from exc
+
+
+def _read_csv(path: Path, role: str) -> np.ndarray:
+    rows = []
+    with open(path, newline="") as handle:
+        for number, row in enumerate(csv.reader(handle), start=1):
+            cells = [c.strip() for c in row if c.strip() != ""]
+            if not cells or cells[0].startswith("#"):
+                continue
+            try:
+                rows.append([float(c) for c in cells[:3]])
+            except ValueError:
+                if number == 1 and not rows:
+                    continue  # header
+                raise ImageValidationError(f"{role} file '{path}', line {number}: expected numbers x,y,z, got {row}")
+            if len(rows[-1]) != 3:
+                raise ImageValidationError(f"{role} file '{path}', line {number}: expected 3 coordinates, got {row}")
+    if not rows:
+        raise ImageValidationError(f"{role} file '{path}' holds no points (CSV x,y,z in mm, LPS, one per row).")
+    return np.asarray(rows, dtype=np.float64)
+
+
+def _read_markups(path: Path, role: str) -> np.ndarray:
+    data = json.loads(path.read_text())
+    markups = data.get("markups") or []
+    if not markups:
+        raise ImageValidationError(f"{role} file '{path}' is not a Slicer markups file (no 'markups').")
+    markup = markups[0]
+    system = str(markup.get("coordinateSystem", "LPS")).upper()
+    points = [p["position"] for p in markup.get("controlPoints", []) if "position" in p]
+    if not points:
+        raise ImageValidationError(f"{role} file '{path}' holds no control points.")
+    array = np.asarray(points, dtype=np.float64)
+    if system == "RAS":
+        array[:, :2] *= -1.0
+    elif system != "LPS":
+        raise ImageValidationError(f"{role} file '{path}': unknown coordinate system '{system}'.")
+    return array
+
+
+def write_landmarks(points_lps: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write points (LPS mm) as CSV with an ``x,y,z`` header."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["x", "y", "z"])
+        for p in np.asarray(points_lps, dtype=np.float64):
+            writer.writerow([f"{v:.4f}" for v in p])
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def write_json(data: dict, path: str | os.PathLike) -> Path:
+    """Write JSON atomically (NaN written as null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_nan_to_none(data), indent=2, default=_json_default)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _nan_to_none(value):
+    if isinstance(value, dict):
+        return {str(k): _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return None
+    return value
+
+
+def write_result(
+    result: RegistrationResult,
+    out_dir: str | os.PathLike,
+    *,
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_labels: sitk.Image | None = None,
+    moving_labels: sitk.Image | None = None,
+    report: bool = True,
+    hu_window: tuple[float, float] = (-160.0, 240.0),
+    image_format: str = "nii.gz",
+) -> dict[str, Path]:
+    """Write every output of a registration into ``out_dir``; returns name -> path.
+
+    ``image_format``: one of :data:`IMAGE_FORMATS` (``nii.gz`` is gzip-compressed NIfTI; the others are written
+    uncompressed: larger files, several times faster to write for a full-size CT).  The time spent writing is
+    recorded as the ``writing`` stage in ``metrics.json``.
+    Files are first written into a hidden staging folder inside ``out_dir`` and moved into place only when all of
+    them exist, so an interruption (Ctrl-C, a full disk) leaves ``out_dir`` as it was.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        if image_format not in IMAGE_FORMATS:
+            raise ValueError(f"unknown image format {image_format!r}; choose one of {', '.join(IMAGE_FORMATS)}")
+        staged = _write_outputs(result, staging, fixed=fixed, moving=moving, fixed_labels=fixed_labels,
+                                moving_labels=moving_labels, report=report, hu_window=hu_window,
+                                ext=image_format)
+        paths = {}
+        for name, path in staged.items():
+            target = out / path.name
+            os.replace(path, target)
+            paths[name] = target
+        return paths
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+#: Output image formats of ``register`` (``--output-format``); only ``nii.gz`` is compressed.
+IMAGE_FORMATS = ("nii.gz", "nii", "nrrd", "mha")
+
+
+def _write_outputs(result, out: Path, *, fixed, moving, fixed_labels, moving_labels, report, hu_window, ext):
+    t0 = time.perf_counter()
+    compress = ext.endswith(".gz")
+    paths = {
+        "warped": write_image(result.warped_image, out / f"warped.{ext}", compress),
+        "displacement": write_displacement_field(result.displacement_lps, out / f"displacement.{ext}", compress),
+        "jacobian": write_image(result.jacobian, out / f"jacobian.{ext}", compress),
+        "displacement_magnitude": write_image(result.displacement_magnitude, out / f"displacement_magnitude.{ext}",
+                                              compress),
+    }
+    if result.body_mask is not None:
+        paths["body_mask"] = write_image(result.body_mask, out / f"body_mask.{ext}", compress)
+    if result.warped_labels is not None:
+        paths["warped_seg"] = write_image(result.warped_labels, out / f"warped_seg.{ext}", compress)
+    if result.inverse_displacement_lps is not None:
+        paths["inverse_displacement"] = write_displacement_field(
+            result.inverse_displacement_lps, out / f"inverse_displacement.{ext}", compress
+        )
+    if result.warped_moving_landmarks_lps is not None:
+        paths["warped_moving_landmarks"] = write_landmarks(
+            result.warped_moving_landmarks_lps, out / "warped_moving_landmarks.csv"
+        )
+    if report:
+        from deepabdominalreg.metrics.report import write_report
+
+        t_report = time.perf_counter()
+        paths["report"] = write_report(
+            out / "report.png",
+            fixed=fixed,
+            moving=moving,
+            warped=result.warped_image,
+            jacobian=result.jacobian,
+            displacement_magnitude=result.displacement_magnitude,
+            fixed_labels=fixed_labels,
+            moving_labels=moving_labels,
+            warped_labels=result.warped_labels,
+            metrics=result.metrics,
+            hu_window=hu_window,
+        )
+        result.metrics.setdefault("stages", {})["report"] = round(time.perf_counter() - t_report, 3)
+    result.metrics.setdefault("stages", {})["writing"] = round(time.perf_counter() - t0, 3)
+    paths["metrics"] = write_json(result.metrics, out / "metrics.json")
+    return paths

@@ -1,0 +1,129 @@
+"""Same inputs, same outputs: the default preset's displacement field on the demo phantom and on the real CT pair.
+
+Run it once with one code version (``run --out A``), once with another (``run --out B``, ``--code`` points at that
+version's ``DeepAbdominalReg`` folder), then ``compare A B``.  Each run, on the CPU with seed 0:
+
+* ``demo/``: ``deepabdominalreg demo`` (phantom seed 0, 2 mm, default preset): its generated inputs and outputs;
+* ``ct/``: the real CT (``../shared/data/totalsegmentator/example_ct.nii.gz``) deformed by the synthetic abdominal
+  motion (10 mm, seed 0, 15 HU noise; the benchmark's ``ct_abdominal_s0_a10``), registered with
+  ``deepabdominalreg register`` at the default preset.
+
+``compare`` prints, for every generated input and every output field, whether the two runs are bit-identical and
+otherwise the largest voxel difference (mm for the displacement fields); it exits with 1 when a displacement
+differs by more than ``--tolerance-mm`` (1e-3 mm) anywhere.
+
+    python benchmarks/behaviour_check.py run --out /tmp/behaviour/after
+    python benchmarks/behaviour_check.py compare /tmp/behaviour/before /tmp/behaviour/after
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+CT_DIR = REPO.parent / "shared" / "data" / "totalsegmentator"
+
+# generated inputs, then outputs; displacement fields are held to the tolerance, the rest reported
+DEMO_FILES = ("input/fixed.nii.gz", "input/moving.nii.gz", "input/fixed_seg.nii.gz", "input/moving_seg.nii.gz",
+              "input/true_displacement.nii.gz", "displacement.nii.gz", "inverse_displacement.nii.gz",
+              "warped.nii.gz", "jacobian.nii.gz")
+CT_FILES = ("input/fixed.nii.gz", "input/moving.nii.gz", "input/fixed_seg.nii.gz",
+            "input/true_displacement.nii.gz", "displacement.nii.gz", "inverse_displacement.nii.gz",
+            "warped.nii.gz", "jacobian.nii.gz")
+
+# generates the CT pair with the code on PYTHONPATH (the import path of the restructured package)
+_CT_PAIR = """
+import json, sys
+from deepabdominalreg.io import read_image, read_labels
+from deepabdominalreg.synthetic.pairs import make_synthetic_pair, write_pair
+ct, seg, names, out = sys.argv[1:5]
+names = {int(k): v for k, v in json.load(open(names))["total"].items()}
+pair = make_synthetic_pair(read_image(ct), read_labels(seg), names, seed=0, amplitude_mm=10.0, noise_hu=15.0)
+write_pair(pair, out)
+"""
+
+
+def _run(cmd: list[str], code: Path, log: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(code), OMP_NUM_THREADS="2")
+    with open(log, "w") as handle:
+        subprocess.run(cmd, env=env, check=True, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def run(out: Path, code: Path, ct_pair_script: str | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    _run([py, "-m", "deepabdominalreg", "demo", "--output-dir", str(out / "demo"), "--device", "cpu",
+          "--seed", "0"], code, out / "demo.log")
+    ct = out / "ct"
+    script = Path(ct_pair_script).read_text() if ct_pair_script else _CT_PAIR
+    _run([py, "-c", script, str(CT_DIR / "example_ct.nii.gz"), str(CT_DIR / "example_seg_fast_force_split.nii.gz"),
+          str(CT_DIR / "label_map_total_and_total_mr.json"), str(ct / "input")], code, out / "ct_pair.log")
+    _run([py, "-m", "deepabdominalreg", "register", "--fixed", str(ct / "input/fixed.nii.gz"),
+          "--moving", str(ct / "input/moving.nii.gz"), "--output-dir", str(ct), "--device", "cpu", "--seed", "0",
+          "--no-report"], code, out / "ct.log")
+    print(f"written: {out}")
+
+
+def _difference(a: Path, b: Path) -> tuple[bool, float]:
+    image_a, image_b = sitk.ReadImage(str(a)), sitk.ReadImage(str(b))
+    array_a = sitk.GetArrayFromImage(image_a).astype(np.float64)
+    array_b = sitk.GetArrayFromImage(image_b).astype(np.float64)
+    same_geometry = (image_a.GetSize() == image_b.GetSize()
+                     and np.allclose(image_a.GetSpacing(), image_b.GetSpacing(), atol=0, rtol=0)
+                     and np.allclose(image_a.GetOrigin(), image_b.GetOrigin(), atol=0, rtol=0)
+                     and np.allclose(image_a.GetDirection(), image_b.GetDirection(), atol=0, rtol=0))
+    if not same_geometry or array_a.shape != array_b.shape:
+        return False, float("inf")
+    return bool(np.array_equal(array_a, array_b)), float(np.max(np.abs(array_a - array_b), initial=0.0))
+
+
+def compare(before: Path, after: Path, tolerance_mm: float) -> int:
+    worst = 0.0
+    rows = []
+    for case, files in (("demo", DEMO_FILES), ("ct", CT_FILES)):
+        for name in files:
+            identical, largest = _difference(before / case / name, after / case / name)
+            rows.append({"case": case, "file": name, "bit_identical": identical, "max_abs_difference": largest})
+            if "displacement" in name and "true_" not in name:
+                worst = max(worst, largest)
+    width = max(len(r["case"] + r["file"]) for r in rows) + 3
+    for r in rows:
+        state = "bit-identical" if r["bit_identical"] else f"max |difference| {r['max_abs_difference']:.3g}"
+        print(f"{(r['case'] + '/' + r['file']).ljust(width)}{state}")
+    ok = worst <= tolerance_mm
+    print(f"largest displacement difference: {worst:.3g} mm ({'within' if ok else 'over'} {tolerance_mm:g} mm)")
+    (after / "comparison.json").write_text(json.dumps({"before": str(before), "rows": rows,
+                                                       "largest_displacement_difference_mm": worst}, indent=1))
+    return 0 if ok else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="generate both pairs and register them with the default preset")
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--code", type=Path, default=REPO / "DeepAbdominalReg",
+                   help="the DeepAbdominalReg folder holding the deepabdominalreg package to run")
+    r.add_argument("--ct-pair-script", help="Python file generating the CT pair (argv: ct, seg, names, out), for "
+                   "a code version whose import paths differ from this one's")
+    c = sub.add_parser("compare", help="compare two runs")
+    c.add_argument("before", type=Path)
+    c.add_argument("after", type=Path)
+    c.add_argument("--tolerance-mm", type=float, default=1e-3)
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args.out, args.code, args.ct_pair_script)
+        return 0
+    return compare(args.before, args.after, args.tolerance_mm)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
