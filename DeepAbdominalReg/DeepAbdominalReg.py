@@ -128,13 +128,14 @@ class DeepAbdominalRegParameterNode:
     ioIterations: Annotated[int, WithinRange(0, 2000)] = DEFAULTS["ioIterations"]
     ioFineIterations: Annotated[int, WithinRange(0, 2000)] = DEFAULTS["ioFineIterations"]
     ioLevels: str = DEFAULTS["ioLevels"]
-    ioLearningRate: Annotated[float, WithinRange(0.001, 10.0)] = DEFAULTS["ioLearningRate"]
-    ioControlSpacing: Annotated[int, WithinRange(1, 16)] = DEFAULTS["ioControlSpacing"]
-    ioNccWindow: Annotated[int, WithinRange(3, 15)] = DEFAULTS["ioNccWindow"]
+    ioLearningRateMm: Annotated[float, WithinRange(0.01, 30.0)] = DEFAULTS["ioLearningRateMm"]
+    ioControlSpacingMm: Annotated[float, WithinRange(0.5, 60.0)] = DEFAULTS["ioControlSpacingMm"]
+    ioNccWindowMm: Annotated[float, WithinRange(1.0, 60.0)] = DEFAULTS["ioNccWindowMm"]
     ioSmoothnessWeight: Annotated[float, WithinRange(0.0, 100.0)] = DEFAULTS["ioSmoothnessWeight"]
     ioJacobianWeight: Annotated[float, WithinRange(0.0, 100.0)] = DEFAULTS["ioJacobianWeight"]
     computeInverse: bool = DEFAULTS["computeInverse"]
     foldingLimitPercent: Annotated[float, WithinRange(0.0, 100.0)] = DEFAULTS["foldingLimitPercent"]
+    foldingRetryFactor: Annotated[float, WithinRange(1.0, 100.0)] = DEFAULTS["foldingRetryFactor"]
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = DEFAULTS["device"]
     seed: Annotated[int, WithinRange(0, 2147483647)] = DEFAULTS["seed"]
     threads: Annotated[int, WithinRange(0, 256)] = DEFAULTS["threads"]
@@ -180,6 +181,14 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None:
             self._job.cancel()
         self.removeObservers()
+
+    def onReload(self) -> None:
+        """Reload the core package and DeepAbdominalRegLib (each module after its imports), then this module."""
+        from DeepAbdominalRegLib.reloading import reloadPackages
+
+        with slicer.util.tryWithErrorDisplay(_("Failed to reload the module.")):
+            reloadPackages()
+            ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -303,7 +312,7 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = f"{event.get('stage', '')}: {event.get('message', '')}"
 
     def onFinished(self, outputs, error) -> None:
-        from DeepAbdominalRegLib.task import RegistrationCancelledByUser
+        from DeepAbdominalRegLib.process import RegistrationCancelledByUser
 
         self._job = None
         if isinstance(error, RegistrationCancelledByUser):
@@ -328,7 +337,8 @@ class DeepAbdominalRegLogic(ScriptedLoadableModuleLogic):
     """Registration from the GUI, the Python console or scripts; results become MRML nodes.
 
     ``register`` runs in this process and blocks (console, tests); ``registerInBackground`` runs
-    ``PythonSlicer -m deepabdominalreg register`` in a subprocess.  Both share ``DeepAbdominalRegLib.task``.
+    ``PythonSlicer -m deepabdominalreg register`` in a subprocess (``DeepAbdominalRegLib.process``).  Both turn
+    the result into nodes with ``DeepAbdominalRegLib.task``.
     """
 
     def __init__(self) -> None:
@@ -356,9 +366,9 @@ class DeepAbdominalRegLogic(ScriptedLoadableModuleLogic):
                  progress=None, shouldStop=None, show=True, **overrides):
         """Register in this process (blocking); returns ``DeepAbdominalRegLib.task.OutputNodes``.
 
-        ``config``: a ``RegistrationConfig``, or ``preset`` ('fast', 'balanced', 'accurate') plus keyword overrides
-        of its fields (e.g. ``io_iterations=50``).  ``outputs``: an ``OutputNodes`` of existing nodes to fill
-        (``None`` members are created).  ``progress(event)`` and ``shouldStop() -> bool`` as in the core.
+        ``config``: a ``RegistrationConfig``, or ``preset`` ('fast', 'balanced', 'network', 'accurate') plus keyword
+        overrides of its fields (e.g. ``io_iterations=50``).  ``outputs``: an ``OutputNodes`` of existing nodes to
+        fill (``None`` members are created).  ``progress(event)`` and ``shouldStop() -> bool`` as in the core.
         Raises on failure or cancel, leaving the scene unchanged.
         """
         from DeepAbdominalRegLib.dependencies import ensureDependencies
@@ -488,7 +498,7 @@ class DeepAbdominalRegTest(ScriptedLoadableModuleTest):
 
     def test_FailureLeavesSceneUnchanged(self):
         self.delayDisplay("A cancelled run adds nothing to the scene")
-        from DeepAbdominalRegLib.task import RegistrationCancelledByUser
+        from DeepAbdominalRegLib.process import RegistrationCancelledByUser
 
         phantom = self._phantomNodes()
         count = slicer.mrmlScene.GetNumberOfNodes()

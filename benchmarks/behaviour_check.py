@@ -8,11 +8,14 @@ version's ``DeepAbdominalReg`` folder), then ``compare A B``.  Each run, on the 
   motion (10 mm, seed 0, 15 HU noise; the benchmark's ``ct_abdominal_s0_a10``), registered with
   ``deepabdominalreg register`` at the default preset.
 
+With ``--inputs-from A`` the second run also registers run A's generated inputs (``demo_same_inputs/``,
+``ct_same_inputs/``), so the registration is compared on identical inputs even where pair generation changed.
+
 ``compare`` prints, for every generated input and every output field, whether the two runs are bit-identical and
 otherwise the largest voxel difference (mm for the displacement fields); it exits with 1 when a displacement
 differs by more than ``--tolerance-mm`` (1e-3 mm) anywhere.
 
-    python benchmarks/behaviour_check.py run --out /tmp/behaviour/after
+    python benchmarks/behaviour_check.py run --out /tmp/behaviour/after [--inputs-from /tmp/behaviour/before]
     python benchmarks/behaviour_check.py compare /tmp/behaviour/before /tmp/behaviour/after
 """
 
@@ -57,7 +60,20 @@ def _run(cmd: list[str], code: Path, log: Path) -> None:
         subprocess.run(cmd, env=env, check=True, stdout=handle, stderr=subprocess.STDOUT)
 
 
-def run(out: Path, code: Path, ct_pair_script: str | None) -> None:
+def _register(inputs: Path, out: Path, code: Path, log: Path, labelled: bool) -> None:
+    """``deepabdominalreg register`` at the default preset on a pair folder written by ``write_pair``."""
+    cmd = [sys.executable, "-m", "deepabdominalreg", "register", "--fixed", str(inputs / "fixed.nii.gz"),
+           "--moving", str(inputs / "moving.nii.gz"), "--output-dir", str(out), "--device", "cpu", "--seed", "0"]
+    if labelled:  # as the demo command registers its pair
+        cmd += ["--fixed-seg", str(inputs / "fixed_seg.nii.gz"), "--moving-seg", str(inputs / "moving_seg.nii.gz"),
+                "--fixed-landmarks", str(inputs / "fixed_landmarks.csv"),
+                "--moving-landmarks", str(inputs / "moving_landmarks.csv"), "--label-names", str(inputs / "labels.json")]
+    else:
+        cmd += ["--no-report"]
+    _run(cmd, code, log)
+
+
+def run(out: Path, code: Path, ct_pair_script: str | None, inputs_from: Path | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     _run([py, "-m", "deepabdominalreg", "demo", "--output-dir", str(out / "demo"), "--device", "cpu",
@@ -66,9 +82,10 @@ def run(out: Path, code: Path, ct_pair_script: str | None) -> None:
     script = Path(ct_pair_script).read_text() if ct_pair_script else _CT_PAIR
     _run([py, "-c", script, str(CT_DIR / "example_ct.nii.gz"), str(CT_DIR / "example_seg_fast_force_split.nii.gz"),
           str(CT_DIR / "label_map_total_and_total_mr.json"), str(ct / "input")], code, out / "ct_pair.log")
-    _run([py, "-m", "deepabdominalreg", "register", "--fixed", str(ct / "input/fixed.nii.gz"),
-          "--moving", str(ct / "input/moving.nii.gz"), "--output-dir", str(ct), "--device", "cpu", "--seed", "0",
-          "--no-report"], code, out / "ct.log")
+    _register(ct / "input", ct, code, out / "ct.log", labelled=False)
+    if inputs_from is not None:
+        _register(inputs_from / "demo/input", out / "demo_same_inputs", code, out / "demo_same_inputs.log", True)
+        _register(inputs_from / "ct/input", out / "ct_same_inputs", code, out / "ct_same_inputs.log", False)
     print(f"written: {out}")
 
 
@@ -88,9 +105,14 @@ def _difference(a: Path, b: Path) -> tuple[bool, float]:
 def compare(before: Path, after: Path, tolerance_mm: float) -> int:
     worst = 0.0
     rows = []
-    for case, files in (("demo", DEMO_FILES), ("ct", CT_FILES)):
+    cases = [("demo", "demo", DEMO_FILES), ("ct", "ct", CT_FILES)]
+    outputs = tuple(f for f in CT_FILES if not f.startswith("input/"))
+    cases += [("demo", "demo_same_inputs", outputs), ("ct", "ct_same_inputs", outputs)]
+    for case_before, case, files in cases:
+        if not (after / case).is_dir():
+            continue
         for name in files:
-            identical, largest = _difference(before / case / name, after / case / name)
+            identical, largest = _difference(before / case_before / name, after / case / name)
             rows.append({"case": case, "file": name, "bit_identical": identical, "max_abs_difference": largest})
             if "displacement" in name and "true_" not in name:
                 worst = max(worst, largest)
@@ -112,6 +134,7 @@ def main() -> int:
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--code", type=Path, default=REPO / "DeepAbdominalReg",
                    help="the DeepAbdominalReg folder holding the deepabdominalreg package to run")
+    r.add_argument("--inputs-from", type=Path, help="an earlier run whose generated inputs are registered too")
     r.add_argument("--ct-pair-script", help="Python file generating the CT pair (argv: ct, seg, names, out), for "
                    "a code version whose import paths differ from this one's")
     c = sub.add_parser("compare", help="compare two runs")
@@ -120,7 +143,7 @@ def main() -> int:
     c.add_argument("--tolerance-mm", type=float, default=1e-3)
     args = parser.parse_args()
     if args.command == "run":
-        run(args.out, args.code, args.ct_pair_script)
+        run(args.out, args.code, args.ct_pair_script, args.inputs_from)
         return 0
     return compare(args.before, args.after, args.tolerance_mm)
 

@@ -96,6 +96,7 @@ def _time_forward(network, fixed: torch.Tensor, moving: torch.Tensor, repeats: i
 
 
 def _forward_timings(fixed_path: Path, moving_path: Path, model: str, repeats: int) -> dict:
+    from deepabdominalreg.config import RegistrationConfig
     from deepabdominalreg.io import read_image
     from deepabdominalreg.nn.models import load_model
     from deepabdominalreg.registration.network import network_inputs
@@ -107,7 +108,8 @@ def _forward_timings(fixed_path: Path, moving_path: Path, model: str, repeats: i
         if device == "cuda" and not torch.cuda.is_available():
             continue
         network, card = load_model(model, device)
-        ft, mt, _, _ = network_inputs(fixed, moving, card, 160, device)  # as the pipeline's network stage
+        # as the pipeline's network stage
+        ft, mt, _, _ = network_inputs(fixed, moving, card, RegistrationConfig(), device)
         median, out = _time_forward(network, ft, mt, repeats if device == "cuda" else max(2, repeats // 10), bf16)
         key = f"{device}_{'bf16' if bf16 else 'fp32'}"
         results[key] = {"forward_median_ms": round(1000 * median, 2), "input_zyx": list(ft.shape[2:])}

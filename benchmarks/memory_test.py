@@ -1,8 +1,8 @@
 """Peak CPU memory of our pipeline on a 512 x 512 x 400 (``--size``: any) int16 CT pair, and where it goes, stage by stage.
 
-The pair is a real CT with synthetic motion (``run_benchmark.py``'s ``ct_abdominal`` case, or any fixed/moving
-given) resampled onto 512 x 512 x 400 voxels covering the same extent (linear, cast to int16), so the pipeline sees
-clinical-size inputs.  The registration runs in a fresh process (reading the files included); this process samples
+The pair is a real CT with synthetic motion (``deepabdominalreg benchmark``'s ``ct_abdominal`` case, or any
+fixed/moving given) resampled onto 512 x 512 x 400 voxels covering the same extent (linear, cast to int16), so the
+pipeline sees clinical-size inputs.  The registration runs in a fresh process (reading the files included); this process samples
 the child's resident memory (``/proc/PID/status`` VmRSS) every 0.1 s and attributes each sample to the stage the
 child reported last through ``register_pair``'s progress callback.  The child also reports its own peak
 (``ru_maxrss``).  Linux only (``/proc``).
@@ -27,6 +27,7 @@ SIZE = (512, 512, 400)
 
 def make_large_pair(fixed_path: str, moving_path: str, folder: Path, size=SIZE) -> tuple[Path, Path]:
     """Resample both images onto ``size`` voxels spanning the fixed image's extent; int16; uncompressed NIfTI."""
+    from deepabdominalreg.config import OUTSIDE_FOV_HU
     from deepabdominalreg.geometry import Grid, resample_image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -45,7 +46,7 @@ def make_large_pair(fixed_path: str, moving_path: str, folder: Path, size=SIZE) 
         origin = first_border + grid.direction_matrix @ (0.5 * np.asarray(spacing))
         target = Grid(size=tuple(size), spacing=spacing, origin=tuple(float(o) for o in origin),
                       direction=grid.direction)
-        large = resample_image(image, target, None, "linear", -1024.0, output_pixel_type=sitk.sitkInt16)
+        large = resample_image(image, target, None, "linear", OUTSIDE_FOV_HU, output_pixel_type=sitk.sitkInt16)
         out = folder / f"{role}_{size[0]}x{size[1]}x{size[2]}.nii"
         sitk.WriteImage(large, str(out))
         paths.append(out)

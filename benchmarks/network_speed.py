@@ -3,7 +3,7 @@
 Times what the pipeline's network stage does on the model's own grid: preprocessing of both images (resampling to
 the model spacing, HU window, body mask, the bodies' bounding box) and one forward pass (``torch.inference_mode``),
 median of ``--repeats``, in the precision the pipeline would use (``--precision``, default ``auto``: bf16 autocast
-on CPUs with native bf16, fp32 on CUDA; ``registration.network_uses_bfloat16``).
+on CPUs with native bf16, fp32 on CUDA; ``device.network_uses_bfloat16``).
 The pair is the CT and a synthetic deformation of it (``synthetic.make_synthetic_pair``, 10 mm).
 
     python benchmarks/network_speed.py --threads 2   # the network preset's model
@@ -21,7 +21,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from deepabdominalreg.config import PRESETS
+from deepabdominalreg.config import PRESETS, RegistrationConfig
 from deepabdominalreg.device import network_uses_bfloat16, reuse_freed_memory
 from deepabdominalreg.io import read_image
 from deepabdominalreg.nn.models import load_model
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     for device in devices:
         network, card = load_model(args.model, device)
         t0 = time.perf_counter()
-        ft, mt, grid, _ = network_inputs(fixed, moving, card, 160, device)  # as the pipeline's network stage
+        # as the pipeline's network stage
+        ft, mt, grid, _ = network_inputs(fixed, moving, card, RegistrationConfig(), device)
         prep = time.perf_counter() - t0
         times = []
         allocator = nullcontext() if args.default_allocator else reuse_freed_memory()

@@ -3,7 +3,8 @@
     python benchmarks/stage_times.py --case-dir CASES/ct_abdominal_s0_a10 --preset balanced --threads 1 \\
         --set '{"io_fine_iterations": 20}'
 
-The case folder is one written by ``run_benchmark.py`` (``fixed.nii.gz``, ``moving.nii.gz``, ``*_seg.nii.gz``).
+The case folder is one written by ``deepabdominalreg benchmark`` (``fixed.nii.gz``, ``moving.nii.gz``,
+``*_seg.nii.gz``).
 Reading the images is included in ``total_s``; imports are not.  Timings are noisy on a shared machine: compare
 settings within one session, several runs each.
 """

@@ -1,4 +1,4 @@
-"""Write DeepAbdominalReg/Resources/Models/MODEL_CARD.md from the JSON model cards beside the weights.
+"""Write DeepAbdominalReg/deepabdominalreg/nn/weights/MODEL_CARD.md from the JSON model cards beside the weights.
 
 Usage: python scripts/write_model_card.py [EXTRA.md]   (EXTRA.md: hand-written notes appended after the tables)
 """
@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-MODELS = Path(__file__).resolve().parent.parent / "DeepAbdominalReg" / "Resources" / "Models"
+MODELS = Path(__file__).resolve().parent.parent / "DeepAbdominalReg" / "deepabdominalreg" / "nn" / "weights"
 
 
 def card_table(card: dict) -> list[str]:

@@ -30,7 +30,7 @@ __all__ = [
 
 
 def camelCase(snake: str) -> str:
-    """``io_ncc_window`` -> ``ioNccWindow``."""
+    """``io_ncc_window_mm`` -> ``ioNccWindowMm``."""
     head, *rest = snake.split("_")
     return head + "".join(word[:1].upper() + word[1:] for word in rest)
 

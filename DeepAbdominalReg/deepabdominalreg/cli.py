@@ -114,8 +114,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     result.metrics["inputs"] = {"fixed": str(args.fixed), "moving": str(args.moving)}
     paths = write_result(
         result, args.output_dir, fixed=fixed, moving=moving, fixed_labels=fixed_labels,
-        moving_labels=moving_labels, report=not args.no_report, hu_window=config.hu_window,
-        image_format=args.output_format,
+        moving_labels=moving_labels, report=not args.no_report, image_format=args.output_format,
     )
     _print_summary(result.metrics, paths, as_json=args.progress_json)
     return 0

@@ -3,16 +3,48 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["PRESETS", "RegistrationConfig", "config_from_preset"]
+__all__ = ["AIR_HU", "BODY_THRESHOLD_HU", "OUTSIDE_FOV_HU", "PRESETS", "RegistrationConfig", "config_from_preset"]
+
+BODY_THRESHOLD_HU: float = -400.0
+"""CT voxels above this (HU) are body candidates: the registration's body mask, the synthetic motion's body and the
+report's slice choice.  Between air (-1000) and fat (about -100), so lungs and bowel gas need hole filling."""
+
+AIR_HU: float = -1000.0
+"""HU of air (the definition of the scale; real CT reads air at -1000 +- noise): the phantom's air and bowel gas."""
+
+OUTSIDE_FOV_HU: float = -1024.0
+"""HU given to points outside a CT's field of view when it is resampled or warped (the lowest value a scanner
+stores, below :data:`AIR_HU`), as the registration's preprocessing and the synthetic pairs do."""
 
 
 @dataclass(frozen=True)
 class RegistrationConfig:
     """Every knob of :func:`deepabdominalreg.registration.register_pair`.
 
-    Units: HU for intensities, mm for distances, iterations are counts per level.
+    Units: HU for intensities, mm for distances, iterations are counts per level.  This is the one source of every
+    stage's settings: each stage builds its own settings object from it (``AffineSettings.from_config``,
+    ``InstanceOptimisationSettings.from_config``) and :meth:`to_dict` / :meth:`from_dict` are its one serialisation
+    (``metrics.json``, ``deepabdominalreg register --config FILE``, the Slicer module's task file).
+
+    Lengths of the instance optimisation (``io_*_mm``) are given in mm at the working resolution and converted once,
+    inside the stage, to voxels of the working grid, whose spacing ``s`` is ``working_spacing_mm`` or the coarser
+    spacing that ``max_working_voxels`` imposes on a large scan:
+
+    * learning rate: ``io_learning_rate_mm / s`` voxels per step (not rounded);
+    * control spacing: ``io_control_spacing_mm / s`` rounded to the nearest whole number of voxels (halves up), at
+      least 1;
+    * NCC window: ``io_ncc_window_mm / s`` rounded to the nearest odd number of voxels (an even quotient, midway
+      between two odd numbers, rounds up), at least 3.
+
+    Every pyramid level (``io_levels``) uses these voxel counts on its own grid, whose voxels are about ``f`` times
+    the working voxels at factor ``f`` (exactly ``(n - 1) / (m - 1)`` times along an axis of ``n`` working and ``m``
+    level voxels): at level 1 the lengths are the mm given, at level ``f`` about ``f`` times them (the default control
+    spacing of 6 mm is ~12 mm at level 2 and ~24 mm at level 4).  At 3 mm the defaults are 0.5, 2 and 5 voxels.
     """
 
     # preprocessing
@@ -21,18 +53,20 @@ class RegistrationConfig:
     working_spacing_mm: float = 3.0
     """Isotropic spacing of the working grid on which the registration runs (mm)."""
     max_working_voxels: int = 160
-    """Cap on the working grid's size along any axis (the spacing grows to respect it)."""
+    """Cap on the working grid's size along any axis: a scan longer than ``(max_working_voxels - 1) *
+    working_spacing_mm`` along an axis gets a coarser working grid (its spacing grows to respect the cap; the
+    registration says so in ``metrics["warnings"]``).  The ``io_*_mm`` lengths keep their meaning in mm."""
     body_mask: bool = True
     """Remove the CT table and air outside the patient (van Eijnatten et al. 2021)."""
 
     # affine pre-alignment
     affine: bool = True
     affine_iterations: int = 20
-    """L-BFGS iterations per affine pyramid level (it usually converges earlier; 40 changed the CT benchmark pair's
-    affine by < 0.01 mm for 1.6x the time)."""
+    """L-BFGS iterations per affine pyramid level (it usually converges earlier; more iterations hardly change the
+    affine, and the deformable stages absorb what is left)."""
     affine_levels_mm: tuple[float, ...] = (12.0, 6.0)
     """Isotropic spacing (mm) of the affine pyramid levels, coarse to fine.  Precision is about a tenth of the
-    finest level: ~1 mm at 6 mm (the deformable stages absorb the rest), ~0.3 mm at 4 mm (2-3x slower)."""
+    finest level (the deformable stages absorb the rest); a finer level is more precise and slower."""
 
     # deformable stage 1: network
     model: str | None = None
@@ -40,7 +74,7 @@ class RegistrationConfig:
     network_precision: str = "auto"
     """``auto``, ``fp32`` or ``bf16``: the network's forward pass in bfloat16 autocast (the output field stays
     float32).  ``bf16``: wherever the device computes bf16 natively (CUDA; CPUs with AVX512-BF16 or AMX); ``auto``:
-    only where that was measured faster for the shipped network, such CPUs (``registration.network_uses_bfloat16``;
+    only where bf16 is faster for the shipped network, i.e. such CPUs and not CUDA (``device.network_uses_bfloat16``;
     ``benchmarks/network_speed.py`` and ``benchmarks/gpu_speed.py`` measure it); ``fp32``: never."""
 
     # deformable stage 2: instance optimisation
@@ -48,21 +82,22 @@ class RegistrationConfig:
     """Adam iterations at each coarse instance-optimisation level (0 disables the stage; early stopping usually ends
     a coarse level before 60)."""
     io_fine_iterations: int = 25
-    """Adam iterations at the full working resolution (level factor 1), the most expensive level (~80 % of the
-    stage's time in the balanced preset)."""
+    """Adam iterations at the full working resolution (level factor 1), the most expensive level: most of the
+    stage's time in the balanced preset."""
     io_levels: tuple[int, ...] = (4, 2, 1)
     """Pyramid levels as downsampling factors of the working grid, coarse to fine."""
-    io_learning_rate: float = 0.5
-    """Adam learning rate, in working-grid voxels per step, for the control-point displacements."""
-    io_control_spacing: int = 2
-    """Spacing of the displacement control grid, in voxels of the level's grid (smoothness by construction)."""
-    io_ncc_window: int = 5
-    """Local NCC window (voxels)."""
+    io_learning_rate_mm: float = 1.5
+    """Adam learning rate of the control-point displacements, in mm per step at the working resolution (0.5 voxel at
+    3 mm; see "Lengths of the instance optimisation" above)."""
+    io_control_spacing_mm: float = 6.0
+    """Spacing of the displacement control grid (smoothness by construction), in mm at the working resolution
+    (2 voxels at 3 mm)."""
+    io_ncc_window_mm: float = 15.0
+    """Width of the local NCC window, in mm at the working resolution (5 voxels at 3 mm)."""
     io_smoothness_weight: float = 4.0
     """Weight of the diffusion regulariser (squared spatial gradient of the displacement, in voxels).  Chosen on the
-    validation cases only (``docs/data/io_regularisation_validation.csv``): 1 -> 4 raised the balanced preset's
-    phantom organ Dice 0.935 -> 0.952 at 10 mm and 0.934 -> 0.943 at 20 mm, and lowered the real-CT crop's field error
-    1.02 -> 0.78 mm; 8 was better at 10 mm but worse at 20 mm."""
+    validation cases only (``docs/data/io_regularisation_validation.csv``; figures in ``docs/training.md``): the weight
+    that gave the best Dice and field error at both 10 and 20 mm of motion."""
     io_jacobian_weight: float = 0.1
     """Weight of the negative-Jacobian penalty (folding)."""
 
@@ -70,35 +105,98 @@ class RegistrationConfig:
     compute_inverse: bool = True
     """Compute the inverse field (moving -> fixed) and report inverse consistency."""
     folding_limit_percent: float = 0.5
-    """If folding inside the body exceeds this, instance optimisation reruns with 4x regularisation once."""
+    """If folding (det J <= 0) exceeds this percentage of the fixed body's working voxels, the instance optimisation
+    reruns once from the same start with stronger regularisation (``folding_retry_factor``)."""
+    folding_retry_factor: float = 4.0
+    """The folding retry's regularisation: ``io_smoothness_weight`` times this and the Jacobian penalty's weight
+    ``max(io_jacobian_weight, 0.1)`` times this (the floor of 0.1 gives the retry a folding penalty even when
+    ``io_jacobian_weight`` is 0)."""
 
     # execution
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     seed: int = 0
     threads: int | None = None
-    """CPU threads for torch (``None``: leave torch's default)."""
+    """CPU threads for torch (``None`` or 0: leave torch's default)."""
 
     def __post_init__(self) -> None:
+        """Check every value; sequences become tuples.  Any bad value, a wrong type included, is a ``ValueError``
+        naming the setting: the one exception that the CLI and the Slicer module turn into a message."""
+        for name in ("hu_window", "affine_levels_mm", "io_levels"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise ValueError(f"{name} must be a list of numbers, got {value!r}")  # noqa: TRY004 (see above)
+            object.__setattr__(self, name, tuple(value))
+        if len(self.hu_window) != 2 or not all(_is_real(v) for v in self.hu_window) \
+                or not self.hu_window[0] < self.hu_window[1]:
+            raise ValueError(f"hu_window must be two numbers (low, high) in HU with low < high, got {self.hu_window}")
+        if not self.affine_levels_mm or not all(_is_real(v) and v > 0 for v in self.affine_levels_mm):
+            raise ValueError(f"affine_levels_mm must be one or more positive spacings, got {self.affine_levels_mm}")
+        if not all(_is_integer(v) and v >= 1 for v in self.io_levels):
+            raise ValueError(f"io_levels must be downsampling factors >= 1 (whole numbers), got {self.io_levels}")
+        for name, low in (("working_spacing_mm", 0.0), ("io_learning_rate_mm", 0.0), ("io_control_spacing_mm", 0.0),
+                          ("io_ncc_window_mm", 0.0)):
+            _check_number(name, getattr(self, name), low, inclusive=False)
+        for name in ("io_smoothness_weight", "io_jacobian_weight"):
+            _check_number(name, getattr(self, name), 0.0)
+        _check_number("folding_limit_percent", self.folding_limit_percent)
+        _check_number("folding_retry_factor", self.folding_retry_factor, 1.0)
+        for name, low in (("max_working_voxels", 2), ("affine_iterations", 0), ("io_iterations", 0),
+                          ("io_fine_iterations", 0)):
+            _check_integer(name, getattr(self, name), low)
+        _check_integer("seed", self.seed)
+        if self.threads is not None:
+            _check_integer("threads", self.threads, 0)
+        for name in ("body_mask", "affine", "compute_inverse"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")  # noqa: TRY004
+        if self.model is not None and not isinstance(self.model, str):
+            raise ValueError(f"model must be a model name, a path to a .pt file, or null, got {self.model!r}")
         if self.network_precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"network_precision must be 'auto', 'fp32' or 'bf16', got {self.network_precision!r}")
+        if not isinstance(self.device, str) or self.device.lower() not in ("auto", "cpu", "cuda", "gpu"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 
     def replace(self, **changes) -> RegistrationConfig:
-        return dataclasses.replace(self, **changes)
+        """This config with ``changes`` (checked as :meth:`from_dict` checks them)."""
+        return RegistrationConfig.from_dict(changes, base=self)
 
     def to_dict(self) -> dict:
-        """Plain JSON-ready values (tuples as lists)."""
+        """Every field as a plain JSON-ready value (tuples as lists): the one serialisation, read by
+        :meth:`from_dict`."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict, base: RegistrationConfig | None = None) -> RegistrationConfig:
-        """A config from ``data`` (e.g. a JSON file), on top of ``base``; unknown keys are a clear error."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        """A config from ``data`` (e.g. :meth:`to_dict` read back from JSON), on top of ``base`` (default: the
+        defaults); unknown keys and bad values are a ``ValueError`` naming them."""
+        known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ValueError(f"unknown registration settings {unknown}; known: {sorted(known)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return dataclasses.replace(base or cls(), **values)
+            raise ValueError(f"unknown registration settings {unknown}; known: {known}")
+        return dataclasses.replace(base or cls(), **data)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value, low: float | None = None, inclusive: bool = True) -> None:
+    if not _is_real(value) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if low is not None and (value < low if inclusive else value <= low):
+        raise ValueError(f"{name} must be {'>=' if inclusive else '>'} {low:g}, got {value!r}")
+
+
+def _check_integer(name: str, value, low: int | None = None) -> None:
+    if not _is_integer(value):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
 
 
 PRESETS: dict[str, dict] = {
@@ -107,8 +205,11 @@ PRESETS: dict[str, dict] = {
     "balanced": {},
     # network: affine + the shipped network, no instance optimisation (smoothest fields; docs/training.md)
     "network": {"model": "abdomen-ct-4mm-v3", "io_iterations": 0},
+    # accurate: a 2.5 mm working grid, with the instance optimisation's lengths in the same working voxels as the
+    # other presets (0.5, 2 and 5 voxels)
     "accurate": {"io_iterations": 200, "io_fine_iterations": 80, "io_levels": (4, 2, 1), "working_spacing_mm": 2.5,
-                 "affine_levels_mm": (8.0, 4.0), "affine_iterations": 40},
+                 "affine_levels_mm": (8.0, 4.0), "affine_iterations": 40,
+                 "io_learning_rate_mm": 1.25, "io_control_spacing_mm": 5.0, "io_ncc_window_mm": 12.5},
 }
 
 
@@ -117,5 +218,5 @@ def config_from_preset(preset: str = "balanced", **overrides) -> RegistrationCon
     overrides."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return RegistrationConfig(**{**PRESETS[preset], **overrides})
+    return RegistrationConfig.from_dict({**PRESETS[preset], **overrides})
 

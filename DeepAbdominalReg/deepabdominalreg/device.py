@@ -54,9 +54,9 @@ def native_bfloat16(device: torch.device | str) -> bool:
 
 def network_uses_bfloat16(precision: str, device: torch.device | str) -> bool:
     """Whether the network's forward pass runs in bf16 autocast for ``RegistrationConfig.network_precision``:
-    ``fp32`` never; ``bf16`` where the device computes bf16 natively; ``auto`` (the default) where that was also
-    measured faster for the shipped network, i.e. on such CPUs (forward 1.71 -> 1.27 s at one thread, fields within
-    0.003 mm on the validation cases) but not on CUDA (H100: 29 ms fp32, 36 ms bf16: ``benchmarks/README.md``)."""
+    ``fp32`` never; ``bf16`` where the device computes bf16 natively; ``auto`` (the default) where bf16 is also
+    faster for the shipped network with the same fields to well under a voxel, i.e. on such CPUs, but not on CUDA,
+    where this small network's casts cost more than bf16 saves (timings: ``benchmarks/README.md``)."""
     device = torch.device(device)
     if precision == "bf16":
         return native_bfloat16(device)

@@ -40,6 +40,7 @@ class Grid:
 
     @classmethod
     def from_image(cls, image: sitk.Image) -> Grid:
+        """The grid of a SimpleITK image."""
         return cls(
             size=tuple(int(s) for s in image.GetSize()),
             spacing=tuple(float(s) for s in image.GetSpacing()),
@@ -49,10 +50,12 @@ class Grid:
 
     @property
     def direction_matrix(self) -> np.ndarray:
+        """The direction as a 3x3 float64 matrix; its columns are the index axes ``i, j, k`` in LPS."""
         return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
 
     @property
     def shape_zyx(self) -> tuple[int, int, int]:
+        """The array shape ``(z, y, x)`` of the grid's images (``sitk.GetArrayFromImage`` order)."""
         return (self.size[2], self.size[1], self.size[0])
 
     def index_to_physical_matrix(self) -> np.ndarray:
@@ -77,6 +80,18 @@ class Grid:
         points_lps = np.atleast_2d(np.asarray(points_lps, dtype=np.float64))
         m = self.physical_to_index_matrix()
         return points_lps @ m[:3, :3].T + m[:3, 3]
+
+    def displacement_to_mm(self, displacement_vox: np.ndarray) -> np.ndarray:
+        """Displacement vectors in voxels of this grid, ``(..., 3)`` in index order ``(i, j, k)`` = ``xyz`` ->
+        LPS mm ``(..., 3)``, float64: ``direction @ diag(spacing) @ v`` (no origin: vectors, not points)."""
+        matrix = self.direction_matrix @ np.diag(self.spacing)
+        return np.asarray(displacement_vox, dtype=np.float64) @ matrix.T
+
+    def displacement_to_voxels(self, displacement_mm: np.ndarray) -> np.ndarray:
+        """Displacement vectors in LPS mm ``(..., 3)`` -> voxels of this grid, ``(..., 3)`` in index order
+        ``(i, j, k)`` = ``xyz``, float64: the inverse of :meth:`displacement_to_mm`."""
+        matrix_inv = np.linalg.inv(self.direction_matrix @ np.diag(self.spacing))
+        return np.asarray(displacement_mm, dtype=np.float64) @ matrix_inv.T
 
     def corners(self) -> np.ndarray:
         """The 8 corner voxel centres of the grid in LPS mm, ``(8, 3)``."""
@@ -169,6 +184,33 @@ def resample_image(
     resampler.SetOutputPixelType(image.GetPixelID() if output_pixel_type is None else output_pixel_type)
     resampler.SetTransform(transform if transform is not None else sitk.Transform(3, sitk.sitkIdentity))
     return resampler.Execute(image)
+
+
+def displacement_transform(displacement_lps: sitk.Image) -> sitk.DisplacementFieldTransform:
+    """The transform ``x -> x + u(x)`` of a displacement field ``u`` (3 components, LPS mm; linear interpolation,
+    zero outside its grid).  The field is copied: ITK's transform takes over the buffer of the image it is given."""
+    if displacement_lps.GetDimension() != 3 or displacement_lps.GetNumberOfComponentsPerPixel() != 3:
+        raise ValueError(
+            "expected a 3D displacement field with 3 components per voxel (LPS mm), got "
+            f"{displacement_lps.GetDimension()}D with {displacement_lps.GetNumberOfComponentsPerPixel()} components"
+        )
+    return sitk.DisplacementFieldTransform(sitk.Cast(displacement_lps, sitk.sitkVectorFloat64))
+
+
+def warp_with_displacement(
+    image: sitk.Image,
+    displacement_lps: sitk.Image,
+    interpolator: str = "linear",
+    default_value: float = 0.0,
+) -> sitk.Image:
+    """``image`` (moving) resampled onto the displacement's (fixed) grid at ``x + u(x)``: ``out(x) = image(x + u(x))``.
+
+    ``displacement_lps``: the field ``u`` (3 components, LPS mm, on the fixed grid); ``interpolator`` as in
+    :func:`resample_image`; points mapped outside ``image`` get ``default_value`` (e.g.
+    :data:`deepabdominalreg.config.OUTSIDE_FOV_HU` for CT, 0 for labels).  The pixel type of ``image`` is kept.
+    """
+    return resample_image(image, displacement_lps, displacement_transform(displacement_lps), interpolator,
+                          default_value)
 
 
 def make_working_grid(

@@ -384,14 +384,15 @@ def write_result(
     fixed_labels: sitk.Image | None = None,
     moving_labels: sitk.Image | None = None,
     report: bool = True,
-    hu_window: tuple[float, float] = (-160.0, 240.0),
     image_format: str = "nii.gz",
 ) -> dict[str, Path]:
     """Write every output of a registration into ``out_dir``; returns name -> path.
 
+    ``fixed``, ``moving`` and their label maps: the inputs of the registration, for ``report.png``.
     ``image_format``: one of :data:`IMAGE_FORMATS` (``nii.gz`` is gzip-compressed NIfTI; the others are written
-    uncompressed: larger files, several times faster to write for a full-size CT).  The time spent writing is
-    recorded as the ``writing`` stage in ``metrics.json``.
+    uncompressed: larger files, several times faster to write for a full-size CT).  ``metrics.json`` holds
+    ``result.metrics`` plus the time spent writing (the ``writing`` and ``report`` stages); ``result`` itself is not
+    changed.
     Files are first written into a hidden staging folder inside ``out_dir`` and moved into place only when all of
     them exist, so an interruption (Ctrl-C, a full disk) leaves ``out_dir`` as it was.
     """
@@ -402,8 +403,7 @@ def write_result(
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"unknown image format {image_format!r}; choose one of {', '.join(IMAGE_FORMATS)}")
         staged = _write_outputs(result, staging, fixed=fixed, moving=moving, fixed_labels=fixed_labels,
-                                moving_labels=moving_labels, report=report, hu_window=hu_window,
-                                ext=image_format)
+                                moving_labels=moving_labels, report=report, ext=image_format)
         paths = {}
         for name, path in staged.items():
             target = out / path.name
@@ -418,7 +418,7 @@ def write_result(
 IMAGE_FORMATS = ("nii.gz", "nii", "nrrd", "mha")
 
 
-def _write_outputs(result, out: Path, *, fixed, moving, fixed_labels, moving_labels, report, hu_window, ext):
+def _write_outputs(result, out: Path, *, fixed, moving, fixed_labels, moving_labels, report, ext):
     t0 = time.perf_counter()
     compress = ext.endswith(".gz")
     paths = {
@@ -440,24 +440,14 @@ def _write_outputs(result, out: Path, *, fixed, moving, fixed_labels, moving_lab
         paths["warped_moving_landmarks"] = write_landmarks(
             result.warped_moving_landmarks_lps, out / "warped_moving_landmarks.csv"
         )
+    stages = dict(result.metrics.get("stages", {}))
     if report:
         from deepabdominalreg.metrics.report import write_report
 
         t_report = time.perf_counter()
-        paths["report"] = write_report(
-            out / "report.png",
-            fixed=fixed,
-            moving=moving,
-            warped=result.warped_image,
-            jacobian=result.jacobian,
-            displacement_magnitude=result.displacement_magnitude,
-            fixed_labels=fixed_labels,
-            moving_labels=moving_labels,
-            warped_labels=result.warped_labels,
-            metrics=result.metrics,
-            hu_window=hu_window,
-        )
-        result.metrics.setdefault("stages", {})["report"] = round(time.perf_counter() - t_report, 3)
-    result.metrics.setdefault("stages", {})["writing"] = round(time.perf_counter() - t0, 3)
-    paths["metrics"] = write_json(result.metrics, out / "metrics.json")
+        paths["report"] = write_report(out / "report.png", result, fixed=fixed, moving=moving,
+                                       fixed_labels=fixed_labels, moving_labels=moving_labels)
+        stages["report"] = round(time.perf_counter() - t_report, 3)
+    stages["writing"] = round(time.perf_counter() - t0, 3)
+    paths["metrics"] = write_json({**result.metrics, "stages": stages}, out / "metrics.json")
     return paths

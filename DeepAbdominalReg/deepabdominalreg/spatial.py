@@ -1,4 +1,5 @@
-"""Pure tensor functions for dense displacement fields on a regular voxel grid.
+"""Pure tensor functions on a regular voxel grid: dense displacement fields (warp, compose, integrate, invert,
+Jacobian) and the box filter of images and fields.
 
 Conventions (all functions):
 
@@ -13,12 +14,13 @@ and direction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "box_filter",
     "compose",
     "identity_grid",
     "integrate_velocity",
@@ -190,21 +192,219 @@ def _sample_border(field: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(field, location, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-def jacobian_determinant(disp: torch.Tensor, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
-    """det(I + grad disp) ``(B, D, H, W)`` by central differences (one-sided at borders), in voxel space.
+_BOX_SLAB_ELEMENTS = 500_000
+"""Elements (all channels) per slab along D of :func:`box_filter` without autograd on a CPU: a slab stays in the
+caches through the three passes, instead of each pass streaming the whole volume through memory."""
 
-    ``spacing`` (d, h, w) is only needed when ``disp`` is in physical units on an anisotropic grid.
+
+def box_filter(volume: torch.Tensor, window: int = 3, count_include_pad: bool = True) -> torch.Tensor:
+    """Mean over the ``window``³ neighbourhood (voxels, odd) of every voxel, per channel of ``(B, C, D, H, W)``:
+    ``F.avg_pool3d(volume, window, stride=1, padding=window // 2, count_include_pad=...)`` for any size, also axes
+    shorter than the window.  Zero padding: with ``count_include_pad`` every mean is the window's sum divided by
+    ``window``³ (the local NCC's and SSIM's window means), without it the sum divided by the number of
+    neighbours inside the grid (the mean of the voxels inside).
+
+    Separable: per axis, the input plus its shifted slices (no padded copy), then one scaling; ``avg_pool3d`` visits
+    all ``window``³ neighbours of every voxel.  Differentiable, with the same filter (its adjoint) as the backward
+    pass instead of autograd through the sums.  On a CPU, volumes larger than a few slabs are filtered slab by slab
+    along D, with the same operations in the same order per voxel (bit-identical).  The input is not modified.
+    """
+    if window % 2 == 0 or window < 1:
+        raise ValueError(f"window must be a positive odd number of voxels, got {window}")
+    if volume.ndim != 5:
+        raise ValueError(f"volume must be (B, C, D, H, W), got {tuple(volume.shape)}")
+    if window == 1:
+        return volume
+    if torch.is_grad_enabled() and volume.requires_grad:
+        return _BoxFilter.apply(volume, window, count_include_pad)
+    return _scaled_window_sums(volume, window // 2, _box_scale(volume, window, count_include_pad))
+
+
+class _BoxFilter(torch.autograd.Function):
+    """:func:`box_filter` with its adjoint as the backward pass: the window sums ``S`` are symmetric, so the
+    gradient of ``scale * S x`` is ``S (scale * grad)``."""
+
+    @staticmethod
+    def forward(ctx, volume: torch.Tensor, window: int, count_include_pad: bool) -> torch.Tensor:
+        scale = _box_scale(volume, window, count_include_pad)
+        ctx.window, ctx.scale = window, scale
+        return _scaled_window_sums(volume, window // 2, scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        grad = grad.contiguous()
+        if isinstance(ctx.scale, float):
+            return _scaled_window_sums(grad, ctx.window // 2, ctx.scale), None, None
+        return _scaled_window_sums(grad * ctx.scale, ctx.window // 2, None), None, None
+
+
+def _box_scale(volume: torch.Tensor, window: int, count_include_pad: bool) -> float | torch.Tensor:
+    """``1 / window``³, or the ``(D, H, W)`` reciprocal of every voxel's number of window neighbours in the grid."""
+    if count_include_pad:
+        return 1.0 / window**3
+    pad = window // 2
+    reciprocal = None
+    for axis, n in enumerate(volume.shape[2:]):
+        index = torch.arange(n, device=volume.device)
+        counts = (index.clamp(max=pad) + (n - 1 - index).clamp(max=pad) + 1).to(volume.dtype)
+        view = [1, 1, 1]
+        view[axis] = n
+        factor = counts.reciprocal().view(view)
+        reciprocal = factor if reciprocal is None else reciprocal * factor
+    return reciprocal
+
+
+def _scaled_window_sums(x: torch.Tensor, pad: int, scale: float | torch.Tensor | None) -> torch.Tensor:
+    """``scale`` times the sums over the ``(2 pad + 1)``³ windows of ``x`` (no autograd), slab by slab along D on a
+    CPU; ``scale``: a number, a ``(D, H, W)`` tensor or ``None`` (1)."""
+    b, c, d, h, w = x.shape
+    slab = max(1, _BOX_SLAB_ELEMENTS // max(b * c * h * w, 1))
+    if x.device.type != "cpu" or d <= 2 * slab:
+        total = _window_sums(x, 0, d, pad)
+        return total if scale is None else total.mul_(scale)
+    out = torch.empty_like(x)
+    for z0 in range(0, d, slab):
+        z1 = min(d, z0 + slab)
+        total = _window_sums(x, z0, z1, pad)
+        if scale is None:
+            out[:, :, z0:z1] = total
+        else:
+            torch.mul(total, scale if isinstance(scale, float) else scale[z0:z1], out=out[:, :, z0:z1])
+    return out
+
+
+def _window_sums(x: torch.Tensor, z0: int, z1: int, pad: int) -> torch.Tensor:
+    """Sums over the ``(2 pad + 1)``³ window, neighbours outside the grid left out, of ``x``'s slices ``z0:z1``
+    (``(B, C, z1 - z0, H, W)``; D neighbours read from ``x``).  Per axis D, H, W: ``x[i]``, then ``+ x[i - o]`` and
+    ``+ x[i + o]`` for ``o = 1 ... pad``, in that order (the slab-wise and whole-volume filters agree bit for bit)."""
+    d = x.shape[2]
+    total = x[:, :, z0:z1].clone()
+    for offset in range(1, min(pad, d - 1) + 1):
+        lo = max(z0, offset)  # + x[z - offset] where z - offset >= 0
+        if lo < z1:
+            total[:, :, lo - z0:].add_(x[:, :, lo - offset: z1 - offset])
+        hi = min(z1, d - offset)  # + x[z + offset] where z + offset < d
+        if hi > z0:
+            total[:, :, : hi - z0].add_(x[:, :, z0 + offset: hi + offset])
+    for dim in (3, 4):
+        n = total.shape[dim]
+        source = total
+        total = source.clone()
+        for offset in range(1, min(pad, n - 1) + 1):
+            total.narrow(dim, offset, n - offset).add_(source.narrow(dim, 0, n - offset))
+            total.narrow(dim, 0, n - offset).add_(source.narrow(dim, offset, n - offset))
+    return total
+
+
+def jacobian_determinant(
+    disp: torch.Tensor,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    *,
+    axis_matrix: Sequence[Sequence[float]] | None = None,
+) -> torch.Tensor:
+    """det(I + grad disp) ``(B, D, H, W)`` by central differences (one-sided at the borders, as ``torch.gradient``
+    and ``numpy.gradient``); the one implementation of the project's Jacobian determinant.
+
+    By default the derivatives are along the tensor axes: ``disp`` in voxels with channels ``(d, h, w)`` (this
+    module's convention), or in physical units with ``spacing`` (d, h, w) of an axis-aligned grid.  ``axis_matrix``
+    (3 x 3, replaces ``spacing``) covers any other coordinates, e.g. LPS mm of an oblique grid with channels
+    ``(x, y, z)``: entry ``[a, b]`` is the derivative of the index along tensor axis ``2 + a`` with respect to the
+    coordinate of channel ``b``; ``J[c, b] = delta_cb + sum_a d disp_c / d index_a * axis_matrix[a, b]`` (the
+    default is ``diag(1 / spacing)``).  Every axis needs at least 2 voxels.
+
+    Differentiable.  Without autograd the entries and the cofactor expansion are formed in place (fewer
+    temporaries: :func:`deepabdominalreg.metrics.fields.jacobian_determinant` runs it slab by slab on clinical-size
+    fields); both ways give the same values bit for bit.
     """
     _check_disp(disp)
-    grads = []
-    for axis, h in zip((2, 3, 4), spacing):
-        grads.append(torch.gradient(disp, dim=axis, spacing=h)[0])
-    # J[b, i, j] = d disp_i / d x_j + delta_ij
-    j = torch.stack(grads, dim=2)  # (B, 3 comps, 3 axes, D, H, W)
-    eye = torch.eye(3, dtype=disp.dtype, device=disp.device).view(1, 3, 3, 1, 1, 1)
-    j = j + eye
+    if min(disp.shape[2:]) < 2:
+        raise ValueError(f"the Jacobian needs at least 2 voxels along every axis, got {tuple(disp.shape[2:])}")
+    if axis_matrix is None:
+        weights = [[1.0 / float(spacing[a]) if a == b else 0.0 for b in range(3)] for a in range(3)]
+    else:
+        weights = [[float(v) for v in row] for row in axis_matrix]
+        if len(weights) != 3 or any(len(row) != 3 for row in weights):
+            raise ValueError("axis_matrix must be 3 x 3")
+    if torch.is_grad_enabled() and disp.requires_grad:
+        return _jacobian_determinant_autograd(disp, weights)
+    return _jacobian_determinant_in_place(disp, weights)
+
+
+# the sums over the axes run from the last tensor axis (W) to the first (D); both paths below form the same
+# products in the same order (multiplications by 0.5 and 2 are exact, so twice the differences times half the
+# weight is the gradient times the weight to the last bit)
+_AXIS_ORDER = (2, 1, 0)
+
+
+def _jacobian_determinant_autograd(disp: torch.Tensor, weights: list[list[float]]) -> torch.Tensor:
+    grads = [torch.gradient(disp, dim=2 + a)[0] for a in range(3)]  # d disp / d index_a, unit spacing
+
+    def entry(c: int, b: int) -> torch.Tensor:
+        total = None
+        for a in _AXIS_ORDER:
+            w = weights[a][b]
+            if w == 0.0:
+                continue
+            g = grads[a][:, c]
+            if total is None:
+                total = g if w == 1.0 else g * w
+            else:
+                total = torch.add(total, g, alpha=w)
+        if total is None:
+            total = torch.zeros_like(disp[:, 0])
+        return total + 1.0 if c == b else total
+
+    (j00, j01, j02), (j10, j11, j12), (j20, j21, j22) = [[entry(c, b) for b in range(3)] for c in range(3)]
     return (
-        j[:, 0, 0] * (j[:, 1, 1] * j[:, 2, 2] - j[:, 1, 2] * j[:, 2, 1])
-        - j[:, 0, 1] * (j[:, 1, 0] * j[:, 2, 2] - j[:, 1, 2] * j[:, 2, 0])
-        + j[:, 0, 2] * (j[:, 1, 0] * j[:, 2, 1] - j[:, 1, 1] * j[:, 2, 0])
+        j00 * (j11 * j22 - j12 * j21)
+        - j01 * (j10 * j22 - j12 * j20)
+        + j02 * (j10 * j21 - j11 * j20)
     )
+
+
+def _jacobian_determinant_in_place(disp: torch.Tensor, weights: list[list[float]]) -> torch.Tensor:
+    jac: list[list[torch.Tensor | None]] = [[None] * 3 for _ in range(3)]
+    for c in range(3):
+        component = disp[:, c]
+        for a in _AXIS_ORDER:
+            used_by = [b for b in range(3) if weights[a][b] != 0.0]
+            if not used_by:
+                continue
+            grad = _twice_gradient(component, 1 + a)
+            for b in used_by:
+                w = 0.5 * weights[a][b]
+                if jac[c][b] is None:
+                    jac[c][b] = grad.mul_(w) if len(used_by) == 1 else grad * w
+                else:
+                    jac[c][b].add_(grad, alpha=w)
+            del grad
+    for c in range(3):
+        for b in range(3):
+            if jac[c][b] is None:
+                jac[c][b] = torch.zeros_like(disp[:, 0])
+        jac[c][c].add_(1.0)
+    (j00, j01, j02), (j10, j11, j12), (j20, j21, j22) = jac
+    # the cofactor expansion along the first row with separate products and differences (addcmul_ may fuse them,
+    # which would round differently from the autograd path)
+    minor = torch.mul(j11, j22)
+    product = torch.mul(j12, j21)
+    det = torch.mul(j00, minor.sub_(product))
+    torch.mul(j10, j22, out=minor).sub_(torch.mul(j12, j20, out=product))
+    det.sub_(torch.mul(j01, minor, out=product))
+    torch.mul(j10, j21, out=minor).sub_(torch.mul(j11, j20, out=product))
+    det.add_(torch.mul(j02, minor, out=product))
+    return det
+
+
+def _twice_gradient(volume: torch.Tensor, dim: int) -> torch.Tensor:
+    """Twice ``torch.gradient(volume, dim=dim)`` (unit spacing; ``dim`` of length >= 2): central differences
+    ``f[i+1] - f[i-1]`` inside, twice the one-sided differences at the two ends; one subtraction per voxel into one
+    new tensor (``torch.gradient`` makes several passes and a concatenation)."""
+    n = volume.shape[dim]
+    out = torch.empty_like(volume)
+    if n > 2:
+        torch.sub(volume.narrow(dim, 2, n - 2), volume.narrow(dim, 0, n - 2), out=out.narrow(dim, 1, n - 2))
+    for edge, (hi, lo) in ((0, (1, 0)), (n - 1, (n - 1, n - 2))):
+        torch.sub(volume.select(dim, hi), volume.select(dim, lo), out=out.select(dim, edge)).mul_(2.0)
+    return out

@@ -148,3 +148,45 @@ def test_demo_generates_registers_and_writes_every_output(tmp_path, capsys):
     assert metrics["dice_mean_after"] > metrics["dice_mean_before"]
     assert metrics["config"]["seed"] == 3 and metrics["config"]["io_levels"] == [4, 2]  # the fast preset
     assert "report:" in capsys.readouterr().out
+
+
+def test_config_file_takes_every_field_that_to_dict_writes(tmp_path, capsys):
+    """``register --config FILE`` (how the Slicer module passes its settings) reads a ``RegistrationConfig.to_dict``
+    file back to the same config, on top of ``--preset``; explicit flags win over the file; bad files are exit 2."""
+    from deepabdominalreg.cli import _build_config, build_parser
+    from deepabdominalreg.config import config_from_preset
+
+    config = config_from_preset("accurate", hu_window=(-200.0, 300.0), max_working_voxels=128, body_mask=False,
+                                model="/models/x.pt", network_precision="bf16", io_learning_rate_mm=2.0,
+                                io_control_spacing_mm=7.5, io_ncc_window_mm=20.0, folding_retry_factor=2.0,
+                                device="cpu", seed=9, threads=3)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    base = ["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--output-dir", str(tmp_path / "out")]
+    assert _build_config(build_parser().parse_args([*base, "--preset", "fast", "--config", str(path)])) == config
+    flags = build_parser().parse_args([*base, "--config", str(path), "--seed", "4", "--io-iterations", "6"])
+    assert _build_config(flags) == config.replace(seed=4, io_iterations=6)
+    path.write_text(json.dumps({**config.to_dict(), "io_ncc_window": 5}))  # the old voxel setting
+    assert main([*base, "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and "unknown registration settings ['io_ncc_window']" in err
+
+
+def test_write_result_leaves_the_result_unchanged(pair_dir, tmp_path):
+    """The writing time goes into metrics.json only, not into the result's metrics."""
+    import copy
+
+    from deepabdominalreg.config import config_from_preset
+    from deepabdominalreg.io import write_result
+    from deepabdominalreg.registration.pipeline import register_pair
+
+    fixed = sitk.ReadImage(str(pair_dir / "fixed.nii.gz"))
+    moving = sitk.ReadImage(str(pair_dir / "moving.nii.gz"))
+    config = config_from_preset("fast", working_spacing_mm=8.0, io_iterations=2, compute_inverse=False, device="cpu")
+    result = register_pair(fixed, moving, config=config)
+    before = copy.deepcopy(result.metrics)
+    write_result(result, tmp_path, fixed=fixed, moving=moving, report=True, image_format="nii")
+    assert result.metrics == before
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(written["stages"]) == set(before["stages"]) | {"writing", "report"}
+    assert written["config"] == config.to_dict()

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 import slicer
 from deepabdominalreg.config import config_from_preset
-from DeepAbdominalRegLib import task
+from DeepAbdominalRegLib import process, task
 from DeepAbdominalRegLib.testing import addVolumeNode
 from slicer_app_stubs import slicerApplicationStubs
 
@@ -51,7 +51,7 @@ def test_cancel_raises_and_adds_no_node(scene):
         calls.append(1)
         return len(calls) > 3  # stop a little way in
 
-    with pytest.raises(task.RegistrationCancelledByUser):
+    with pytest.raises(process.RegistrationCancelledByUser):
         task.registerBlocking(task.InputNodes(fixed, moving), FAST, shouldStop=shouldStop)
     assert scene.GetNumberOfNodes() == count
 
@@ -64,7 +64,7 @@ def test_background_failure_reports_the_core_message_and_cleans_up(scene):
     job.start()
     tempDir = job.tempDir
     assert tempDir.exists()
-    with pytest.raises(task.RegistrationFailed, match="constant"):
+    with pytest.raises(process.RegistrationFailed, match="constant"):
         job.wait(timeoutSeconds=300)
     assert not tempDir.exists()
     assert scene.GetNumberOfNodes() == count
@@ -80,7 +80,7 @@ def test_background_cancel_kills_the_run_and_cleans_up(scene):
     tempDir = job.tempDir
     job.cancel()
     assert job.done and not tempDir.exists()
-    assert finished and finished[0][0] is None and isinstance(finished[0][1], task.RegistrationCancelledByUser)
+    assert finished and finished[0][0] is None and isinstance(finished[0][1], process.RegistrationCancelledByUser)
     assert scene.GetNumberOfNodes() == count
 
 

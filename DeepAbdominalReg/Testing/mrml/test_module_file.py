@@ -1,11 +1,20 @@
 """DeepAbdominalReg.py imports (with the Slicer application classes stubbed) and its Logic drives real MRML."""
 
+import ast
 import importlib
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-from DeepAbdominalRegLib import task
+from deepabdominalreg.config import RegistrationConfig
+from DeepAbdominalRegLib import process, task
+from DeepAbdominalRegLib.testing import addVolumeNode
 from slicer_app_stubs import slicerApplicationStubs
+from test_end_to_end import _blob
+from test_process import NON_CONFIG_OPTIONS, unusualConfig
+
+MODULE_FILE = Path(__file__).resolve().parents[2] / "DeepAbdominalReg.py"
 
 
 @pytest.fixture
@@ -50,9 +59,6 @@ def test_store_outputs_and_summary(module, scene):
 
 
 def test_register_using_parameter_node_runs_in_background(module, scene):
-    from DeepAbdominalRegLib.testing import addVolumeNode
-    from test_end_to_end import _blob
-
     logic = module.DeepAbdominalRegLogic()
     p = logic.getParameterNode()
     p.fixedVolume = addVolumeNode(scene, _blob(), "fixed")
@@ -63,3 +69,56 @@ def test_register_using_parameter_node_runs_in_background(module, scene):
     outputs = logic.registerUsingParameterNode(p, waitForCompletion=True, show=False)
     assert outputs.inverseTransform is None and outputs.outputTransform is not None
     assert np.isfinite(outputs.metrics["runtime_s"])
+
+
+def test_the_subprocess_gets_the_config_the_panel_built(module, scene, fakeInterpreter, monkeypatch):
+    """Panel (parameter node) -> config -> config.json -> the subprocess's own CLI parser: the same config."""
+    script, capture = fakeInterpreter
+    monkeypatch.setattr(process, "pythonExecutable", lambda: str(script))
+    logic = module.DeepAbdominalRegLogic()
+    p = logic.getParameterNode()
+    p.fixedVolume = addVolumeNode(scene, _blob(), "fixed")
+    p.movingVolume = addVolumeNode(scene, _blob((5.0, 5.0, 0.0)), "moving")
+    for name, value in module.parametersFromConfig(unusualConfig()).items():
+        setattr(p, name, value)
+    panelConfig = module.configFromParameters(p)
+    assert panelConfig == unusualConfig()
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(process.RegistrationFailed, match="recorded the command line"):
+        logic.registerUsingParameterNode(p, waitForCompletion=True, show=False)
+    assert scene.GetNumberOfNodes() == count
+    record = json.loads(capture.read_text())
+    assert record["configFile"] == panelConfig.to_dict()
+    assert RegistrationConfig.from_dict(record["parsed"]) == panelConfig
+    assert {a for a in record["argv"] if a.startswith("--")} <= NON_CONFIG_OPTIONS
+
+
+def _widgetMethod(name: str) -> ast.FunctionDef:
+    tree = ast.parse(MODULE_FILE.read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DeepAbdominalRegWidget")
+    return next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def test_on_reload_reloads_the_packages_then_the_module_statically():
+    """In the source: inside tryWithErrorDisplay, reloadPackages() and then ScriptedLoadableModuleWidget.onReload."""
+    method = _widgetMethod("onReload")
+    blocks = [n for n in method.body if isinstance(n, ast.With)]
+    assert len(blocks) == 1 and ast.unparse(blocks[0].items[0].context_expr).startswith(
+        "slicer.util.tryWithErrorDisplay(")
+    calls = [ast.unparse(statement.value) for statement in blocks[0].body if isinstance(statement, ast.Expr)]
+    assert calls == ["reloadPackages()", "ScriptedLoadableModuleWidget.onReload(self)"]
+    imports = [n for n in ast.walk(method) if isinstance(n, ast.ImportFrom)]
+    assert [(n.module, [a.name for a in n.names]) for n in imports] == [
+        ("DeepAbdominalRegLib.reloading", ["reloadPackages"])]
+
+
+def test_on_reload_calls_in_order(module, monkeypatch):
+    """The widget's onReload, run (Slicer's reload of the module file recorded, not done)."""
+    from DeepAbdominalRegLib import reloading
+
+    calls = []
+    monkeypatch.setattr(reloading, "reloadPackages", lambda: calls.append("packages"))
+    monkeypatch.setattr(module.ScriptedLoadableModuleWidget, "onReload", lambda self: calls.append("module"),
+                        raising=False)
+    module.DeepAbdominalRegWidget().onReload()
+    assert calls == ["packages", "module"]

@@ -49,7 +49,7 @@ def test_five_template_classes_only():
 
 
 def test_camel_case():
-    assert parameters.camelCase("io_ncc_window") == "ioNccWindow"
+    assert parameters.camelCase("io_ncc_window_mm") == "ioNccWindowMm"
     assert parameters.camelCase("working_spacing_mm") == "workingSpacingMm"
     assert parameters.camelCase("affine") == "affine"
 

@@ -15,7 +15,7 @@ import torch
 from deepabdominalreg.config import config_from_preset
 from deepabdominalreg.io import write_image
 from deepabdominalreg.registration import pipeline
-from deepabdominalreg.registration.pipeline import _register_pair_on_device, register_pair
+from deepabdominalreg.registration.pipeline import register_pair
 
 REPO_CORE = Path(__file__).resolve().parents[2]
 
@@ -64,19 +64,25 @@ def test_ctrl_c_stops_the_cli_and_writes_nothing(tmp_path):
 
 def test_cuda_out_of_memory_reruns_on_cpu(monkeypatch):
     calls = []
-    real = _register_pair_on_device
+    real, validate = pipeline._run_stages, pipeline._validated_inputs
 
-    def fake(fixed, moving, *, config, **kwargs):
+    def fake(inputs, config, stages):
         calls.append(config.device)
         if config.device != "cpu":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(fixed, moving, config=config, **kwargs)
+        return real(inputs, config, stages)
 
-    monkeypatch.setattr(pipeline, "_register_pair_on_device", fake)
+    def counted(*args, **kwargs):
+        calls.append("validation")
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_run_stages", fake)
+    monkeypatch.setattr(pipeline, "_validated_inputs", counted)
     monkeypatch.setattr(pipeline, "resolve_device",
                         lambda requested: torch.device("cuda" if requested == "cuda" else "cpu"))
     image = sitk.ReadImage(str(_ct(Path(os.environ.get("TMPDIR", "/tmp")), 1)), sitk.sitkFloat32)
     config = config_from_preset("fast", working_spacing_mm=6.0, device="cuda", io_iterations=3, compute_inverse=False)
     result = register_pair(image, image, config=config)
-    assert calls == ["cuda", "cpu"]
+    assert calls == ["validation", "cuda", "cpu"]  # the inputs are validated once, before both runs
     assert any("out of memory" in w for w in result.metrics["warnings"])
+    assert result.config.device == "cpu" and result.metrics["config"]["device"] == "cpu"

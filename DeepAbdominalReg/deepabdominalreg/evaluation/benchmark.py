@@ -1,23 +1,26 @@
-"""Side-by-side benchmark: our pipeline (each configuration) vs elastix, ANTs SyN and SimpleITK demons.
+"""Side-by-side benchmark: our pipeline (each variant) vs elastix, ANTs SyN and SimpleITK demons.
 
 All methods get the same pairs, run one after the other with the same thread count, each in a fresh process, and
 are timed from reading the images to the displacement field (imports excluded, reported apart); the same code
-(:func:`deepabdominalreg.evaluation.evaluate_displacement`) scores every field.  Results go to ``--out``
-(default ``benchmarks/results``): ``per_pair.csv``, ``per_label.csv``, ``summary.csv``, ``summary.md`` (tables,
-targets, environment), ``settings.json`` + ``elastix_parameters.txt`` (every method's parameters) and PNG plots.
+(:func:`deepabdominalreg.evaluation.scoring.evaluate_displacement`) scores every field.  Results go to ``--out``:
+``per_pair.csv``, ``per_label.csv``, ``summary.csv``, ``summary.md`` (tables, targets, environment),
+``settings.json`` + ``elastix_parameters.txt`` (every method's parameters) and PNG plots.
 
 Full run (see benchmarks/README.md for the exact command used for the published table)::
 
-    python benchmarks/run_benchmark.py --out benchmarks/results
+    deepabdominalreg benchmark --out benchmarks/results
 
 Smoke run (seconds; what CI's test does)::
 
-    python benchmarks/run_benchmark.py --smoke --out /tmp/bench-smoke
+    deepabdominalreg benchmark --smoke --out /tmp/bench-smoke
+
+(``python -m deepabdominalreg.evaluation.benchmark`` takes the same options.)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -27,60 +30,17 @@ import sys
 import time
 from pathlib import Path
 
-from deepabdominalreg.evaluation.cases import (
-    generate_ct_cases,
-    generate_phantom_cases,
-    load_label_names,
-    read_pairs_csv,
-    write_pairs_csv,
-)
-from deepabdominalreg.evaluation.runners import MethodSpec, run_evaluation
-from deepabdominalreg.evaluation.tables import _number
+from deepabdominalreg.evaluation.cases import CaseSet, generate_phantom_cases, write_pairs_csv
+from deepabdominalreg.evaluation.methods import NONE, method_specs, our_method
+from deepabdominalreg.evaluation.peers import available_peers, elastix_parameter_maps
+from deepabdominalreg.evaluation.runners import run_evaluation
+from deepabdominalreg.evaluation.tables import as_number
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))  # peers.py, importable by the spawned workers too
-
-
-SHARED = HERE.parent.parent / "shared" / "data" / "totalsegmentator"
-OURS = "deepabdominalreg.evaluation.runners:run_ours"
-WARM_OURS = "deepabdominalreg.evaluation.runners:warm_up_ours"
-DEFAULT_METHOD = "ours-io-balanced"
-
-
-def our_methods(configs: list[str], devices: list[str], model: str | None) -> list[MethodSpec]:
-    """Our configurations: ``io-<preset>`` (affine + instance optimisation), ``net`` (network only, at its working
-    resolution), ``net+io`` (network then balanced instance optimisation; ``net*`` need a model) and ``affine``
-    (every stage but the deformable ones: the time no deformable stage, however fast, can go below)."""
-    from deepabdominalreg.config import PRESETS
-    from deepabdominalreg.nn.models import available_models
-
-    if model is None:  # the network preset's model, else the first shipped one
-        shipped = available_models()
-        model = PRESETS["network"]["model"] if PRESETS["network"]["model"] in shipped else next(iter(shipped), None)
-    methods = []
-    for device in devices:
-        suffix = "" if device == "cpu" else f"-{device}"
-        for config in configs:
-            if config.startswith("io-"):
-                preset = config[3:]
-                methods.append(MethodSpec(f"ours-{config}{suffix}", OURS, {"preset": preset, "device": device},
-                                             WARM_OURS))
-            elif config == "affine":
-                options = {"preset": "balanced", "device": device, "io_iterations": 0}
-                methods.append(MethodSpec(f"ours-affine{suffix}", OURS, options, WARM_OURS))
-            elif config in ("net", "net+io"):
-                if model is None:
-                    print(f"skipping ours-{config}: no trained model shipped in Resources/Models "
-                          "(deepabdominalreg.models.available_models() is empty)", file=sys.stderr)
-                    continue
-                # net: the network preset (affine + network); net+io: the network, then balanced's IO
-                options = {"preset": "network" if config == "net" else "balanced", "device": device, "model": model}
-                methods.append(MethodSpec(f"ours-{config}{suffix}", OURS, options, WARM_OURS))
-            else:
-                raise SystemExit(f"unknown configuration {config!r}: use io-fast, io-balanced, io-accurate, net, net+io, "
-                                 "affine")
-    return methods
+#: The real CT of a source checkout's shared data (beside the repository), the default ``--ct`` when present.
+SHARED = Path(__file__).resolve().parents[4] / "shared" / "data" / "totalsegmentator"
+#: Our variant the targets are checked on: the default pipeline.
+DEFAULT_VARIANT = "balanced"
+DEFAULT_METHOD = f"ours-{DEFAULT_VARIANT}"
 
 
 def training_running() -> list[str]:
@@ -99,12 +59,13 @@ def training_running() -> list[str]:
         pid, nice, args = parts
         if nice.lstrip("-").isdigit() and int(nice) > 0:
             continue
-        if "train" in args.lower() and int(pid) != me and "grep" not in args and "run_benchmark" not in args:
+        if "train" in args.lower() and int(pid) != me and "grep" not in args and "benchmark" not in args:
             found.append(args[:120])
     return found
 
 
 def wait_for_cpu(poll_s: float = 30.0) -> None:
+    """Return once :func:`training_running` finds no training job (polled every ``poll_s`` seconds)."""
     announced = False
     while True:
         jobs = training_running()
@@ -117,14 +78,15 @@ def wait_for_cpu(poll_s: float = 30.0) -> None:
 
 
 def targets_markdown(rows: list[dict], memory: dict | None) -> str:
-    """The issue's targets, checked on this run (ratios within the run)."""
+    """The product's targets (accuracy against the peers, folding, speed ratio, network time, memory), checked on
+    this run (ratios within the run)."""
     ok = [r for r in rows if r.get("status") == "ok"]
-    timed = [r for r in ok if _number(r.get("nice")) <= 0 or r.get("nice") in (None, "")]  # comparable clocks
+    timed = [r for r in ok if as_number(r.get("nice")) <= 0 or r.get("nice") in (None, "")]  # comparable clocks
     peers = [m for m in ("elastix-bspline", "ants-syn", "ants-synra", "sitk-demons") if any(r["method"] == m for r in ok)]
     lines = ["| target | result | met? |", "|---|---|---|"]
 
     def mean(method, metric, source=None):
-        values = [_number(r.get(metric)) for r in ok if r["method"] == method
+        values = [as_number(r.get(metric)) for r in ok if r["method"] == method
                   and (source is None or r.get("source") == source)]
         values = [v for v in values if not math.isnan(v)]
         return sum(values) / len(values) if values else float("nan")
@@ -141,16 +103,16 @@ def targets_markdown(rows: list[dict], memory: dict | None) -> str:
             if not math.isnan(theirs):
                 lines.append(f"| {source}: organ Dice ours >= {peer} | {ours:.3f} vs {theirs:.3f} | "
                              f"{'yes' if ours >= theirs else 'no'} |")
-    folding = max((_number(r.get("folding_percent")) for r in ok if r["method"] == DEFAULT_METHOD), default=float("nan"))
+    folding = max((as_number(r.get("folding_percent")) for r in ok if r["method"] == DEFAULT_METHOD), default=float("nan"))
     lines.append(f"| folding < 0.5 % (worst pair, {DEFAULT_METHOD}) | {folding:.3f} % | {'yes' if folding < 0.5 else 'no'} |")
-    # speed: per case, the fastest of elastix / ANTs (the registration peers named in the issue) against ours
+    # speed: per case, the fastest of elastix / ANTs (the registration peers the targets name) against ours
     registration_peers = ("elastix-bspline", "ants-syn", "ants-synra")
 
     def speed_ratios(slower: tuple[str, ...], method: str) -> list[float]:
         """Per case: the fastest of ``slower``'s runtimes over ``method``'s, sorted."""
         ratios = []
         for case in sorted({r["case"] for r in timed}):
-            times = {r["method"]: _number(r["runtime_s"]) for r in timed if r["case"] == case}
+            times = {r["method"]: as_number(r["runtime_s"]) for r in timed if r["case"] == case}
             peer_times = [times[m] for m in slower if m in times]
             if peer_times and method in times:
                 ratios.append(min(peer_times) / times[method])
@@ -163,9 +125,9 @@ def targets_markdown(rows: list[dict], memory: dict | None) -> str:
     if ratios:
         lines.append(f"| >= 10x faster than the fastest of elastix / ANTs (per pair, incl. reading) | "
                      f"{ratio_cells(ratios)} | {'yes' if ratios[0] >= 10 else 'no'} |")
-        fast = speed_ratios(registration_peers, "ours-io-fast")
+        fast = speed_ratios(registration_peers, "ours-fast")
         if fast:
-            lines.append(f"| (same, ours-io-fast) | {ratio_cells(fast)} | {'yes' if fast[0] >= 10 else 'no'} |")
+            lines.append(f"| (same, ours-fast) | {ratio_cells(fast)} | {'yes' if fast[0] >= 10 else 'no'} |")
         floor = speed_ratios(registration_peers, "ours-affine")
         if floor:
             lines.append(f"| (ceiling: ours-affine, every stage but the deformable ones, i.e. the ratio a deformable "
@@ -173,10 +135,10 @@ def targets_markdown(rows: list[dict], memory: dict | None) -> str:
     demons = speed_ratios(("sitk-demons",), DEFAULT_METHOD) if "sitk-demons" in peers else []
     if demons:
         lines.append(f"| (for reference) speed vs SimpleITK demons | {ratio_cells(demons)} | – |")
-    net = [_number(r.get("time_network_s")) for r in timed if r["method"] == "ours-net"]
-    niced = [_number(r.get("time_network_s")) for r in ok if r["method"] == "ours-net" and r not in timed]
-    threads = sorted({str(r.get("threads")) for r in ok if r["method"] == "ours-net"})
-    label = (f"network stage of `ours-net` (model input preparation + forward), < 3 s "
+    net = [as_number(r.get("time_network_s")) for r in timed if r["method"] == "ours-network"]
+    niced = [as_number(r.get("time_network_s")) for r in ok if r["method"] == "ours-network" and r not in timed]
+    threads = sorted({str(r.get("threads")) for r in ok if r["method"] == "ours-network"})
+    label = (f"network stage of `ours-network` (model input preparation + forward), < 3 s "
              f"(CPU, {'/'.join(threads)} thread(s); `network_speed.py` times the forward alone)")
     if net:
         lines.append(f"| {label} | mean {sum(net) / len(net):.2f} s, max {max(net):.2f} s | "
@@ -193,25 +155,34 @@ def targets_markdown(rows: list[dict], memory: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _list(text: str) -> list[str]:
+    return [v.strip() for v in str(text).split(",") if v.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(HERE / "results"))
+    """The benchmark's command line (``deepabdominalreg benchmark``); returns 0 when every run succeeded."""
+    parser = argparse.ArgumentParser(prog="deepabdominalreg benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    ct_default = SHARED / "example_ct.nii.gz"
+    parser.add_argument("--out", required=True, help="results folder (e.g. benchmarks/results)")
     parser.add_argument("--cases-dir", default=None, help="where generated pairs are written (default OUT/cases)")
     parser.add_argument("--pairs", default=None, help="a pairs CSV (evaluate these instead of/in addition to "
                         "generated pairs)")
     parser.add_argument("--phantom-seeds", default="0", help="comma list; empty for none")
     parser.add_argument("--phantom-spacing", type=float, default=2.0)
     parser.add_argument("--phantom-amplitudes", default="10")
-    parser.add_argument("--ct", default=str(SHARED / "example_ct.nii.gz"), help="real CT to deform ('' for none)")
+    parser.add_argument("--ct", default=str(ct_default) if ct_default.is_file() else "",
+                        help="real CT to deform ('' for none; default: the checkout's shared example CT if present)")
     parser.add_argument("--ct-seg", default=str(SHARED / "example_seg_fast_force_split.nii.gz"))
     parser.add_argument("--ct-label-names", default=str(SHARED / "label_map_total_and_total_mr.json"))
     parser.add_argument("--ct-label-key", default="total")
     parser.add_argument("--ct-seeds", default="0")
     parser.add_argument("--ct-amplitudes", default="5,10,20")
     parser.add_argument("--generator", default="abdominal", choices=["abdominal", "van_eijnatten"])
-    parser.add_argument("--ours", default="io-fast,io-balanced,io-accurate,net,net+io",
-                        help="our configurations (comma list)")
-    parser.add_argument("--model", default=None, help="model for the net configurations (default: the network preset's)")
+    parser.add_argument("--ours", default="fast,balanced,accurate,network,network+io",
+                        help="variants of our pipeline (comma list; deepabdominalreg.evaluation.methods.VARIANTS), "
+                        "each run as 'ours-<variant>'")
+    parser.add_argument("--model", default=None, help="model of the network variants (default: the network preset's)")
     parser.add_argument("--devices", default=None, help="cpu,cuda (default: cpu, plus cuda when available)")
     parser.add_argument("--peers", default="elastix-bspline,ants-syn,sitk-demons",
                         help="comma list from: elastix-bspline, ants-syn, ants-synra, sitk-demons")
@@ -227,59 +198,47 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from peers import available_peers
 
     out = Path(args.out)
     cases_dir = Path(args.cases_dir) if args.cases_dir else out / "cases"
-    devices = args.devices.split(",") if args.devices else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    seeds = [int(s) for s in args.phantom_seeds.split(",") if s.strip()]
+    devices = _list(args.devices) if args.devices else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    peers = _list(args.peers)
 
     if args.smoke:
         cases = generate_phantom_cases(cases_dir, seeds=[0], amplitudes_mm=[8.0], spacing_mm=6.0)
-        methods = [MethodSpec("none", "deepabdominalreg.evaluation.runners:run_identity"),
-                   MethodSpec("ours-io-fast", OURS, {"preset": "fast", "device": "cpu", "working_spacing_mm": 6.0,
-                                                        "io_iterations": 20, "affine_iterations": 20}, WARM_OURS)]
+        methods = [NONE, our_method("fast", device="cpu", working_spacing_mm=6.0, io_iterations=20,
+                                    affine_iterations=20)]
         quick = {"elastix-bspline": {"resolutions": 2, "max_iterations": 30},
                  "ants-syn": {}, "sitk-demons": {}}  # ANTs' defaults take seconds at 6 mm
-        for spec in available_peers([p for p in args.peers.split(",") if p]):
+        for spec in available_peers(peers):
             if spec.name in quick:
-                methods.append(MethodSpec(spec.name, spec.function, {**spec.options, **quick[spec.name]},
-                                             spec.warmup))
+                methods.append(dataclasses.replace(spec, options={**spec.options, **quick[spec.name]}))
     else:
-        cases = []
-        if args.pairs:
-            cases += read_pairs_csv(args.pairs)
-        if args.ct:  # the real CT first: if a run is cut short, its cases are complete
-            names = load_label_names(args.ct_label_names, args.ct_label_key) if args.ct_label_names else {}
-            cases += generate_ct_cases(
-                cases_dir, args.ct, args.ct_seg or None, names, generator=args.generator,
-                seeds=[int(s) for s in args.ct_seeds.split(",") if s.strip()],
-                amplitudes_mm=[float(a) for a in args.ct_amplitudes.split(",") if a.strip()])
-        if seeds:
-            cases += generate_phantom_cases(
-                cases_dir, seeds=seeds, spacing_mm=args.phantom_spacing,
-                amplitudes_mm=[float(a) for a in args.phantom_amplitudes.split(",") if a.strip()])
-        methods = [MethodSpec("none", "deepabdominalreg.evaluation.runners:run_identity")]
-        methods += our_methods([c for c in args.ours.split(",") if c], devices, args.model)
-        methods += available_peers([p for p in args.peers.split(",") if p])
-    missing = {p for p in args.peers.split(",") if p} - {m.name for m in methods}
-    for name in sorted(missing):
+        cases = CaseSet(
+            pairs=args.pairs, phantom_seeds=tuple(int(s) for s in _list(args.phantom_seeds)),
+            phantom_amplitudes_mm=tuple(float(a) for a in _list(args.phantom_amplitudes)),
+            phantom_spacing_mm=args.phantom_spacing, ct=args.ct or None, ct_seg=args.ct_seg or None,
+            ct_label_names=args.ct_label_names or None, ct_label_key=args.ct_label_key,
+            ct_seeds=tuple(int(s) for s in _list(args.ct_seeds)),
+            ct_amplitudes_mm=tuple(float(a) for a in _list(args.ct_amplitudes)), generators=(args.generator,),
+        ).make(cases_dir)
+        methods = [NONE, *method_specs(_list(args.ours), devices=devices, model=args.model),
+                   *available_peers(peers)]
+    for name in sorted(set(peers) - {m.name for m in methods}):
         print(f"skipping {name}: its package is not installed (pip install -e '.[bench]')", file=sys.stderr)
 
     out.mkdir(parents=True, exist_ok=True)
     write_pairs_csv(cases, out / "pairs.csv")
-    command = "python benchmarks/run_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "deepabdominalreg benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = run_evaluation(
         cases, methods, out, threads=args.threads, isolate=not args.no_isolate, timeout_s=args.timeout,
         extra_info={"command": command, "methods": [m.name for m in methods]},
         before_each=wait_for_cpu if args.wait_for_jobs else None, resume=args.resume,
     )
-    if any(m.name == "elastix-bspline" for m in methods):
-        from peers import elastix_parameter_maps
-
-        spec = next(m for m in methods if m.name == "elastix-bspline")
-        maps = elastix_parameter_maps(spec.options.get("final_grid_spacing_mm", 10.0),
-                                      spec.options.get("resolutions", 4))
+    elastix = next((m for m in methods if m.name == "elastix-bspline"), None)
+    if elastix is not None:
+        maps = elastix_parameter_maps(elastix.options.get("final_grid_spacing_mm", 10.0),
+                                      elastix.options.get("resolutions", 4))
         with open(out / "elastix_parameters.txt", "w") as handle:
             for index, m in enumerate(maps):
                 handle.write(f"// parameter map {index} ({'affine' if index == 0 else 'B-spline'})\n")

@@ -8,7 +8,7 @@ import csv
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,6 +178,47 @@ def generate_ct_cases(
                                        generator=generator, noise_hu=float(noise_hu))
             cases.append(_write_case(pair, folder, name, f"{prefix}_{generator}", amplitude, seed))
     return cases
+
+
+@dataclass(frozen=True)
+class CaseSet:
+    """Which cases an evaluation runs: a pairs CSV and/or generated pairs (phantoms; a real CT + labels deformed by
+    the synthetic generators), each for every seed and amplitude (mm).  :meth:`make` writes and lists them."""
+
+    pairs: str | None = None
+    phantom_seeds: tuple[int, ...] = ()
+    phantom_amplitudes_mm: tuple[float, ...] = (10.0,)
+    phantom_spacing_mm: float = 3.0
+    ct: str | None = None
+    ct_seg: str | None = None
+    ct_label_names: str | None = None
+    ct_label_key: str | None = None
+    ct_seeds: tuple[int, ...] = (0,)
+    ct_amplitudes_mm: tuple[float, ...] = (10.0,)
+    generators: tuple[str, ...] = ("abdominal",)
+    noise_hu: float = 15.0
+
+    def make(self, cases_dir: str | os.PathLike, log: Callable[[str], None] | None = None) -> list[EvaluationCase]:
+        """The cases: the pairs CSV's, then the real CT's (so that a run cut short has them complete), then the
+        phantoms; generated pairs are written under ``cases_dir`` once and reused."""
+        cases = read_pairs_csv(self.pairs) if self.pairs else []
+        if self.ct:
+            names = load_label_names(self.ct_label_names, self.ct_label_key)
+            for generator in self.generators:
+                if log:
+                    log(f"CT pairs ({generator}): seeds {list(self.ct_seeds)}, amplitudes "
+                        f"{list(self.ct_amplitudes_mm)} mm ...")
+                cases += generate_ct_cases(cases_dir, self.ct, self.ct_seg, names, seeds=self.ct_seeds,
+                                           amplitudes_mm=self.ct_amplitudes_mm, generator=generator,
+                                           noise_hu=self.noise_hu)
+        if self.phantom_seeds:
+            if log:
+                log(f"phantom pairs: seeds {list(self.phantom_seeds)}, amplitudes {list(self.phantom_amplitudes_mm)} "
+                    f"mm ...")
+            cases += generate_phantom_cases(cases_dir, seeds=self.phantom_seeds,
+                                            amplitudes_mm=self.phantom_amplitudes_mm,
+                                            spacing_mm=self.phantom_spacing_mm)
+        return cases
 
 
 def _existing_case(folder: Path, name: str, source: str, amplitude: float, seed: int) -> EvaluationCase | None:

@@ -1,6 +1,6 @@
 """Peer registration methods for the side-by-side benchmark: elastix, ANTs SyN and a SimpleITK classical method.
 
-Every peer has the signature of :data:`deepabdominalreg.evaluation.MethodFunction`::
+Every peer has the signature of :data:`deepabdominalreg.evaluation.methods.MethodFunction`::
 
     run_x(fixed_path, moving_path, *, threads=2, **options) -> MethodOutput
 
@@ -26,11 +26,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from deepabdominalreg.evaluation.runners import MethodOutput, MethodSpec
-from deepabdominalreg.geometry import (
-    Grid,
-)
+from deepabdominalreg.config import OUTSIDE_FOV_HU, RegistrationConfig
+from deepabdominalreg.evaluation.methods import MethodOutput, MethodSpec
+from deepabdominalreg.geometry import Grid, displacement_transform
 from deepabdominalreg.io import writable_array_view
+
+#: The demons' intensity window (HU): the pipeline's soft-tissue window (``RegistrationConfig.hu_window``'s default).
+DEMONS_WINDOW_HU: tuple[float, float] = RegistrationConfig().hu_window
 
 
 def _set_itk_threads(threads: int) -> None:
@@ -58,8 +60,8 @@ def elastix_parameter_maps(final_grid_spacing_mm: float = 10.0, resolutions: int
     centre-of-geometry initialisation of the affine (``AutomaticTransformInitialization``); ASGD's step size
     estimated with ``ASGDParameterEstimationMethod "DisplacementDistribution"`` (Qiao et al. 2016, recommended by
     the elastix manual for transforms with many parameters: with the default "Original" method, computing the
-    Jacobian terms took ~90 % of a B-spline run here, e.g. 65 of 66 s on a 6 mm phantom); and no result image (the
-    benchmark warps the moving image itself, identically for every method).
+    Jacobian terms takes most of a B-spline run, so elastix would be timed slower than it needs to be); and no
+    result image (the benchmark warps the moving image itself, identically for every method).
     """
     import itk
 
@@ -234,7 +236,8 @@ SITK_DEMONS_SETTINGS: dict = {
     },
     "demons": {
         "filter": "FastSymmetricForcesDemonsRegistrationFilter",
-        "intensity": "HU clipped to [-160, 240] (soft-tissue window), as demons assume equal intensities",
+        "intensity": "HU clipped to the soft-tissue window, as demons assume equal intensities",
+        "window_hu": list(DEMONS_WINDOW_HU),
         "shrink_factors": [4, 2, 1],
         "smoothing_sigmas_mm": [6.0, 3.0, 0.0],
         "iterations_per_level": [40, 20, 10],
@@ -274,9 +277,11 @@ def run_sitk_demons(fixed_path: str, moving_path: str, *, threads: int = 2, seed
 
     t = time.perf_counter()
     dcfg = SITK_DEMONS_SETTINGS["demons"]
-    fixed_w = sitk.Clamp(fixed, sitk.sitkFloat32, -160.0, 240.0)
+    low, high = DEMONS_WINDOW_HU
+    fixed_w = sitk.Clamp(fixed, sitk.sitkFloat32, low, high)
     moving_w = sitk.Clamp(
-        sitk.Resample(moving, fixed, affine, sitk.sitkLinear, -1024.0, sitk.sitkFloat32), sitk.sitkFloat32, -160.0, 240.0
+        sitk.Resample(moving, fixed, affine, sitk.sitkLinear, OUTSIDE_FOV_HU, sitk.sitkFloat32), sitk.sitkFloat32, low,
+        high,
     )
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetSmoothDisplacementField(True)
@@ -296,12 +301,8 @@ def run_sitk_demons(fixed_path: str, moving_path: str, *, threads: int = 2, seed
     stages["demons"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    field_transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
-    composite = sitk.CompositeTransform([affine, field_transform])  # x -> affine(x + d(x))
-    grid = Grid.from_image(fixed)
-    from deepabdominalreg.evaluation.peers import dense_displacement_on_grid
-
-    displacement = _field_image(dense_displacement_on_grid(composite, grid), grid)
+    composite = sitk.CompositeTransform([affine, displacement_transform(field)])  # x -> affine(x + d(x))
+    displacement = dense_displacement_image(composite, Grid.from_image(fixed))
     stages["field"] = time.perf_counter() - t
     return MethodOutput(displacement_lps=displacement, stages=stages, settings=SITK_DEMONS_SETTINGS)
 
@@ -340,18 +341,19 @@ def warm_up_ants() -> None:
 
 #: name -> (method spec, python package it needs or None)
 PEERS: dict[str, tuple[MethodSpec, str | None]] = {
-    "elastix-bspline": (MethodSpec("elastix-bspline", "peers:run_elastix",
-                                   {"final_grid_spacing_mm": 10.0, "resolutions": 4}, "peers:warm_up_elastix"), "itk"),
-    "ants-syn": (MethodSpec("ants-syn", "peers:run_ants", {"type_of_transform": "SyN"}, "peers:warm_up_ants"), "ants"),
-    "ants-synra": (MethodSpec("ants-synra", "peers:run_ants", {"type_of_transform": "SyNRA"}, "peers:warm_up_ants"),
-                   "ants"),
-    "sitk-demons": (MethodSpec("sitk-demons", "peers:run_sitk_demons", {}), None),
+    "elastix-bspline": (MethodSpec("elastix-bspline", f"{__name__}:run_elastix",
+                                   {"final_grid_spacing_mm": 10.0, "resolutions": 4}, f"{__name__}:warm_up_elastix"),
+                        "itk"),
+    "ants-syn": (MethodSpec("ants-syn", f"{__name__}:run_ants", {"type_of_transform": "SyN"},
+                            f"{__name__}:warm_up_ants"), "ants"),
+    "ants-synra": (MethodSpec("ants-synra", f"{__name__}:run_ants", {"type_of_transform": "SyNRA"},
+                              f"{__name__}:warm_up_ants"), "ants"),
+    "sitk-demons": (MethodSpec("sitk-demons", f"{__name__}:run_sitk_demons", {}), None),
 }
 
 
 def available_peers(names: list[str] | None = None) -> list[MethodSpec]:
-    """The peers (of ``names``, default all) whose package is installed, as method specs (module ``peers``: put
-    ``benchmarks/`` on ``sys.path``)."""
+    """The peers (of ``names``, default all) whose package is installed, as method specs."""
     chosen = []
     for name in list(PEERS) if names is None else names:
         if name not in PEERS:
@@ -360,6 +362,11 @@ def available_peers(names: list[str] | None = None) -> list[MethodSpec]:
         if package is None or importlib.util.find_spec(package) is not None:
             chosen.append(spec)
     return chosen
+
+
+# --------------------------------------------------------------------------------------------------------------
+# a transform evaluated densely by ITK (the demons' affine + field; the reference in registration's tests)
+# --------------------------------------------------------------------------------------------------------------
 
 
 def dense_displacement_image(transform: sitk.Transform, grid: Grid, slab: int = 32) -> sitk.Image:
@@ -387,7 +394,3 @@ def dense_displacement_image(transform: sitk.Transform, grid: Grid, slab: int = 
     del out
     return image
 
-
-def dense_displacement_on_grid(transform: sitk.Transform, grid: Grid, slab: int = 32) -> np.ndarray:
-    """``transform(x) - x`` at every voxel of ``grid``: ``(D, H, W, 3)`` float32 LPS mm, computed slab by slab."""
-    return sitk.GetArrayFromImage(dense_displacement_image(transform, grid, slab))

@@ -1,48 +1,26 @@
-"""Evaluation: run registration methods on a list of image pairs and score them all with the same metrics.
-
-A *method* is any function ``f(fixed_path, moving_path, *, threads, **options) -> MethodOutput`` that reads the two
-images itself (so reading and preprocessing are timed) and returns a displacement field in this project's
-convention: on the **fixed** grid, LPS mm, mapping a fixed point ``x`` to the moving point ``x + u(x)``.  Our
-pipeline (:func:`run_ours`), the identity baseline (:func:`run_identity`) and the peers of ``benchmarks/peers.py``
-(elastix, ANTs, SimpleITK demons) all have that form, so :func:`evaluate_displacement` scores them identically:
-
-* labels (warped with nearest neighbour): Dice per label, mean Dice, Dice30 (mean of the lowest 30 %), mean Dice of
-  the abdominal organs present (:data:`ORGAN_NAMES`), Hausdorff distance (HD), HD95, average symmetric surface
-  distance (ASD) and centroid distance ("centroid TRE") per label, in mm;
-* landmarks: TRE of the fixed landmarks mapped through the field against the moving landmarks, in mm;
-* intensities inside the fixed image's body mask: NCC (on HU) and SSIM (on the soft-tissue window, -160..240 HU);
-* field regularity inside the body mask: folding (% of voxels with ``det J <= 0``), std of ``det J``, SDlogJ (this
-  project's convention) and SDlogJ as Learn2Reg computes it (``std(log(det J + 3))``);
-* inverse consistency when the method returns an inverse: ``|u(x) + v(x + u(x))|`` in mm;
-* against a known (synthetic) displacement: endpoint error mean and 95th percentile in mm;
-* runtime per stage (reading included) and peak memory (CPU RSS; CUDA max allocated).
-
-Cases come from a pairs CSV (:func:`read_pairs_csv`) or are generated (:func:`generate_phantom_cases`,
-:func:`generate_ct_cases`).  :func:`run_evaluation` runs every method on every case, each in a fresh process by
-default (so peak memory belongs to one method on one pair), and writes ``per_pair.csv``, ``per_label.csv``,
-``summary.csv``, ``summary.md`` and PNG plots.
+"""Running methods on cases: each method on each case (in a fresh process by default, so peak memory belongs to
+one method on one pair), timed (per stage, reading included), its peak memory measured (CPU RSS; CUDA max
+allocated), scored alike (:func:`~deepabdominalreg.evaluation.scoring.evaluate_displacement`), and written out:
+``per_pair.csv``, ``per_label.csv``, ``summary.csv``, ``summary.md`` and PNG plots (:func:`run_evaluation`).
+Methods are :class:`~deepabdominalreg.evaluation.methods.MethodSpec`; cases are
+:class:`~deepabdominalreg.evaluation.cases.EvaluationCase`.
 """
 
 
 from __future__ import annotations
 
-import importlib
 import json
 import multiprocessing
 import os
 import time
 import traceback
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
-import SimpleITK as sitk
 
 from deepabdominalreg.device import PeakMemory, peak_memory_mb
 from deepabdominalreg.evaluation.cases import EvaluationCase, load_label_names
 from deepabdominalreg.evaluation.environment import code_version, environment_info, load_average, niceness
+from deepabdominalreg.evaluation.methods import MethodSpec
 from deepabdominalreg.evaluation.scoring import evaluate_displacement
 from deepabdominalreg.evaluation.tables import (
     jsonable,
@@ -52,133 +30,7 @@ from deepabdominalreg.evaluation.tables import (
     write_rows,
     write_summary_markdown,
 )
-from deepabdominalreg.geometry import Grid
 from deepabdominalreg.io import read_image, read_labels
-
-# --------------------------------------------------------------------------------------------------------------
-# data types
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MethodOutput:
-    """What a registration method returns to the evaluation.
-
-    ``displacement_lps``: vector image on the fixed grid (LPS mm, fixed -> moving).  ``inverse_displacement_lps``:
-    moving -> fixed on the moving grid, or ``None``.  ``stages``: seconds per stage (``read`` included).
-    ``settings``: the method's parameters, for the record.  ``extra``: method-specific numbers (e.g. our own
-    metrics) copied into the per-pair row with the prefix ``x_``.
-    """
-
-    displacement_lps: sitk.Image
-    inverse_displacement_lps: sitk.Image | None = None
-    stages: dict[str, float] = field(default_factory=dict)
-    settings: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
-
-
-MethodFunction = Callable[..., MethodOutput]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A named method: ``function`` is ``"module:function"`` (importable in a fresh process) plus its options.
-
-    ``warmup`` (``"module:function"``, called without arguments) imports the method's libraries before the clock
-    starts, so that runtimes compare registrations, not Python imports (the import time is reported apart).
-    """
-
-    name: str
-    function: str
-    options: dict = field(default_factory=dict)
-    warmup: str | None = None
-
-    def resolve(self) -> MethodFunction:
-        return _resolve(self.function)
-
-
-def _resolve(spec: str) -> Callable:
-    module_name, _, attribute = spec.partition(":")
-    if not attribute:
-        raise ValueError(f"method function {spec!r} must look like 'module:function'")
-    return getattr(importlib.import_module(module_name), attribute)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# methods: ours and the identity baseline
-# --------------------------------------------------------------------------------------------------------------
-
-
-def run_ours(
-    fixed_path: str,
-    moving_path: str,
-    *,
-    threads: int | None = 2,
-    preset: str = "balanced",
-    device: str = "cpu",
-    model: str | None = None,
-    seed: int = 0,
-    **overrides,
-) -> MethodOutput:
-    """Our pipeline (:func:`deepabdominalreg.registration.register_pair`) from files: read, register, return the
-    field.  ``preset`` + ``overrides`` make the :class:`RegistrationConfig`; ``model=None`` keeps the preset's model
-    (none for ``fast``/``balanced``/``accurate``; the shipped one for ``network``)."""
-    import torch
-
-    from deepabdominalreg.config import config_from_preset
-    from deepabdominalreg.registration.pipeline import register_pair
-
-    if threads:
-        torch.set_num_threads(int(threads))
-    t = time.perf_counter()
-    fixed = read_image(fixed_path, "fixed image")
-    moving = read_image(moving_path, "moving image")
-    read_s = time.perf_counter() - t
-    if model is not None:
-        overrides["model"] = model
-    config = config_from_preset(preset, device=device, seed=seed, threads=threads, **overrides)
-    result = register_pair(fixed, moving, config=config)
-    stages = {"read": read_s}
-    stages.update({k: float(v) for k, v in result.metrics["stages"].items() if k != "total"})
-    extra = {
-        "device": result.metrics["device"],
-        "working_spacing_mm": result.metrics["working_grid"]["spacing_mm"],
-        "working_size": "x".join(str(s) for s in result.metrics["working_grid"]["size"]),
-        "own_ic_mean_mm": result.metrics.get("inverse", {}).get("inverse_consistency_mean_mm", float("nan")),
-        "model_sha256": (result.metrics.get("model") or {}).get("sha256") or "",
-        "warnings": " | ".join(result.metrics.get("warnings", [])),
-    }
-    settings = {"preset": preset, "config": result.metrics["config"], "model": result.metrics["model"]}
-    return MethodOutput(
-        displacement_lps=result.displacement_lps, inverse_displacement_lps=result.inverse_displacement_lps,
-        stages=stages, settings=settings, extra=extra,
-    )
-
-
-def warm_up_ours() -> None:
-    """Import what :func:`run_ours` needs (torch, the pipeline) before the clock starts.
-
-    ``torch._dynamo`` is imported by the first ``torch.optim`` optimiser a process creates (~2-5 s on this CPU);
-    it is an import like ``itk`` for elastix, so it is done here too (and reported in ``import_s``).
-    """
-    import torch
-    import torch._dynamo
-
-    import deepabdominalreg.registration  # noqa: F401
-
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # whatever else the first optimiser loads
-
-
-def run_identity(fixed_path: str, moving_path: str, *, threads: int | None = None) -> MethodOutput:
-    """No registration (zero displacement): the "before" row of every table."""
-    t = time.perf_counter()
-    fixed = read_image(fixed_path, "fixed image")
-    read_s = time.perf_counter() - t
-    grid = Grid.from_image(fixed)
-    zeros = grid.image_from_array(np.zeros((*grid.shape_zyx, 3), dtype=np.float32), is_vector=True)
-    return MethodOutput(displacement_lps=zeros, inverse_displacement_lps=zeros, stages={"read": read_s},
-                        settings={"method": "identity"})
-
 
 # --------------------------------------------------------------------------------------------------------------
 # running methods on cases
@@ -217,8 +69,7 @@ def run_method(case: EvaluationCase, method: MethodSpec, threads: int = 2) -> tu
     try:
         t = time.perf_counter()
         function = method.resolve()
-        if method.warmup:
-            _resolve(method.warmup)()
+        method.warm_up()
         row["import_s"] = time.perf_counter() - t
         rss_before = peak_memory_mb()["rss_mb"]
         with PeakMemory() as peak:

@@ -1,19 +1,36 @@
+"""Scoring a displacement field: the same metrics for every method (:func:`evaluate_displacement`).
+
+The field is in this project's convention: on the **fixed** grid, LPS mm, mapping a fixed point ``x`` to the moving
+point ``x + u(x)``.  The metrics:
+
+* labels (warped with nearest neighbour): Dice per label, mean Dice, Dice30 (mean of the lowest 30 %), mean Dice of
+  the abdominal organs present (:data:`ORGAN_NAMES`), Hausdorff distance (HD), HD95, average symmetric surface
+  distance (ASD) and centroid distance ("centroid TRE") per label, in mm;
+* landmarks: TRE of the fixed landmarks mapped through the field against the moving landmarks, in mm;
+* intensities inside the fixed image's body mask: NCC (on HU) and SSIM (on the pipeline's soft-tissue window,
+  :data:`SSIM_WINDOW_HU`);
+* field regularity inside the body mask: folding (% of voxels with ``det J <= 0``), std of ``det J``, SDlogJ (this
+  project's convention) and SDlogJ as Learn2Reg computes it (``std(log(det J + 3))``);
+* inverse consistency when the method returns an inverse: ``|u(x) + v(x + u(x))|`` in mm;
+* against a known (synthetic) displacement: endpoint error mean and 95th percentile in mm.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
 
-from deepabdominalreg.geometry import Grid, resample_image
+from deepabdominalreg.config import OUTSIDE_FOV_HU, RegistrationConfig
+from deepabdominalreg.geometry import Grid, displacement_transform, resample_image, warp_with_displacement
 from deepabdominalreg.metrics.fields import (
-    _check_displacement,
+    check_displacement,
     displacement_statistics,
     jacobian_determinant,
     jacobian_statistics,
     same_grid,
 )
 from deepabdominalreg.metrics.images import normalized_cross_correlation, structural_similarity
-from deepabdominalreg.metrics.labels import _nanmean, label_overlap_report
+from deepabdominalreg.metrics.labels import label_overlap_report
 from deepabdominalreg.metrics.landmarks import landmark_errors
 
 #: Abdominal soft-tissue organs (TotalSegmentator ``total`` names) averaged into ``dice_organs``.
@@ -22,7 +39,8 @@ ORGAN_NAMES: frozenset[str] = frozenset({
     "adrenal_gland_left", "esophagus", "small_bowel", "duodenum", "colon", "urinary_bladder", "prostate",
 })
 
-_SSIM_WINDOW_HU = (-160.0, 240.0)
+#: HU window of the SSIM: the pipeline's soft-tissue window (``RegistrationConfig.hu_window``'s default).
+SSIM_WINDOW_HU: tuple[float, float] = RegistrationConfig().hu_window
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -30,25 +48,9 @@ _SSIM_WINDOW_HU = (-160.0, 240.0)
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _field_transform(displacement_lps: sitk.Image) -> sitk.DisplacementFieldTransform:
-    """A transform ``x -> x + u(x)`` (linear interpolation); the field is copied (the transform takes its buffer)."""
-    _check_displacement(displacement_lps)
-    return sitk.DisplacementFieldTransform(sitk.Cast(displacement_lps, sitk.sitkVectorFloat64))
-
-
-def warp_with_displacement(
-    image: sitk.Image,
-    displacement_lps: sitk.Image,
-    interpolator: str = "linear",
-    default_value: float = 0.0,
-) -> sitk.Image:
-    """``image`` (moving) resampled onto the displacement's grid (fixed) at ``x + u(x)``: ``out(x) = image(x + u(x))``."""
-    return resample_image(image, displacement_lps, _field_transform(displacement_lps), interpolator, default_value)
-
-
 def map_points(points_lps: np.ndarray, displacement_lps: sitk.Image) -> np.ndarray:
     """Fixed points ``(N, 3)`` (LPS mm) mapped to ``x + u(x)`` (``u`` interpolated linearly; zero outside the grid)."""
-    transform = _field_transform(displacement_lps)
+    transform = displacement_transform(displacement_lps)
     points = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
     return np.array([transform.TransformPoint([float(c) for c in p]) for p in points]).reshape(-1, 3)
 
@@ -64,8 +66,8 @@ def inverse_consistency_error(
     LPS mm).  Zero for an exact inverse.  Voxels whose ``x + u(x)`` falls outside the inverse's grid are left out.
     Returns ``ic_mean_mm``, ``ic_p95_mm``, ``ic_max_mm`` and ``ic_voxels`` (NaN/0 when nothing is left).
     """
-    _check_displacement(inverse_lps)
-    transform = _field_transform(forward_lps)
+    check_displacement(inverse_lps)
+    transform = displacement_transform(forward_lps)
     v_at_y = sitk.GetArrayFromImage(
         resample_image(sitk.Cast(inverse_lps, sitk.sitkVectorFloat32), forward_lps, transform, "linear", 0.0)
     )
@@ -109,7 +111,7 @@ def displacement_error(
 ) -> dict:
     """Endpoint error ``|u_est(x) - u_true(x)|`` (mm) inside ``mask_zyx``: ``field_error_mean_mm``,
     ``field_error_p95_mm``, ``field_error_max_mm``.  ``true_lps`` is resampled onto ``estimated_lps``'s grid if needed."""
-    _check_displacement(true_lps)
+    check_displacement(true_lps)
     if not same_grid(estimated_lps, true_lps):
         true_lps = resample_image(sitk.Cast(true_lps, sitk.sitkVectorFloat32), estimated_lps, None, "linear", 0.0)
     est = sitk.GetArrayViewFromImage(estimated_lps)
@@ -159,7 +161,7 @@ def evaluate_displacement(
     ``per_label`` maps label name -> ``{label, dice, hd95_mm, hd_mm, asd_mm, centroid_error_mm}``.
     ``body_mask_zyx`` defaults to :func:`fixed_body_mask`.
     """
-    _check_displacement(displacement_lps)
+    check_displacement(displacement_lps)
     if not same_grid(displacement_lps, fixed):
         raise ValueError("the displacement must be on the fixed image's grid (size, spacing, origin, direction)")
     nan = float("nan")
@@ -181,12 +183,12 @@ def evaluate_displacement(
                     displacement_statistics(displacement_lps, body).items()})
 
     # intensities inside the body
-    air = float(min(-1024.0, float(sitk.GetArrayViewFromImage(moving).min())))
+    air = float(min(OUTSIDE_FOV_HU, float(sitk.GetArrayViewFromImage(moving).min())))
     warped = warp_with_displacement(moving, displacement_lps, "linear", air)
     fixed_hu = sitk.GetArrayViewFromImage(fixed)
     warped_hu = sitk.GetArrayViewFromImage(warped)
     summary["ncc_body"] = normalized_cross_correlation(fixed_hu, warped_hu, body)
-    low, high = _SSIM_WINDOW_HU
+    low, high = SSIM_WINDOW_HU
     summary["ssim_body"] = structural_similarity(
         np.clip(fixed_hu, low, high), np.clip(warped_hu, low, high), body, data_range=high - low
     ) if min(fixed_hu.shape) >= 3 else nan
@@ -206,11 +208,12 @@ def evaluate_displacement(
         report = label_overlap_report(fixed_labels, warped_labels, label_names)
         per_label = report["per_label"]
         organs = [v["dice"] for k, v in per_label.items() if k in ORGAN_NAMES]
+        hd = [v["hd_mm"] for v in per_label.values() if v["hd_mm"] is not None and np.isfinite(v["hd_mm"])]
         summary.update({
             "num_labels": report["num_labels"], "dice_mean": report["dice_mean"], "dice30": report["dice30"],
             "dice_organs": float(np.mean(organs)) if organs else nan,
             "hd95_mean_mm": report["hd95_mean_mm"], "asd_mean_mm": report["asd_mean_mm"],
-            "hd_mean_mm": _nanmean([v["hd_mm"] for v in per_label.values()]),
+            "hd_mean_mm": float(np.mean(hd)) if hd else nan,
             "centroid_tre_mean_mm": report["centroid_error_mean_mm"],
         })
 

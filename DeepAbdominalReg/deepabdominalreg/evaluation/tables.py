@@ -21,6 +21,8 @@ KEY_METRICS: tuple[str, ...] = (
 
 
 def jsonable(value):
+    """``value`` with only JSON types inside (numpy numbers as Python numbers, NaN/inf as ``None``, the rest as
+    strings)."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -35,6 +37,7 @@ def jsonable(value):
 
 
 def write_rows(rows: list[dict], path: Path) -> None:
+    """Rows as a CSV (columns in order of first appearance; keys starting with ``_`` left out), written atomically."""
     columns: list[str] = []
     for row in rows:
         for key in row:
@@ -50,7 +53,7 @@ def write_rows(rows: list[dict], path: Path) -> None:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Rows of a CSV written by :func:`write_rows` (numbers stay strings; :func:`_number` reads them)."""
+    """Rows of a CSV written by :func:`write_rows` (numbers stay strings; :func:`as_number` reads them)."""
     if not path.is_file():
         return []
     with open(path, newline="") as handle:
@@ -70,7 +73,8 @@ def _csv_value(value):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _number(value) -> float:
+def as_number(value) -> float:
+    """``value`` as a float (a CSV cell, a number or ``None``); NaN when it is not a number."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -100,7 +104,7 @@ def summarise(rows: Sequence[dict], metrics: Sequence[str] = KEY_METRICS, by: st
     for key in sorted(groups, key=lambda k: (order.get(k[0], 0), *map(str, k[1:]))):
         members = groups[key]
         for metric in metrics:
-            values = np.array([_number(r.get(metric)) for r in members], dtype=np.float64)
+            values = np.array([as_number(r.get(metric)) for r in members], dtype=np.float64)
             values = values[np.isfinite(values)]
             entry = {"method": key[0]}
             if by:
@@ -213,14 +217,14 @@ def plot_results(rows: Sequence[dict], out_dir: str | os.PathLike) -> dict[str, 
     panels = [(m, t) for m, t in (("dice_mean", "mean Dice"), ("hd95_mean_mm", "HD95 (mm)"),
                                   ("tre_mean_mm", "landmark TRE (mm)"), ("field_error_mean_mm", "field error (mm)"),
                                   ("folding_percent", "folding (%)"), ("runtime_s", "runtime (s)"))
-              if any(np.isfinite(_number(r.get(m))) for r in ok)]
+              if any(np.isfinite(as_number(r.get(m))) for r in ok)]
     if panels:
         columns = min(3, len(panels))
         rows_n = math.ceil(len(panels) / columns)
         figure = _figure(4.2 * columns, 3.4 * rows_n)
         for index, (metric, title) in enumerate(panels):
             axis = figure.add_subplot(rows_n, columns, index + 1)
-            data = [[v for v in (_number(r.get(metric)) for r in ok if r["method"] == m) if np.isfinite(v)]
+            data = [[v for v in (as_number(r.get(metric)) for r in ok if r["method"] == m) if np.isfinite(v)]
                     for m in methods]
             axis.boxplot([d if d else [np.nan] for d in data], tick_labels=methods, showmeans=True)
             axis.set_title(title)
@@ -231,8 +235,8 @@ def plot_results(rows: Sequence[dict], out_dir: str | os.PathLike) -> dict[str, 
         paths["boxplots"] = out / "boxplots.png"
         figure.savefig(paths["boxplots"])
 
-    with_amplitude = [r for r in ok if np.isfinite(_number(r.get("amplitude_mm"))) and np.isfinite(
-        _number(r.get("dice_mean")))]
+    with_amplitude = [r for r in ok if np.isfinite(as_number(r.get("amplitude_mm"))) and np.isfinite(
+        as_number(r.get("dice_mean")))]
     if with_amplitude:
         sources = sorted({str(r.get("source")) for r in with_amplitude})
         figure = _figure(5.0 * len(sources), 3.8)
@@ -240,10 +244,10 @@ def plot_results(rows: Sequence[dict], out_dir: str | os.PathLike) -> dict[str, 
             axis = figure.add_subplot(1, len(sources), index + 1)
             for method in methods:
                 subset = [r for r in with_amplitude if r["method"] == method and str(r.get("source")) == source]
-                amplitudes = sorted({_number(r["amplitude_mm"]) for r in subset})
+                amplitudes = sorted({as_number(r["amplitude_mm"]) for r in subset})
                 if not amplitudes:
                     continue
-                means = [np.mean([_number(r["dice_mean"]) for r in subset if _number(r["amplitude_mm"]) == a])
+                means = [np.mean([as_number(r["dice_mean"]) for r in subset if as_number(r["amplitude_mm"]) == a])
                          for a in amplitudes]
                 axis.plot(amplitudes, means, marker="o", label=method)
             axis.set_xlabel("synthetic displacement amplitude (mm)")
@@ -266,14 +270,14 @@ def plot_results(rows: Sequence[dict], out_dir: str | os.PathLike) -> dict[str, 
 
     palette = colormaps["tab20"].colors
     for index, stage in enumerate(stage_names):
-        heights = np.array([_quiet_nanmean([_number(r.get(stage)) for r in ok if r["method"] == m])
+        heights = np.array([_quiet_nanmean([as_number(r.get(stage)) for r in ok if r["method"] == m])
                             for m in methods])
         heights = np.nan_to_num(heights)
         if not heights.any():
             continue
         axis.bar(methods, heights, bottom=bottom, label=stage[5:-2], color=palette[index % len(palette)])
         bottom += heights
-    totals = [_quiet_nanmean([_number(r.get("runtime_s")) for r in ok if r["method"] == m]) for m in methods]
+    totals = [_quiet_nanmean([as_number(r.get("runtime_s")) for r in ok if r["method"] == m]) for m in methods]
     if not stage_names or not bottom.any():  # no stage times: plain total bars
         axis.bar(methods, np.nan_to_num(np.asarray(totals, dtype=float)), label="total")
     finite = [t for t in totals if np.isfinite(t)]

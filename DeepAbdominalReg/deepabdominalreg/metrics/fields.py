@@ -24,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from deepabdominalreg import spatial
 from deepabdominalreg.geometry import Grid
 from deepabdominalreg.io import writable_array_view
 
@@ -35,7 +36,8 @@ _LOG_CLIP = (1e-9, 1e9)
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_displacement(field_lps: sitk.Image) -> None:
+def check_displacement(field_lps: sitk.Image) -> None:
+    """Raise ``ValueError`` unless ``field_lps`` is a 3D image with 3 components per voxel (a displacement field)."""
     if field_lps.GetDimension() != 3 or field_lps.GetNumberOfComponentsPerPixel() != 3:
         raise ValueError(
             "expected a 3D displacement field with 3 components per voxel (LPS mm), got "
@@ -79,89 +81,38 @@ def jacobian_determinant(displacement_lps: sitk.Image, chunk_slices: int | None 
     """``det(I + du/dx)`` of the mapping ``x -> x + u(x)``; ``u`` in LPS mm on any grid (oblique, anisotropic).
 
     Derivatives are with respect to **physical** coordinates: ``du/dindex`` by central differences (one-sided at
-    the borders: ``torch.gradient``, as ``numpy.gradient``), then ``du/dx = du/dindex @ inv(direction @ diag(spacing))``.  Computed
-    with torch in float32 on ``device`` (the pipeline's CPU or GPU; the determinant of a near-identity mapping
-    keeps ~1e-6 relative precision), slab by slab: ``chunk_slices`` z-slices (default: ~2 M voxels, 8 slices of
-    512 x 512) plus one overlapping slice each side, so the extra memory is about 14 slab-sized float32 arrays
-    (~120 MB at the default).  The result does not depend on ``chunk_slices``; small slabs stay in the CPU's
-    caches (512 x 512 x 100 at one thread: 0.93 s with 32 slices, 0.50 s with 8).  Returns ``sitkFloat32`` on the field's grid (dimensionless: 1 = volume
+    the borders: ``torch.gradient``, as ``numpy.gradient``), then ``du/dx = du/dindex @ inv(direction @ diag(spacing))``:
+    :func:`deepabdominalreg.spatial.jacobian_determinant` with that matrix.  Computed with torch in float32 on
+    ``device`` (the pipeline's CPU or GPU; the determinant of a near-identity mapping keeps ~1e-6 relative
+    precision), slab by slab: ``chunk_slices`` z-slices (default: ~2 M voxels, 8 slices of 512 x 512) plus one
+    overlapping slice each side, so the extra memory is about 16 slab-sized float32 arrays (~130 MB at the default).  The result does not depend on ``chunk_slices``; the default is small so that a slab's
+    temporaries stay in the CPU's caches.  Returns ``sitkFloat32`` on the field's grid (dimensionless: 1 = volume
     preserved, < 1 compression, > 1 expansion, <= 0 folding).
     """
-    _check_displacement(displacement_lps)
+    check_displacement(displacement_lps)
     grid = Grid.from_image(displacement_lps)
     view = sitk.GetArrayViewFromImage(displacement_lps)  # (nz, ny, nx, 3): components (x, y, z) LPS
     nz, ny, nx = view.shape[:3]
     if min(nz, ny, nx) < 2:
         raise ValueError(f"the displacement field needs at least 2 voxels along every axis, got size {grid.size}")
     device = torch.device(device)
-    # d index_a / d x_b: rows a = index axes (i, j, k), columns b = physical axes (x, y, z)
+    # d index_a / d x_b: rows a = index axes (i, j, k), columns b = physical axes (x, y, z); the slabs' tensor
+    # axes are (z, y, x) = (k, j, i): the rows reversed
     d_index_d_x = np.linalg.inv(grid.direction_matrix @ np.diag(grid.spacing))
-    array_dim_of_index = (2, 1, 0)  # index i, j, k live on array axes x, y, z (dims of a (z, y, x) slab)
+    axis_matrix = d_index_d_x[::-1].tolist()
     chunk = max(1, int(chunk_slices) if chunk_slices else (1 << 21) // (ny * nx))
     image = grid.apply_to(sitk.Image(displacement_lps.GetSize(), sitk.sitkFloat32))
     out = writable_array_view(image)  # filled in place: no second full-size copy
     with torch.inference_mode():
         for z0 in range(0, nz, chunk):
             z1 = min(z0 + chunk, nz)
-            lo, hi = max(z0 - 1, 0), min(z1 + 1, nz)
-            keep = slice(z0 - lo, z0 - lo + (z1 - z0))
-            # one contiguous (z, y, x) block per component; grads d u_c / d index_a accumulated into
-            # jac[c][b] = delta_cb + sum_a grad_ca * d index_a / d x_b (zero weights skipped: axis-aligned grids)
-            jac: list[list[torch.Tensor | None]] = [[None] * 3 for _ in range(3)]
-            for c in range(3):
-                component = torch.from_numpy(np.ascontiguousarray(view[lo:hi, :, :, c], dtype=np.float32)).to(device)
-                for a in range(3):
-                    grad = _twice_gradient(component, array_dim_of_index[a])[keep]
-                    for b in range(3):
-                        weight = 0.5 * float(d_index_d_x[a, b])
-                        if weight == 0.0:
-                            continue
-                        if jac[c][b] is None:
-                            jac[c][b] = grad.mul_(weight) if _only_nonzero(d_index_d_x[a], b) else grad * weight
-                        else:
-                            jac[c][b].add_(grad, alpha=weight)
-                    del grad
-                del component
-            shape = (z1 - z0, ny, nx)
-            for c in range(3):
-                for b in range(3):
-                    if jac[c][b] is None:
-                        jac[c][b] = torch.zeros(shape, device=device)
-                jac[c][c].add_(1.0)
-            (j00, j01, j02), (j10, j11, j12), (j20, j21, j22) = jac
-            # cofactor expansion along the first row, in place (9 passes over the slab instead of 17)
-            minor = torch.mul(j11, j22).addcmul_(j12, j21, value=-1.0)
-            det = minor.mul_(j00)
-            minor = torch.mul(j10, j22).addcmul_(j12, j20, value=-1.0)
-            det.addcmul_(j01, minor, value=-1.0)
-            minor = torch.mul(j10, j21).addcmul_(j11, j20, value=-1.0)
-            det.addcmul_(j02, minor)
-            del minor
-            out[z0:z1] = det.cpu().numpy()
-            del jac, det
+            lo, hi = max(z0 - 1, 0), min(z1 + 1, nz)  # one more slice each side: central differences at z0, z1 - 1
+            slab = np.ascontiguousarray(np.moveaxis(view[lo:hi], -1, 0), dtype=np.float32)  # (x, y, z) components
+            det = spatial.jacobian_determinant(torch.from_numpy(slab).to(device)[None], axis_matrix=axis_matrix)
+            out[z0:z1] = det[0, z0 - lo: z0 - lo + (z1 - z0)].cpu().numpy()
+            del slab, det
     del out
     return image
-
-
-def _twice_gradient(volume: torch.Tensor, dim: int) -> torch.Tensor:
-    """Twice ``torch.gradient(volume, dim=dim)`` (unit spacing): central differences ``f[i+1] - f[i-1]`` inside,
-    twice the one-sided differences at the two ends; one subtraction per voxel into one new tensor (``torch.gradient``
-    took ~4x as many passes, and a concatenation)."""
-    n = volume.shape[dim]
-    out = torch.empty_like(volume)
-    if n < 2:
-        return out.zero_()
-    if n > 2:
-        torch.sub(volume.narrow(dim, 2, n - 2), volume.narrow(dim, 0, n - 2), out=out.narrow(dim, 1, n - 2))
-    for edge, (hi, lo) in ((0, (1, 0)), (n - 1, (n - 1, n - 2))):
-        torch.sub(volume.select(dim, hi), volume.select(dim, lo), out=out.select(dim, edge)).mul_(2.0)
-    return out
-
-
-def _only_nonzero(row: np.ndarray, column: int) -> bool:
-    """Whether ``row[column]`` is the row's only non-zero weight (its gradient is then used by one Jacobian entry,
-    which may take it over in place)."""
-    return int(np.count_nonzero(row)) == 1 and row[column] != 0
 
 
 def jacobian_statistics(jacobian_zyx: np.ndarray, mask_zyx: np.ndarray | None = None) -> dict:
@@ -213,8 +164,8 @@ def jacobian_statistics(jacobian_zyx: np.ndarray, mask_zyx: np.ndarray | None = 
 
 
 def _magnitude_zyx(displacement_lps: sitk.Image, out: np.ndarray | None = None) -> np.ndarray:
-    """``|u|`` per voxel (float32, ``zyx``), a few slices at a time in float32 (relative precision ~1e-7; float64
-    slabs took 2.8 s at 512 x 512 x 400, one thread)."""
+    """``|u|`` per voxel (float32, ``zyx``), a few slices at a time in float32 (relative precision ~1e-7, enough for a
+    magnitude in mm; float64 slabs would double the memory traffic and be new memory at every slab)."""
     view = sitk.GetArrayViewFromImage(displacement_lps)
     out = np.empty(view.shape[:3], dtype=np.float32) if out is None else out
     step = max(1, (1 << 20) // max(view.shape[1] * view.shape[2], 1))
@@ -227,7 +178,7 @@ def _magnitude_zyx(displacement_lps: sitk.Image, out: np.ndarray | None = None) 
 
 def displacement_magnitude(displacement_lps: sitk.Image) -> sitk.Image:
     """``|u(x)|`` in mm as ``sitkFloat32`` on the field's grid."""
-    _check_displacement(displacement_lps)
+    check_displacement(displacement_lps)
     image = Grid.from_image(displacement_lps).apply_to(sitk.Image(displacement_lps.GetSize(), sitk.sitkFloat32))
     _magnitude_zyx(displacement_lps, out=writable_array_view(image))  # filled in place: no second copy
     return image
@@ -241,7 +192,7 @@ def displacement_statistics(
     ``magnitude``: :func:`displacement_magnitude` of the field when already computed (saves recomputing it).
     An empty mask gives NaN.
     """
-    _check_displacement(displacement_lps)
+    check_displacement(displacement_lps)
     magnitude = _magnitude_zyx(displacement_lps) if magnitude is None else as_array(magnitude)
     mask = check_mask(mask_zyx, magnitude.shape)
     values = magnitude[mask] if mask is not None else magnitude.ravel()

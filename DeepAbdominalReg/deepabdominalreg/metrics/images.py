@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from deepabdominalreg.metrics.fields import as_array, check_mask
+from deepabdominalreg.nn.losses import global_ncc_loss
 
 
 def _paired_arrays(a, b, mask) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -25,16 +25,16 @@ def normalized_cross_correlation(
     mask: sitk.Image | np.ndarray | None = None,
 ) -> float:
     """Global Pearson correlation of the intensities inside ``mask`` (all voxels if ``None``): 1 = identical up to
-    a positive linear intensity map, 0 = uncorrelated.  NaN when the mask is empty or an image is constant there."""
+    a positive linear intensity map, 0 = uncorrelated.  NaN when the mask is empty or an image is constant there.
+    The negated :func:`deepabdominalreg.nn.losses.global_ncc_loss` without ``eps``, in float64."""
     arr_a, arr_b, m = _paired_arrays(a, b, mask)
     va = arr_a[m] if m is not None else arr_a.ravel()
     vb = arr_b[m] if m is not None else arr_b.ravel()
     if va.size == 0:
         return float("nan")
-    va = va - va.mean()
-    vb = vb - vb.mean()
-    denominator = math.sqrt(float(np.dot(va, va)) * float(np.dot(vb, vb)))
-    return float(np.dot(va, vb) / denominator) if denominator > 0 else float("nan")
+    va, vb = (torch.from_numpy(np.require(v, requirements="W")) for v in (va, vb))  # float64, no copy if writable
+    with torch.no_grad():
+        return -float(global_ncc_loss(va, vb, eps=0.0))
 
 
 def structural_similarity(

@@ -92,7 +92,7 @@ def _surface_distances_cropped(mask_a: np.ndarray, mask_b: np.ndarray, spacing_z
         return {"hd": nan, "hd95": nan, "asd": nan}
     # distance (mm) of every surface voxel to the nearest surface voxel of the other mask: nearest neighbours
     # between the two point sets (k-d trees; the same distances as Euclidean distance transforms of the box, which
-    # cost ~10x more and grow with the box's volume instead of its surface)
+    # cost more and grow with the box's volume instead of its surface)
     spacing = np.asarray(spacing_zyx, dtype=np.float64)
     points_a, points_b = np.argwhere(surface_a) * spacing, np.argwhere(surface_b) * spacing
     d_ab = cKDTree(points_b).query(points_a, k=1)[0]

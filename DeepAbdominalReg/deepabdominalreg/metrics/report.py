@@ -16,6 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -23,11 +24,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from deepabdominalreg.config import AIR_HU, BODY_THRESHOLD_HU
 from deepabdominalreg.geometry import Grid, resample_image
+
+if TYPE_CHECKING:  # the pipeline's result type, for annotations only (metrics sit below the pipeline)
+    from deepabdominalreg.registration.pipeline import RegistrationResult
 
 __all__ = ["write_report"]
 
-_BODY_HU = -400.0
 _FOLD_COLOUR = "#00e000"
 # distinct colours that stay visible on grey CT (after Trubetskoy's "20 distinct colours", dark ones left out)
 _LABEL_COLOURS = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6",
@@ -107,12 +111,12 @@ def _mask_centroid_lps(mask_zyx: np.ndarray, grid: Grid) -> np.ndarray | None:
 
 
 def _slice_indices(fixed: sitk.Image, fixed_labels: sitk.Image | None, lps: Grid) -> tuple[int, int]:
-    """(k, j) on ``lps`` of the slices to show: the labels' centroid, else the body's (HU > -400), else the centre."""
+    """(k, j) on ``lps`` of the slices to show: the labels' centroid, else the body's (HU > ``BODY_THRESHOLD_HU``), else the centre."""
     centre = None
     if fixed_labels is not None:
         centre = _mask_centroid_lps(sitk.GetArrayViewFromImage(fixed_labels) > 0, Grid.from_image(fixed_labels))
     if centre is None:
-        centre = _mask_centroid_lps(sitk.GetArrayViewFromImage(fixed) > _BODY_HU, Grid.from_image(fixed))
+        centre = _mask_centroid_lps(sitk.GetArrayViewFromImage(fixed) > BODY_THRESHOLD_HU, Grid.from_image(fixed))
     if centre is None:
         return lps.size[2] // 2, lps.size[1] // 2
     index = lps.physical_to_index(centre[None])[0]
@@ -125,7 +129,7 @@ def _magnitude_scale(magnitude: sitk.Image, fixed: sitk.Image) -> float:
     """Upper end of the |u| colour scale (mm): 99.5th percentile inside the body (every 2nd voxel), >= 1 mm."""
     values = sitk.GetArrayViewFromImage(magnitude)[::2, ::2, ::2]
     if magnitude.GetSize() == fixed.GetSize():
-        body = sitk.GetArrayViewFromImage(fixed)[::2, ::2, ::2] > _BODY_HU
+        body = sitk.GetArrayViewFromImage(fixed)[::2, ::2, ::2] > BODY_THRESHOLD_HU
         if body.any():
             values = values[body]
     values = np.asarray(values, dtype=np.float64).ravel()
@@ -256,32 +260,32 @@ def _contours(ax, labels: np.ndarray | None, style: str = "solid", width: float 
 
 def write_report(
     path: str | os.PathLike,
+    result: RegistrationResult,
     *,
     fixed: sitk.Image,
     moving: sitk.Image,
-    warped: sitk.Image,
-    jacobian: sitk.Image,
-    displacement_magnitude: sitk.Image,
     fixed_labels: sitk.Image | None = None,
     moving_labels: sitk.Image | None = None,
-    warped_labels: sitk.Image | None = None,
-    metrics: dict | None = None,
-    hu_window: tuple[float, float] = (-160, 240),
     title: str = "DeepAbdominalReg",
 ) -> Path:
     """Write a one-page PNG (16 x 9 in at 100 dpi, 1600 x 900 px) summarising a registration; returns the path.
 
-    Rows: an axial and a coronal slice through the centroid of ``fixed_labels`` (else of the body, HU > -400).
+    ``result``: what :func:`~deepabdominalreg.registration.register_pair` returned (its warped image and labels,
+    Jacobian, displacement magnitude, metrics and HU window); ``fixed``, ``moving`` and their label maps: the inputs
+    it registered, which a result does not hold.
+    Rows: an axial and a coronal slice through the centroid of ``fixed_labels`` (else of the body, HU > ``BODY_THRESHOLD_HU``).
     Columns: fixed, moving (on the fixed grid *without* any transform, outside = -1000 HU), warped, a
     checkerboard of fixed and warped, the Jacobian determinant (``RdBu_r`` centred on 1; det <= 0 in green) and the
     displacement magnitude (mm), each map with a colour bar.  Label contours: fixed labels on the fixed and warped
     panels, moving labels on the moving panel, warped labels dashed on the warped panel.  Header boxes list
-    ``metrics`` (``dice_mean_before``, ``dice_mean_after``, ``tre_mean_*_mm``, ``folding_percent``, ``sdlogj``,
-    ``displacement``, ``runtime_s``, ``device``, ``model``; missing keys are skipped or shown as n/a) and the image
-    geometry; ``metrics["labels"]["after"]["per_label"]`` (as from :func:`register_pair`) adds a per-label Dice table,
-    worst first.  Every image is sampled on the fixed grid's planes, so inputs on other grids are fine.  Written
-    atomically (temporary file in the same folder + ``os.replace``).
+    ``result.metrics`` (``dice_mean_before``, ``dice_mean_after``, ``tre_mean_*_mm``, ``folding_percent``,
+    ``sdlogj``, ``displacement``, ``runtime_s``, ``device``, ``model``; missing keys are skipped or shown as n/a) and
+    the image geometry; ``metrics["labels"]["after"]["per_label"]`` adds a per-label Dice table, worst first.  Every
+    image is sampled on the fixed grid's planes, so inputs on other grids are fine.  Written atomically (temporary
+    file in the same folder + ``os.replace``).
     """
+    warped, jacobian, displacement_magnitude = result.warped_image, result.jacobian, result.displacement_magnitude
+    warped_labels, metrics, hu_window = result.warped_labels, result.metrics, result.config.hu_window
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -295,9 +299,9 @@ def write_report(
         return _planes(image, axial_grid, coronal_grid, interpolator, default, pixel_type)
 
     planes_of = {
-        "fixed": planes(fixed, "linear", -1000.0),
-        "moving": planes(moving, "linear", -1000.0),  # no transform: where it lies before registration
-        "warped": planes(warped, "linear", -1000.0),
+        "fixed": planes(fixed, "linear", AIR_HU),
+        "moving": planes(moving, "linear", AIR_HU),  # no transform: where it lies before registration
+        "warped": planes(warped, "linear", AIR_HU),
         "jacobian": planes(jacobian, "linear", 1.0),
         "magnitude": planes(displacement_magnitude, "linear", 0.0),
     }
@@ -305,7 +309,7 @@ def write_report(
         name: None if image is None else planes(image, "nearest", 0.0, sitk.sitkInt32)
         for name, image in (("fixed", fixed_labels), ("moving", moving_labels), ("warped", warped_labels))
     }
-    body = _Planes(planes_of["fixed"].axial > _BODY_HU, planes_of["fixed"].coronal > _BODY_HU)
+    body = _Planes(planes_of["fixed"].axial > BODY_THRESHOLD_HU, planes_of["fixed"].coronal > BODY_THRESHOLD_HU)
     magnitude_max = _magnitude_scale(displacement_magnitude, fixed)
     sx, sy, sz = lps.spacing
     nx, ny, nz = lps.size

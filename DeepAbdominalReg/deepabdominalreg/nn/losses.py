@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from deepabdominalreg.spatial import compose, jacobian_determinant
+from deepabdominalreg.spatial import box_filter, compose, jacobian_determinant
 
 __all__ = [
     "UncertaintyWeighting",
@@ -23,7 +23,6 @@ __all__ = [
     "global_ncc_loss",
     "hausdorff_dt_loss",
     "inverse_consistency_loss",
-    "local_ncc_against_fixed",
     "local_ncc_loss",
     "local_statistics",
     "mse_loss",
@@ -34,80 +33,19 @@ __all__ = [
 ]
 
 
-_BOX_SLAB_ELEMENTS = 500_000
-"""Elements (all channels) per slab along D of :func:`_box_sum` on a CPU: a slab stays in the caches through the
-three passes (one thread, 3 x 112 x 101 x 122, window 5: 20 -> 11 ms against whole-volume passes)."""
+_REDUCTIONS = ("mean", "sum", "none")
 
 
-def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
-    """The window's mean with zero padding over the last three axes (no autograd: in-place sums of shifted slices).
-
-    Per axis, a copy of the input gets each shifted neighbour added where it exists (no padded copy: the zero
-    padding would add nothing).  On a CPU, volumes larger than a few slabs are filtered slab by slab along D, with the
-    same operations in the same order per voxel (bit-identical).  The input is not modified."""
-    pad = window // 2
-    b, c, d, h, w = x.shape
-    slab = max(1, _BOX_SLAB_ELEMENTS // max(b * c * h * w, 1))
-    if x.device.type != "cpu" or d <= 2 * slab:
-        return _window_sums(x, 0, d, pad).mul_(1.0 / window**3)
-    out = torch.empty_like(x)
-    for z0 in range(0, d, slab):
-        z1 = min(d, z0 + slab)
-        out[:, :, z0:z1] = _window_sums(x, z0, z1, pad)
-    return out.mul_(1.0 / window**3)
-
-
-def _window_sums(x: torch.Tensor, z0: int, z1: int, pad: int) -> torch.Tensor:
-    """Sums over the ``(2 pad + 1)^3`` window, neighbours outside the grid left out, of ``x``'s slices ``z0:z1``
-    (``(B, C, z1 - z0, H, W)``; D neighbours read from ``x``).  Per axis D, H, W: ``x[i]``, then ``+ x[i - o]`` and
-    ``+ x[i + o]`` for ``o = 1 ... pad``, in that order (the slab-wise and whole-volume filters agree bit for bit).
-    Differentiable (out-of-place copies, in-place sums)."""
-    d = x.shape[2]
-    total = x[:, :, z0:z1].clone()
-    for offset in range(1, min(pad, d - 1) + 1):
-        lo = max(z0, offset)  # + x[z - offset] where z - offset >= 0
-        if lo < z1:
-            total[:, :, lo - z0:].add_(x[:, :, lo - offset: z1 - offset])
-        hi = min(z1, d - offset)  # + x[z + offset] where z + offset < d
-        if hi > z0:
-            total[:, :, : hi - z0].add_(x[:, :, z0 + offset: hi + offset])
-    for dim in (3, 4):
-        n = total.shape[dim]
-        source = total
-        total = source.clone()
-        for offset in range(1, min(pad, n - 1) + 1):
-            total.narrow(dim, offset, n - offset).add_(source.narrow(dim, 0, n - offset))
-            total.narrow(dim, 0, n - offset).add_(source.narrow(dim, offset, n - offset))
-    return total
-
-
-class _BoxFilter(torch.autograd.Function):
-    """Zero-padded box filter; being a symmetric linear operator, its backward pass is the same filter."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, window: int) -> torch.Tensor:
-        ctx.window = window
-        with torch.no_grad():
-            return _box_sum(x, window)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _box_sum(grad.contiguous(), ctx.window), None
-
-
-def _box_filter(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Separable mean filter with zero padding over the last three axes of ``(B, C, D, H, W)`` (every output is the
-    window's sum divided by ``window``³, also at the borders: ``avg_pool3d`` with ``count_include_pad=True``).
-
-    Per axis: zero-pad, then add the window's shifted slices; the backward pass is the same filter (the operator is
-    symmetric).  On a CPU several times faster, forward and backward, than the equivalent grouped ``conv3d``, which
-    the affine and instance-optimisation NCC called on every iteration (``benchmarks/README.md``, "Performance").
-    """
-    if window == 1:
-        return x
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _BoxFilter.apply(x, window)
-    return _box_sum(x, window)
+def local_statistics(image: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local mean and variance ``mean(x²) - mean(x)²`` (clamped at 0) of ``(B, C, D, H, W)`` over the ``window``³
+    neighbourhood (voxels; zero padding, divided by ``window``³: :func:`~deepabdominalreg.spatial.box_filter`),
+    without autograd: what :func:`local_ncc_loss` needs of the fixed image, given once when it stays the same over
+    many calls (``fixed_statistics``)."""
+    with torch.no_grad():
+        channels = image.shape[1]
+        means = box_filter(torch.cat([image, image * image], dim=1), window)
+        mean = means[:, :channels].contiguous()
+        return mean, (means[:, channels:] - mean * mean).clamp_min(0)
 
 
 def local_ncc_loss(
@@ -116,102 +54,102 @@ def local_ncc_loss(
     window: int = 9,
     mask: torch.Tensor | None = None,
     eps: float = 1e-5,
+    reduction: str = "mean",
+    fixed_statistics: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Negative local normalised cross-correlation (squared, VoxelMorph form) in a ``window``³ neighbourhood.
+    """Local normalised cross-correlation loss, the squared form of VoxelMorph (Balakrishnan et al., IEEE TMI 2019;
+    ``voxelmorph.torch.losses.NCC``, as MONAI's ``LocalNormalizedCrossCorrelationLoss`` with a rectangular kernel).
 
-    Range ``[-1, 0]``: ``-1`` is a perfect (locally linear) match.  ``mask`` ``(B, 1, D, H, W)`` restricts the mean.
+    Per voxel ``-cc`` with ``cc = cov(f, w)² / (var(f) var(w) + eps)``, the window statistics over the
+    ``window``³ neighbourhood (``window`` in voxels, odd; zero padding at the grid's border, every window mean
+    divided by ``window``³; variances clamped at 0).  ``cc`` is in ``[0, 1]``, so the loss is in ``[-1, 0]`` and is
+    minimised: ``-1`` is a perfect match up to a local linear intensity map (of either sign: the correlation is
+    squared), ``0`` no local correlation.  Images ``(B, C, D, H, W)`` of one shape.
+
+    ``mask`` (broadcastable to the images, e.g. ``(B, 1, D, H, W)``; bool, 0/1 or non-negative weights) selects
+    (weights) the voxels whose ``cc`` counts; the windows still see every voxel.  ``reduction``: ``"mean"`` over
+    the voxels in the mask (the weighted mean; every voxel without a mask; an empty mask gives 0), ``"sum"`` over
+    them (weighted), or ``"none"``: the ``-cc`` map ``(B, C, D, H, W)``, times the mask.
+
+    ``fixed`` is a constant (the registration target): the gradient is with respect to ``warped`` only, by an
+    analytic backward pass (the gradient with respect to the window means is elementwise, and the box filter is its
+    own adjoint: one 3-channel box filter instead of autograd through ~20 operations).  ``fixed_statistics``:
+    :func:`local_statistics` of ``fixed`` with this window, when it is computed once for many calls (the affine and
+    instance-optimisation loops).
     """
     if fixed.shape != warped.shape:
         raise ValueError(f"shapes differ: {tuple(fixed.shape)} vs {tuple(warped.shape)}")
     if window % 2 == 0 or window < 1:
         raise ValueError("window must be a positive odd number of voxels")
-    stacked = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
-    means = _box_filter(stacked, window)
-    mu_f, mu_w, mu_ff, mu_ww, mu_fw = torch.split(means, fixed.shape[1], dim=1)
-    cov = mu_fw - mu_f * mu_w
-    var_f = (mu_ff - mu_f * mu_f).clamp_min(0)
-    var_w = (mu_ww - mu_w * mu_w).clamp_min(0)
-    cc = cov * cov / (var_f * var_w + eps)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if fixed.requires_grad and torch.is_grad_enabled():
+        raise ValueError("local_ncc_loss is differentiable with respect to warped only: pass fixed detached")
+    fixed_mean, fixed_variance = local_statistics(fixed, window) if fixed_statistics is None else fixed_statistics
+    cc = _LocalCorrelation.apply(warped, fixed, fixed_mean, fixed_variance, window, eps)
     if mask is None:
-        return -cc.mean()
+        if reduction == "mean":
+            return -cc.mean()
+        return -cc.sum() if reduction == "sum" else -cc
     weight = mask.to(cc.dtype).expand_as(cc)
-    return -(cc * weight).sum() / weight.sum().clamp_min(1.0)
+    if reduction == "mean":
+        weight = weight / weight.sum().clamp_min(1.0)
+    return -(cc * weight).sum() if reduction != "none" else -(cc * weight)
 
 
-class _LocalNccAgainstFixed(torch.autograd.Function):
-    """``-sum(weight * cc)``, the weighted local NCC of a warped image ``w`` against a fixed image whose local mean
-    ``mu_f`` and variance ``var_f`` are precomputed, with an analytic backward pass.
+class _LocalCorrelation(torch.autograd.Function):
+    """The ``cc`` map of :func:`local_ncc_loss` of a warped image ``w`` against a fixed image ``f`` whose window mean
+    ``mu_f`` and variance ``var_f`` are given, with an analytic backward pass with respect to ``w``.
 
-    ``cc = cov^2 / (var_f var_w + eps)`` from the window means of ``w``, ``w^2`` and ``f w``.  The gradient with
-    respect to those means is elementwise, and the box filter is its own adjoint, so ``dL/dw`` is one 3-channel box
-    filter and a few products: the same values as autograd through :func:`local_ncc_loss`'s operations (float
-    rounding aside), with a fraction of its temporaries.
+    ``cc = cov² / (var_f var_w + eps)`` from the window means of ``w``, ``w²`` and ``f w``.  Its derivatives with
+    respect to those means are elementwise, and the box filter is its own adjoint, so ``dL/dw`` is one 3-channel box
+    filter and a few products (the same values as autograd through the operations, float rounding aside).
     """
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, f: torch.Tensor, mu_f: torch.Tensor, var_f: torch.Tensor,
-                weight: torch.Tensor, window: int, eps: float) -> torch.Tensor:
-        means = _box_sum(torch.cat([w, w * w, f * w], dim=1), window)
-        mu_w, mu_ww, cov = means[:, :1], means[:, 1:2], means[:, 2:]
+                window: int, eps: float) -> torch.Tensor:
+        channels = w.shape[1]
+        means = box_filter(torch.cat([w, w * w, f * w], dim=1), window)
+        mu_w, mu_ww, cov = torch.split(means, channels, dim=1)
         cov.addcmul_(mu_f, mu_w, value=-1.0)  # cov = mu_fw - mu_f mu_w
         var_w = mu_ww.addcmul_(mu_w, mu_w, value=-1.0)  # mu_ww - mu_w^2
         positive = var_w >= 0  # clamp_min(0) passes the gradient here
         ratio = cov / var_w.clamp_min_(0).mul_(var_f).add_(eps)  # cov / (var_f var_w + eps)
-        loss = -(cov.mul_(ratio).mul_(weight)).sum()
-        ctx.save_for_backward(w, f, mu_f, var_f, weight, mu_w, ratio, positive)
+        ctx.save_for_backward(w, f, mu_f, var_f, mu_w, ratio, positive)
         ctx.window = window
-        return loss
+        return cov.mul_(ratio)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        w, f, mu_f, var_f, weight, mu_w, ratio, positive = ctx.saved_tensors
+        w, f, mu_f, var_f, mu_w, ratio, positive = ctx.saved_tensors
         # d cc / d mu_fw = 2 r, d cc / d mu_ww = -r^2 var_f [var_w >= 0], d cc / d mu_w = -2 r mu_f + 2 r^2 var_f mu_w
-        # with r = cov / (var_f var_w + eps); the loss is -sum(weight cc)
-        t = weight * (-grad)
-        g_fw = t.mul(ratio).mul_(2.0)
-        g_ww = ratio.square().mul_(var_f).mul_(positive).mul_(t).neg_()
+        # with r = cov / (var_f var_w + eps)
+        g_fw = grad.mul(ratio).mul_(2.0)
+        g_ww = ratio.square().mul_(var_f).mul_(positive).mul_(grad).neg_()
         g_w = g_fw * mu_f
         g_w.addcmul_(g_ww, mu_w, value=2.0).neg_()
-        back = _box_sum(torch.cat([g_w, g_ww, g_fw], dim=1), ctx.window)
-        grad_w = back[:, :1] + back[:, 1:2] * w * 2.0 + back[:, 2:] * f
-        return grad_w, None, None, None, None, None, None
+        back_w, back_ww, back_fw = torch.split(box_filter(torch.cat([g_w, g_ww, g_fw], dim=1), ctx.window),
+                                               w.shape[1], dim=1)
+        return back_w + back_ww * w * 2.0 + back_fw * f, None, None, None, None, None
 
 
-def local_statistics(image: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local mean and variance (``window``³, zero padding, as in :func:`local_ncc_loss`) of a ``(1, 1, D, H, W)``
-    image: what :func:`local_ncc_against_fixed` needs of the fixed image, computed once per pyramid level."""
-    with torch.no_grad():
-        means = _box_filter(torch.cat([image, image * image], dim=1), window)
-        mean = means[:, :1].contiguous()
-        return mean, (means[:, 1:] - mean * mean).clamp_min(0)
-
-
-def local_ncc_against_fixed(
-    warped: torch.Tensor,
-    fixed: torch.Tensor,
-    fixed_mean: torch.Tensor,
-    fixed_variance: torch.Tensor,
-    weight: torch.Tensor,
-    window: int,
-    eps: float = 1e-5,
-) -> torch.Tensor:
-    """``-sum(weight * cc)``: :func:`local_ncc_loss` of ``warped`` against ``fixed`` with the fixed image's
-    :func:`local_statistics` given and per-voxel ``weight`` (e.g. a mask divided by its count).
-
-    Same values and gradient (to float rounding; tested) with an analytic backward pass: instance optimisation calls
-    it every iteration.  Gradient only with respect to ``warped``.
-    """
-    return _LocalNccAgainstFixed.apply(warped, fixed, fixed_mean, fixed_variance, weight, window, eps)
-
-
-def global_ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Negative global Pearson correlation in ``[-1, 1]`` (``-1`` perfect), optionally inside ``mask``."""
-    weight = torch.ones_like(fixed) if mask is None else mask.to(fixed.dtype).expand_as(fixed)
-    n = weight.sum().clamp_min(1.0)
-    mf = (fixed * weight).sum() / n
-    mw = (warped * weight).sum() / n
-    df, dw = (fixed - mf) * weight, (warped - mw) * weight
-    return -(df * dw).sum() / torch.sqrt((df * df).sum() * (dw * dw).sum() + 1e-8)
+def global_ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
+                    eps: float = 1e-8) -> torch.Tensor:
+    """Negative global Pearson correlation of the intensities (inside ``mask``, broadcastable to the images), in
+    ``[-1, 1]`` and minimised: ``-1`` perfect up to a positive linear intensity map, ``1`` an inverted one.
+    ``eps`` is added under the root to the product of the two sums of squares; with ``eps = 0`` a constant image
+    gives NaN (:func:`deepabdominalreg.metrics.images.normalized_cross_correlation` is this, negated)."""
+    if mask is None:
+        df, dw = fixed - fixed.mean(), warped - warped.mean()
+    else:
+        weight = mask.to(fixed.dtype).expand_as(fixed)
+        n = weight.sum().clamp_min(1.0)
+        df = (fixed - (fixed * weight).sum() / n) * weight
+        dw = (warped - (warped * weight).sum() / n) * weight
+    df, dw = df.reshape(-1), dw.reshape(-1)
+    return -torch.dot(df, dw) / torch.sqrt(torch.dot(df, df) * torch.dot(dw, dw) + eps)
 
 
 def mse_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -251,8 +189,8 @@ def negative_jacobian_penalty(disp: torch.Tensor, margin: float = 0.01) -> torch
 
     On a CPU, when no voxel is below the margin (the usual case in instance optimisation) the penalty and its
     gradient are exactly zero: the determinant is then computed once without autograd and the (zero) result is
-    returned still attached to ``disp``, instead of building and back-propagating the determinant's graph (~10 % of
-    a full-resolution instance-optimisation iteration).
+    returned still attached to ``disp``, instead of building and back-propagating the determinant's graph (a
+    noticeable part of every instance-optimisation iteration).
     """
     if disp.requires_grad and torch.is_grad_enabled() and disp.device.type == "cpu":
         with torch.no_grad():
@@ -286,7 +224,7 @@ def ssim_loss(
         raise ValueError("window must be a positive odd number of voxels")
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     stacked = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
-    means = _box_filter(stacked, window)
+    means = box_filter(stacked, window)
     mu_f, mu_w, mu_ff, mu_ww, mu_fw = torch.split(means, fixed.shape[1], dim=1)
     var_f = mu_ff - mu_f * mu_f
     var_w = mu_ww - mu_w * mu_w

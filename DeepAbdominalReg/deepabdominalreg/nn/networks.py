@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepabdominalreg import spatial
-from deepabdominalreg.nn.losses import _window_sums
 
 __all__ = [
     "CostVolumePyramidNet",
@@ -131,8 +130,7 @@ class PyramidConfig(_SettingsMixin):
     """Inference only (:meth:`CostVolumePyramidNet.predict`): voxels of mirrored image added beyond each face of
     the input where the image content reaches that face (a scan cut through the body), cropped from the field.
     Without it the zero-padded convolutions give fixed and moving the same border features, which match best at
-    zero shift and pull the field towards zero in the last slices (measured: 4.4 mm endpoint error in the top
-    24 mm of a real CT vs 1.0 mm inside)."""
+    zero shift and pull the field towards zero in the last slices (``docs/training.md``, "Boundary padding")."""
 
 
 def _shift_offsets(radius: int) -> list[tuple[int, int, int]]:
@@ -141,7 +139,8 @@ def _shift_offsets(radius: int) -> list[tuple[int, int, int]]:
 
 
 _SLAB_VOXELS = 48_000
-"""Voxels per slab of :func:`ssd_cost_volume`'s inference path on a CPU (measured on this project's 2-core VM)."""
+"""Voxels per slab of :func:`ssd_cost_volume`'s inference path on a CPU: small enough that a slab's features and
+costs stay in the CPU caches, large enough that the per-operation overhead does not dominate."""
 
 
 def ssd_cost_volume(fixed_features: torch.Tensor, moving_features: torch.Tensor, radius: int) -> torch.Tensor:
@@ -151,7 +150,7 @@ def ssd_cost_volume(fixed_features: torch.Tensor, moving_features: torch.Tensor,
     replication at the borders), shifts ordered as :func:`_shift_offsets` (d slowest, w fastest).  Computed as
     ``mean F^2 + mean M_k^2 - 2 mean F M_k`` (one product per shift instead of a difference and a square).
     Without autograd (inference) each shift's cross term is accumulated channel by channel straight into the
-    output (``addcmul_``: no per-shift product tensor, no stack; ~4x faster on a CPU, same values to float
+    output (``addcmul_``: no per-shift product tensor, no stack, so no large temporaries; same values to float
     rounding); with autograd, out-of-place products.
     """
     r = radius
@@ -175,8 +174,8 @@ def ssd_cost_volume(fixed_features: torch.Tensor, moving_features: torch.Tensor,
     with torch.no_grad():
         cost = fixed_features.new_empty((fixed_features.shape[0], len(offsets), d, h, w))
         # slabs of ~48k voxels along d: one slab's features and costs stay in the CPU caches while every shift and
-        # channel visits them (level 0 of the shipped model: 273 -> 184 ms, level 1: 182 -> 101 ms, one thread;
-        # the same values bit for bit); small levels in one piece (the per-operation overhead would dominate)
+        # channel visits them (the same values bit for bit); small levels in one piece (the per-operation overhead
+        # would dominate)
         slab = max(1, _SLAB_VOXELS // (h * w)) if fixed_features.device.type == "cpu" else d
         for z0 in range(0, d, slab):
             z1 = min(d, z0 + slab)
@@ -191,46 +190,6 @@ def ssd_cost_volume(fixed_features: torch.Tensor, moving_features: torch.Tensor,
                     out.addcmul_(fixed_slab[:, channel], shifted[:, channel])
                 out.mul_(-2.0 / channels).add_(fixed_sq_slab).add_(padded_sq[(win[0], *win[2:])])
         return cost.clamp_min_(0.0)
-
-
-def _reciprocal_neighbour_counts(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``(D, H, W)`` (broadcastable) reciprocal of how many of each voxel's 3x3x3 neighbours lie inside the grid."""
-    reciprocal = None
-    for axis, n in enumerate(shape):
-        counts = torch.full((n,), 3.0, dtype=dtype, device=device)
-        counts[0] = counts[-1] = 2.0 if n > 1 else 1.0
-        view = [1, 1, 1]
-        view[axis] = n
-        factor = counts.reciprocal().view(view)
-        reciprocal = factor if reciprocal is None else reciprocal * factor
-    return reciprocal
-
-
-def box_filter3(volume: torch.Tensor) -> torch.Tensor:
-    """3x3x3 mean filter per channel of ``(B, C, D, H, W)`` (at borders: the mean over the neighbours inside).
-
-    Equal to ``F.avg_pool3d(volume, 3, stride=1, padding=1, count_include_pad=False)`` (to float rounding), as
-    three separable 3-tap sums and one multiplication by the reciprocal neighbour counts: 2-3x faster on a CPU
-    than ``avg_pool3d``, which visits all 27 neighbours.  Differentiable.  At inference on a CPU, large volumes
-    (the cost volumes of the finest levels) are filtered in slabs along ``D`` that stay in the caches through the
-    three passes: the same values bit for bit, ~1.7x faster (27 x 104 x 84 x 100: 84 -> 46 ms, one thread).
-    """
-    b, c, d, h, w = volume.shape
-    reciprocal = _reciprocal_neighbour_counts((d, h, w), volume.dtype, volume.device)
-    needs_grad = torch.is_grad_enabled() and volume.requires_grad
-    if needs_grad or volume.device.type != "cpu" or volume.numel() <= 4 * _BOX_SLAB_ELEMENTS:
-        return _window_sums(volume, 0, d, 1) * reciprocal
-    out = torch.empty_like(volume)
-    slab = max(1, _BOX_SLAB_ELEMENTS // (b * c * h * w))
-    with torch.no_grad():
-        for z0 in range(0, d, slab):
-            z1 = min(d, z0 + slab)
-            torch.mul(_window_sums(volume, z0, z1, 1), reciprocal[z0:z1], out=out[:, :, z0:z1])
-    return out
-
-
-_BOX_SLAB_ELEMENTS = 500_000
-"""Elements (all channels) per slab of :func:`box_filter3`'s inference path on a CPU."""
 
 
 class CostVolumePyramidNet(nn.Module):
@@ -303,7 +262,7 @@ class CostVolumePyramidNet(nn.Module):
             cost = ssd_cost_volume(f, warped, radius)
             del warped
             for _ in range(self.config.cost_smoothing):
-                cost = box_filter3(cost)
+                cost = spatial.box_filter(cost, 3, count_include_pad=False)
             # contrast-normalised cost (1 = the mean over the candidate shifts): a flat cost gives uniform weights,
             # i.e. exactly zero update, and the temperature means the same in bright and dark regions
             sharpness = -torch.exp(self.log_inverse_temperature[level])
@@ -320,7 +279,7 @@ class CostVolumePyramidNet(nn.Module):
             warped = spatial.warp(m, disp, padding_mode="border")
             disp = disp + self.refiners[level](torch.cat([disp, f, warped], dim=1))
         for _ in range(self.config.output_smoothing):
-            disp = box_filter3(disp)
+            disp = spatial.box_filter(disp, 3, count_include_pad=False)
         return disp
 
     def predict(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ The result is an ITK affine transform in LPS mm that maps **fixed** points to **
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -15,11 +16,12 @@ import torch.nn.functional as F
 from scipy import ndimage
 from scipy.optimize import minimize
 
+from deepabdominalreg.config import RegistrationConfig
 from deepabdominalreg.geometry import Grid, make_working_grid, mask_bounding_box, resample_image
-from deepabdominalreg.nn.losses import local_ncc_against_fixed, local_statistics
+from deepabdominalreg.nn.losses import local_ncc_loss, local_statistics
 from deepabdominalreg.spatial import normalising_scale
 
-__all__ = ["centre_of_mass_lps", "downsample_working", "optimise_affine"]
+__all__ = ["NCC_WINDOW_VOXELS", "AffineSettings", "centre_of_mass_lps", "downsample_working", "optimise_affine"]
 
 
 def centre_of_mass_lps(grid: Grid, weights_zyx: np.ndarray) -> np.ndarray:
@@ -105,10 +107,36 @@ def _index_normalisation(moving_grid: Grid, device: torch.device) -> tuple[torch
 _LINE_SEARCH_STEPS = 5
 """L-BFGS-B line-search steps per iteration (scipy's default: 20).  The NCC of trilinearly sampled images has kinks
 where samples cross voxel faces (for a pure translation all of them at once), where the gradient does not predict
-the function: long line searches there used 10-15 evaluations per iteration for nothing.  With 5, the affine stage
-took 35 % fewer evaluations and 30 % less time over the 8 validation and 2 benchmark pairs (levels 12/6 and 12/8 mm),
-with the same final loss (within 5e-5), translations within 0.1 mm and the same validation accuracy after the
-deformable stages (``benchmarks/README.md``, "Performance")."""
+the function: long line searches there spend many evaluations per iteration for nothing.  A short cap saves those
+evaluations and reaches the same final loss and the same accuracy after the deformable stages (validated on the
+validation and benchmark pairs: ``benchmarks/README.md``, "Performance history")."""
+
+
+NCC_WINDOW_VOXELS = 5
+"""Local NCC window of the affine objective, in voxels of each pyramid level (60 mm at 12 mm, 30 mm at 6 mm): it
+scales with the level by design, so it is a constant of the method rather than a setting."""
+
+
+@dataclass(frozen=True)
+class AffineSettings:
+    """The affine stage's settings, from :meth:`from_config` (``RegistrationConfig.affine_*``)."""
+
+    levels_mm: tuple[float, ...]
+    """Isotropic spacing (mm) of the pyramid levels, coarse to fine."""
+    iterations: tuple[int, ...]
+    """L-BFGS iterations, one count per level (0 at every level: the centre-of-mass translation alone)."""
+    ncc_window: int
+    """Local NCC window (odd), in voxels of each level's grid."""
+
+    def __post_init__(self) -> None:
+        if len(self.iterations) != len(self.levels_mm):
+            raise ValueError(f"one iteration count per affine level: {self.iterations} for {self.levels_mm}")
+
+    @classmethod
+    def from_config(cls, config: RegistrationConfig) -> AffineSettings:
+        levels = tuple(float(level) for level in config.affine_levels_mm)
+        return cls(levels_mm=levels, iterations=(int(config.affine_iterations),) * len(levels),
+                   ncc_window=NCC_WINDOW_VOXELS)
 
 
 def optimise_affine(
@@ -116,27 +144,25 @@ def optimise_affine(
     fixed_intensity: np.ndarray,
     moving_grid: Grid,
     moving_intensity: np.ndarray,
+    settings: AffineSettings,
     *,
-    levels_mm: tuple[float, ...] = (12.0, 6.0),
-    iterations: int | tuple[int, ...] = 80,
     device: torch.device | str = "cpu",
-    optimise: bool = True,
-    ncc_window: int = 5,
     fixed_field_of_view: np.ndarray | None = None,
     moving_field_of_view: np.ndarray | None = None,
     callback: Callable[[int, int, float], None] | None = None,
 ) -> sitk.AffineTransform:
     """Affine transform (fixed -> moving, LPS mm) aligning two working images (``zyx`` intensities in [0, 1]).
 
-    Starts from the centre-of-mass translation; with ``optimise`` it then refines a translation (coarsest level)
-    and a full affine (12 parameters, finer levels) with L-BFGS on local NCC at each pyramid level, of isotropic
-    spacing ``levels_mm`` (mm; a level finer than the
+    Starts from the centre-of-mass translation, then refines a translation (coarsest level) and a full affine
+    (12 parameters, finer levels) with L-BFGS on local NCC at each pyramid level, of isotropic spacing
+    ``settings.levels_mm`` (mm; a level finer than the
     working grids runs at the working spacing).  The level spacing, not the working spacing, sets the precision:
     about a tenth of a level voxel.  The similarity counts only voxels inside both fields of view
     (``*_field_of_view``: ``zyx`` bool masks of voxels holding image data; default all), so that padding at the
     border of either scan, or a different scan extent, does not bias the result.
     ``callback(iteration, total, loss)`` is called every iteration (it may raise to cancel).
     """
+    levels_mm, ncc_window = settings.levels_mm, settings.ncc_window
     device = torch.device(device)
     centre = centre_of_mass_lps(fixed_grid, fixed_intensity)
     translation0 = centre_of_mass_lps(moving_grid, moving_intensity) - centre
@@ -145,12 +171,10 @@ def optimise_affine(
     c = torch.as_tensor(centre, dtype=torch.float32, device=device)
     t0 = torch.as_tensor(translation0, dtype=torch.float32, device=device)
     translation_scale = 10.0  # mm per unit of the shift parameter: comparable scales for shift and linear part
-    per_level = [int(iterations)] * len(levels_mm) if isinstance(iterations, int) else [int(i) for i in iterations]
-    if len(per_level) != len(levels_mm):
-        raise ValueError("give one iteration count, or one per affine level")
-    total = sum(per_level) if optimise else 0
+    per_level = list(settings.iterations)
+    total = sum(per_level)
     step = 0
-    if optimise and total > 0:
+    if total > 0:
         for level_index, level_mm in enumerate(levels_mm):
             if per_level[level_index] <= 0:
                 continue
@@ -213,9 +237,8 @@ def optimise_affine(
                         inside = F.grid_sample(moving_fov_t, coordinates, mode="bilinear", padding_mode="zeros",
                                                align_corners=True)
                 overlap = (fixed_fov_t & (inside > 0.999)).to(sampled.dtype)
-                # local_ncc_loss(fixed_t, sampled, ncc_window, mask=overlap), with an analytic backward pass
-                loss = local_ncc_against_fixed(sampled, fixed_t, fixed_mean, fixed_variance,
-                                               overlap / overlap.sum().clamp_min(1.0), ncc_window)
+                loss = local_ncc_loss(fixed_t, sampled, ncc_window, mask=overlap,
+                                      fixed_statistics=(fixed_mean, fixed_variance))
                 if not torch.isfinite(loss):
                     raise FloatingPointError("affine optimisation diverged (non-finite loss)")
                 loss.backward()
@@ -226,7 +249,8 @@ def optimise_affine(
 
             # L-BFGS with a line search converges to the optimum and stays there; Adam's normalised steps keep
             # jittering by ~lr around it, which for a 12-parameter problem costs millimetres at the image corners.
-            # scipy's L-BFGS-B rather than torch.optim.LBFGS: the latter's first step imports torch._dynamo (2-3 s)
+            # scipy's L-BFGS-B rather than torch.optim.LBFGS: the latter's first step imports torch._dynamo, a slow
+            # import paid by every fresh process
             result = minimize(objective, x[:n_free], jac=True, method="L-BFGS-B",
                               options={"maxiter": per_level[level_index],
                                        "maxfun": int(per_level[level_index] * 1.5),

@@ -4,9 +4,8 @@ and an image warped by a dense displacement.
 They give what ITK gives for ``sitk.TransformToDisplacementField`` of a ``CompositeTransform`` of an
 ``AffineTransform`` and a ``DisplacementFieldTransform``, and for ``ResampleImageFilter`` with linear
 interpolation (tested against ITK on grids with non-identity directions and anisotropic spacing: 1e-4 mm,
-1 HU), but vectorised, multi-threaded by torch and on the GPU when the pipeline runs there.  At 512 x 512 x 400
-(one thread) ITK took ~11 s for each of the three full-resolution passes of the pipeline
-(``benchmarks/README.md``).
+1 HU), but vectorised, multi-threaded by torch and on the GPU when the pipeline runs there: ITK's resampling
+through a composite transform is single-threaded per point and was the slowest part of a clinical-size run.
 
 Conventions (ITK's): points are LPS mm; a transform maps points of the output grid to points of the input; a
 displacement field is linearly interpolated inside its voxels' extent (continuous index in ``[-0.5, n - 0.5)``,
@@ -27,7 +26,7 @@ from deepabdominalreg.spatial import invert_displacement_at, normalising_scale
 
 __all__ = ["affine_field_displacement", "inverse_field_on_grid", "warp_image"]
 
-_SLAB_VOXELS = 1 << 20  # voxels per slab (~1 M: ~12 MB per float32 vector temporary)
+_SLAB_VOXELS = 1 << 20  # voxels per slab: slabs bound the temporaries' memory, whatever the image's size
 
 
 def _slab_size(grid: Grid, slab: int | None) -> int:
@@ -203,7 +202,7 @@ def inverse_field_on_grid(
 
     With ``grid`` on the moving image's axes (a working grid of it), :func:`affine_field_displacement` ``(moving grid,
     w, grid, after=affine^-1)`` gives the full-resolution inverse by separable interpolation, where the same map
-    through ``working_grid`` needs a trilinear sample per voxel (512 x 512 x 400, one thread: ~10 s -> ~2 s).
+    through ``working_grid`` needs a 3-channel trilinear sample per voxel (far more work for a clinical CT).
     ``disp``: ``(1, 3, D, H, W)`` (channels ``d, h, w``); ``inverse``: its inverse on ``working_grid``
     (:func:`spatial.invert_displacement`), the first guess.  ``v`` is solved at each point
     (:func:`spatial.invert_displacement_at`, to ``tolerance`` working voxels), so it is the inverse at ``grid``'s
@@ -254,8 +253,8 @@ def warp_image(
     index rounded half up, as ITK's nearest-neighbour interpolator does).
     The output has ``displacement``'s grid and ``image``'s pixel type (scalar images only).  Only the part of
     ``image`` that a slab maps into is converted at a time.  Integer images are sampled in float64 and their values
-    truncated as ITK does, after snapping values within 1e-6 of an integer to it: in float32 an exact 100 HU came out
-    as 99.99 and so 99 HU (an identity warp changed 39 % of a CT's voxels by 1 HU).
+    truncated as ITK does, after snapping values within 1e-6 of an integer to it: in float32 an exact 100 HU can come
+    out as 99.99 and so 99 HU, so that even an identity warp would change many voxels by 1 HU.
     """
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("warp_image warps scalar images; warp each component of a vector image separately")
@@ -345,14 +344,11 @@ def _nearest_values(block: np.ndarray, index: list[torch.Tensor], k0: int, insid
 
 def disp_vox_to_mm_lps(disp_vox: torch.Tensor, grid: Grid) -> np.ndarray:
     """``(1, 3, D, H, W)`` voxel displacement (channels d, h, w) -> ``(D, H, W, 3)`` LPS mm, float64."""
-    vox_xyz = disp_vox[0].flip(0).permute(1, 2, 3, 0).double().cpu().numpy()
-    matrix = grid.direction_matrix @ np.diag(grid.spacing)
-    return vox_xyz @ matrix.T
+    return grid.displacement_to_mm(disp_vox[0].flip(0).permute(1, 2, 3, 0).double().cpu().numpy())
 
 
 def mm_lps_to_disp_vox(field_mm_zyx3: np.ndarray, grid: Grid, device: torch.device) -> torch.Tensor:
     """``(D, H, W, 3)`` LPS mm -> ``(1, 3, D, H, W)`` voxel displacement (channels d, h, w) on ``grid``."""
-    matrix_inv = np.linalg.inv(grid.direction_matrix @ np.diag(grid.spacing))
-    vox_xyz = np.asarray(field_mm_zyx3, dtype=np.float64) @ matrix_inv.T
+    vox_xyz = grid.displacement_to_voxels(field_mm_zyx3)
     tensor = torch.as_tensor(vox_xyz.astype(np.float32), device=device).permute(3, 0, 1, 2).flip(0)
     return tensor.unsqueeze(0).contiguous()

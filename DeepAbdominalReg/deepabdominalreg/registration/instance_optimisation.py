@@ -2,12 +2,15 @@
 
 The displacement of each level is parameterised on a control grid ``control_spacing`` voxels apart and
 interpolated trilinearly to the level's grid; the loss is local NCC on the level's grid + diffusion regularisation
-and a negative-Jacobian penalty on the control grid.  Everything is in voxels of the working grid
-(see :mod:`deepabdominalreg.spatial`).
+and a negative-Jacobian penalty on the control grid.  Displacements are in voxels (see
+:mod:`deepabdominalreg.spatial`): the input and output in voxels of the working grid, each level's in voxels of that
+level's grid, where the settings' lengths apply (:class:`InstanceOptimisationSettings`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,10 +19,10 @@ import torch.nn.functional as F
 
 from deepabdominalreg import spatial
 from deepabdominalreg.config import RegistrationConfig
+from deepabdominalreg.geometry import mask_bounding_box
 from deepabdominalreg.nn.losses import (
-    _box_filter,
     diffusion_regulariser,
-    local_ncc_against_fixed,
+    local_ncc_loss,
     local_statistics,
     negative_jacobian_penalty,
 )
@@ -29,17 +32,51 @@ __all__ = ["InstanceOptimisationSettings", "instance_optimise", "level_shape"]
 
 @dataclass(frozen=True)
 class InstanceOptimisationSettings:
-    levels: tuple[int, ...] = (4, 2, 1)
-    iterations: int = 100
+    """The stage's settings in voxels, from :meth:`from_config` (the ``io_*`` fields of ``RegistrationConfig``, whose
+    docstring gives the conversion from mm).  Every length is in voxels of the level's own grid: the same count at
+    every level, so about ``f`` working voxels at level factor ``f``."""
+
+    levels: tuple[int, ...]
+    """Pyramid levels as downsampling factors of the working grid, coarse to fine."""
+    iterations: int
     """Adam iterations at each coarse level (factor > 1)."""
-    fine_iterations: int = 30
+    fine_iterations: int
     """Adam iterations at the full working resolution (factor 1), the most expensive level."""
-    learning_rate: float = 0.5
-    control_spacing: int = 2
-    ncc_window: int = 5
-    smoothness_weight: float = RegistrationConfig.io_smoothness_weight
-    """Diffusion weight (the pipeline's default, chosen on validation cases: see ``RegistrationConfig``)."""
-    jacobian_weight: float = 0.1
+    learning_rate: float
+    """Adam learning rate, in voxels of the level's grid per step."""
+    control_spacing: int
+    """Spacing of the control grid, in voxels of the level's grid."""
+    ncc_window: int
+    """Local NCC window (odd), in voxels of the level's grid."""
+    smoothness_weight: float
+    """Weight of the diffusion regulariser (on the control grid, in control-grid voxels)."""
+    jacobian_weight: float
+    """Weight of the negative-Jacobian penalty (on the control grid)."""
+
+    @classmethod
+    def from_config(cls, config: RegistrationConfig, working_spacing_mm: float) -> InstanceOptimisationSettings:
+        """The settings for a working grid of ``working_spacing_mm`` (the grid the pipeline actually uses: the
+        configured spacing, or a coarser one that ``max_working_voxels`` imposed)."""
+        spacing = float(working_spacing_mm)
+        if not spacing > 0:
+            raise ValueError(f"working spacing must be > 0 mm, got {working_spacing_mm!r}")
+        return cls(
+            levels=tuple(int(f) for f in config.io_levels),
+            iterations=int(config.io_iterations),
+            fine_iterations=int(config.io_fine_iterations),
+            learning_rate=config.io_learning_rate_mm / spacing,
+            control_spacing=max(1, math.floor(config.io_control_spacing_mm / spacing + 0.5)),
+            ncc_window=max(3, 2 * math.floor(config.io_ncc_window_mm / spacing / 2) + 1),
+            smoothness_weight=float(config.io_smoothness_weight),
+            jacobian_weight=float(config.io_jacobian_weight),
+        )
+
+    def strengthened(self, factor: float) -> InstanceOptimisationSettings:
+        """The folding retry's settings (``RegistrationConfig.folding_retry_factor``): both regularisation weights
+        times ``factor``, the Jacobian weight from at least 0.1 so that the retry penalises folding even when the
+        first run did not."""
+        return dataclasses.replace(self, smoothness_weight=self.smoothness_weight * factor,
+                                   jacobian_weight=max(self.jacobian_weight, 0.1) * factor)
 
 
 class Plateau:
@@ -67,23 +104,8 @@ def _downsample_image(image: torch.Tensor, factor: int) -> torch.Tensor:
     if factor <= 1:
         return image
     window = 2 * (factor // 2) + 1
-    smoothed = _box_filter(image, window)
+    smoothed = spatial.box_filter(image, window)
     return F.interpolate(smoothed, size=level_shape(image.shape[2:], factor), mode="trilinear", align_corners=True)
-
-
-def _bounding_slices(mask: torch.Tensor | None, shape: tuple[int, ...], margin: int) -> tuple[slice, slice, slice]:
-    """Slices of the bounding box of ``mask`` ``(1, 1, D, H, W)`` grown by ``margin`` voxels (whole grid if None)."""
-    if mask is None or not bool(mask.any()):
-        return tuple(slice(0, s) for s in shape)
-    m = mask[0, 0]
-    slices = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        nz = torch.nonzero(m.any(dim=other[1]).any(dim=other[0])).flatten()
-        lo = max(int(nz[0]) - margin, 0)
-        hi = min(int(nz[-1]) + margin + 1, shape[axis])
-        slices.append(slice(lo, hi))
-    return tuple(slices)
 
 
 def _linear_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -100,9 +122,8 @@ def _linear_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dty
 
 class _ControlUpsampler:
     """``F.interpolate(x, size, mode="trilinear", align_corners=True)`` of a ``(B, C, d, h, w)`` control grid, as
-    three small matrix products (one per axis).  Same values to float rounding; forward and backward ~2x faster on
-    a CPU (a 57 x 51 x 62 grid to 112 x 101 x 122, 3 channels, one thread: 35 vs 65 ms), and it runs every
-    instance-optimisation iteration.  With ``box`` (one slice per axis of ``shape``) it returns only that part of the
+    three small matrix products (one per axis).  Same values to float rounding; cheaper forward and backward on a
+    CPU than ``F.interpolate``, and it runs every instance-optimisation iteration.  With ``box`` (one slice per axis of ``shape``) it returns only that part of the
     upsampled grid, at that part's cost."""
 
     def __init__(self, control_shape: tuple[int, ...], shape: tuple[int, ...], device: torch.device,
@@ -136,7 +157,10 @@ class _CroppedNcc:
         self.window, self.eps, self.moving = window, eps, moving
         # the box filter pads with zeros at the box's border: grow the box by a window so that every masked voxel's
         # window sees the same voxels as on the whole grid (zeros beyond the grid in both cases)
-        self.box = _bounding_slices(mask, shape, margin=window)
+        if mask is None:
+            self.box = tuple(slice(0, s) for s in shape)
+        else:
+            self.box = mask_bounding_box(mask[0, 0].cpu().numpy(), window, whole_if_empty=True)
         box = (slice(None), slice(None), *self.box)
         f = fixed[box].contiguous()
         self.fixed = f
@@ -145,7 +169,8 @@ class _CroppedNcc:
             weight = torch.ones_like(f)
         else:
             weight = mask[box].to(f.dtype)
-        # voxels of the grown margin are outside the mask when a mask is given; without one, count every voxel
+        # voxels of the grown margin are outside the mask when a mask is given; without one, count every voxel.
+        # The mean's weights are computed once: the loss is their weighted sum
         self.weight = weight / weight.sum().clamp_min(1.0)
         # normalised sampling coordinates of the box's voxels, in grid_sample's order (x, y, z) = (w, h, d)
         axes = [torch.arange(sl.start, sl.stop, device=f.device, dtype=f.dtype) for sl in self.box]
@@ -158,12 +183,13 @@ class _CroppedNcc:
         ``(w, h, d)``) given on the box."""
         grid = torch.addcmul(self.base, disp_box_whd.permute(0, 2, 3, 4, 1), self.scale)
         w = F.grid_sample(self.moving, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        return local_ncc_against_fixed(w, self.fixed, self.mu_f, self.var_f, self.weight, self.window, self.eps)
+        return local_ncc_loss(self.fixed, w, self.window, mask=self.weight, eps=self.eps, reduction="sum",
+                              fixed_statistics=(self.mu_f, self.var_f))
 
 
 class _Adam:
     """Adam (Kingma & Ba 2015, PyTorch's defaults) on one tensor, without ``torch.optim``: its first ``step`` imports
-    ``torch._dynamo`` (2-3 s of every fresh process)."""
+    ``torch._dynamo``, a slow import that every fresh process would pay."""
 
     def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8) -> None:
@@ -188,7 +214,8 @@ def instance_optimise(
     moving: torch.Tensor,
     initial_disp: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
-    settings: InstanceOptimisationSettings = InstanceOptimisationSettings(),
+    *,
+    settings: InstanceOptimisationSettings,
     callback: Callable[[int, int, float], None] | None = None,
 ) -> torch.Tensor:
     """Displacement ``(1, 3, D, H, W)`` (voxels) aligning ``moving`` to ``fixed`` (both ``(1, 1, D, H, W)``).

@@ -1,12 +1,13 @@
 """The registration pipeline: validation -> preprocessing -> affine -> network -> instance optimisation -> outputs.
 
-``register_pair`` is the one entry point used by the CLI, the Slicer module and the benchmarks.
+``register_pair`` is the one entry point used by the CLI, the Slicer module and the benchmarks.  It validates the
+inputs once, then runs one stage function after another over a :class:`_Run` (what the stages pass along); on CUDA
+out-of-memory it runs them again on the CPU.  Every stage takes its settings from the :class:`RegistrationConfig`.
 """
 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
@@ -16,10 +17,11 @@ import SimpleITK as sitk
 import torch
 
 from deepabdominalreg import spatial
-from deepabdominalreg.config import RegistrationConfig
+from deepabdominalreg.config import BODY_THRESHOLD_HU, OUTSIDE_FOV_HU, RegistrationConfig
 from deepabdominalreg.device import network_uses_bfloat16, resolve_device, reuse_freed_memory, seed_everything
 from deepabdominalreg.geometry import (
     Grid,
+    displacement_transform,
     make_working_grid,
     physical_overlap_fraction,
     points_inside,
@@ -34,8 +36,8 @@ from deepabdominalreg.metrics.fields import (
 )
 from deepabdominalreg.metrics.labels import label_overlap_report
 from deepabdominalreg.metrics.landmarks import landmark_errors
-from deepabdominalreg.nn.models import load_model
-from deepabdominalreg.registration.affine import optimise_affine
+from deepabdominalreg.nn.models import ModelCard, load_model
+from deepabdominalreg.registration.affine import AffineSettings, optimise_affine
 from deepabdominalreg.registration.fields import (
     affine_field_displacement,
     disp_vox_to_mm_lps,
@@ -44,7 +46,7 @@ from deepabdominalreg.registration.fields import (
 )
 from deepabdominalreg.registration.instance_optimisation import InstanceOptimisationSettings, instance_optimise
 from deepabdominalreg.registration.network import network_displacement
-from deepabdominalreg.registration.preprocessing import looks_like_ct, prepare_working_image
+from deepabdominalreg.registration.preprocessing import WorkingImage, looks_like_ct, prepare_working_image
 
 
 class RegistrationCancelled(RuntimeError):
@@ -84,14 +86,12 @@ class RegistrationResult:
     displacement_magnitude: sitk.Image
     metrics: dict
     affine_fixed_to_moving: sitk.AffineTransform
+    config: RegistrationConfig
+    """The settings of the run (``metrics["config"]`` is their :meth:`RegistrationConfig.to_dict`)."""
     body_mask: sitk.Image | None = None
     warped_labels: sitk.Image | None = None
     inverse_displacement_lps: sitk.Image | None = None
     warped_moving_landmarks_lps: np.ndarray | None = None
-    working_displacement_lps: sitk.Image | None = None
-    """The same mapping as ``displacement_lps`` sampled on the (coarser, isotropic) working grid, which covers the
-    fixed image: a light-weight grid transform (e.g. for Slicer) for large scans."""
-    extras: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -119,9 +119,17 @@ class _Stages:
         self.progress = progress
         self.should_stop = should_stop
         self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
         self._done = 0.0
         self._current: str | None = None
         self._start = 0.0
+
+    def restart_after(self, stage: str) -> None:
+        """Forget every stage after ``stage`` (its time and progress), to run them again (the CPU fallback)."""
+        names = list(self.WEIGHTS)
+        kept = set(names[: names.index(stage) + 1])
+        self.seconds = {k: v for k, v in self.seconds.items() if k in kept}
+        self._done = sum(self.WEIGHTS[k] for k in kept if k in self.seconds)
 
     def check(self) -> None:
         if self.should_stop is not None and self.should_stop():
@@ -195,13 +203,14 @@ def _check_landmarks(points, role: str, grid: Grid) -> np.ndarray:
 
 _SEPARABLE_INVERSE_RATIO = 8
 """The inverse field is solved on a working grid with the moving image's axes (:func:`fields.inverse_field_on_grid`)
-when the moving image has more than this many times that grid's voxels (measured, one thread: 3 mm benchmark CT,
-ratio ~1: 0.47 s directly vs 0.59 s through the second solve; 512 x 512 x 400 at 3 mm, ratio ~76: ~10 s vs ~4 s)."""
+when the moving image has more than this many times that grid's voxels: at a ratio near 1 (the benchmark's 3 mm CT)
+the direct trilinear path is cheaper than the second solve; at clinical size (ratio ~76 for 512 x 512 x 400 at
+3 mm) the second solve is much cheaper (``benchmarks/README.md``, "Performance history")."""
 
 
 def _field_transform(field_mm_zyx3: np.ndarray, grid: Grid) -> sitk.DisplacementFieldTransform:
-    image = grid.image_from_array(np.ascontiguousarray(field_mm_zyx3, dtype=np.float64), is_vector=True)
-    return sitk.DisplacementFieldTransform(image)
+    """The transform ``x -> x + u(x)`` of a ``(D, H, W, 3)`` LPS mm field on ``grid``."""
+    return displacement_transform(grid.image_from_array(np.asarray(field_mm_zyx3, dtype=np.float64), is_vector=True))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -236,275 +245,371 @@ def register_pair(
     :class:`RegistrationCancelled` when ``should_stop()`` turns True, :class:`ModelError` for a bad model.
     On CUDA out-of-memory the registration is rerun on the CPU, with a warning in ``metrics["warnings"]``.
     """
-    kwargs = {
-        "moving_labels": moving_labels, "fixed_labels": fixed_labels, "fixed_landmarks_lps": fixed_landmarks_lps,
-        "moving_landmarks_lps": moving_landmarks_lps, "label_names": label_names, "progress": progress,
-        "should_stop": should_stop,
-    }
-    # freed tensors stay in the heap for reuse during the run (allocator.py: ~40 % less time in the network stage)
+    stages = _Stages(progress, should_stop)
+    with stages("validation", "checking inputs"):
+        inputs = _validated_inputs(fixed, moving, config, moving_labels=moving_labels, fixed_labels=fixed_labels,
+                                   fixed_landmarks_lps=fixed_landmarks_lps, moving_landmarks_lps=moving_landmarks_lps,
+                                   label_names=label_names)
+    # freed tensors stay in the heap for reuse during the run: each large temporary would otherwise be a fresh
+    # mmap, page-faulted and zero-filled by the kernel (device.reuse_freed_memory)
     with reuse_freed_memory():
         try:
-            return _register_pair_on_device(fixed, moving, config=config, **kwargs)
+            return _run_stages(inputs, config, stages)
         except torch.cuda.OutOfMemoryError:
             if resolve_device(config.device).type != "cuda":
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            result = _register_pair_on_device(fixed, moving, config=config.replace(device="cpu"), **kwargs)
+            stages.restart_after("validation")
+            result = _run_stages(inputs, config.replace(device="cpu"), stages)
             result.metrics["warnings"].append("CUDA ran out of memory; the registration was rerun on the CPU.")
             return result
 
 
-def _register_pair_on_device(
+@dataclass
+class _Inputs:
+    """The validated inputs of one registration: label maps on their volume's grid, landmarks ``(N, 3)`` LPS mm."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    fixed_grid: Grid
+    moving_grid: Grid
+    fixed_labels: sitk.Image | None
+    moving_labels: sitk.Image | None
+    fixed_landmarks_lps: np.ndarray | None
+    moving_landmarks_lps: np.ndarray | None
+    label_names: dict[int, str]
+    warnings: list[str]
+    """What validation found worth saying (labels resampled, images that do not look like CT)."""
+
+
+def _validated_inputs(
     fixed: sitk.Image,
     moving: sitk.Image,
+    config: RegistrationConfig,
     *,
-    config: RegistrationConfig = _DEFAULT_CONFIG,
-    moving_labels: sitk.Image | None = None,
-    fixed_labels: sitk.Image | None = None,
-    fixed_landmarks_lps: np.ndarray | None = None,
-    moving_landmarks_lps: np.ndarray | None = None,
-    label_names: dict[int, str] | None = None,
-    progress: ProgressCallback | None = None,
-    should_stop: StopCallback | None = None,
-) -> RegistrationResult:
-    """One run of the pipeline on ``config.device`` (see :func:`register_pair`)."""
-    t_total = time.perf_counter()
-    stages = _Stages(progress, should_stop)
+    moving_labels: sitk.Image | None,
+    fixed_labels: sitk.Image | None,
+    fixed_landmarks_lps: np.ndarray | None,
+    moving_landmarks_lps: np.ndarray | None,
+    label_names: dict[int, str] | None,
+) -> _Inputs:
+    """Check every input once (clear :class:`ImageValidationError` before any heavy work)."""
     warnings: list[str] = []
-    label_names = {int(k): str(v) for k, v in (label_names or {}).items()}
-
-    with stages("validation", "checking inputs"):
-        validate_image(fixed, "fixed image")
-        validate_image(moving, "moving image")
-        fixed_grid = Grid.from_image(fixed)
-        moving_grid = Grid.from_image(moving)
-        if fixed_labels is not None:
-            fixed_labels = _labels_on_grid(fixed_labels, fixed, "fixed segmentation", warnings)
-        if moving_labels is not None:
-            moving_labels = _labels_on_grid(moving_labels, moving, "moving segmentation", warnings)
-        if (fixed_landmarks_lps is None) != (moving_landmarks_lps is None):
-            raise ImageValidationError("landmarks need both a fixed and a moving list (same points, same order).")
-        if fixed_landmarks_lps is not None:
-            fixed_landmarks_lps = _check_landmarks(fixed_landmarks_lps, "fixed landmarks", fixed_grid)
-            moving_landmarks_lps = _check_landmarks(moving_landmarks_lps, "moving landmarks", moving_grid)
-            if len(fixed_landmarks_lps) != len(moving_landmarks_lps):
-                raise ImageValidationError(
-                    f"fixed and moving landmark lists differ in length ({len(fixed_landmarks_lps)} vs "
-                    f"{len(moving_landmarks_lps)}); they must list the same points in the same order."
-                )
-        overlap = physical_overlap_fraction(fixed_grid, moving_grid)
-        if overlap <= 0.0 and not config.affine:
+    validate_image(fixed, "fixed image")
+    validate_image(moving, "moving image")
+    fixed_grid = Grid.from_image(fixed)
+    moving_grid = Grid.from_image(moving)
+    if fixed_labels is not None:
+        fixed_labels = _labels_on_grid(fixed_labels, fixed, "fixed segmentation", warnings)
+    if moving_labels is not None:
+        moving_labels = _labels_on_grid(moving_labels, moving, "moving segmentation", warnings)
+    if (fixed_landmarks_lps is None) != (moving_landmarks_lps is None):
+        raise ImageValidationError("landmarks need both a fixed and a moving list (same points, same order).")
+    if fixed_landmarks_lps is not None:
+        fixed_landmarks_lps = _check_landmarks(fixed_landmarks_lps, "fixed landmarks", fixed_grid)
+        moving_landmarks_lps = _check_landmarks(moving_landmarks_lps, "moving landmarks", moving_grid)
+        if len(fixed_landmarks_lps) != len(moving_landmarks_lps):
             raise ImageValidationError(
-                "fixed and moving images do not overlap in physical space and affine pre-alignment is off; "
-                "turn affine on, or check the images' orientation/origin (e.g. a wrong header)."
+                f"fixed and moving landmark lists differ in length ({len(fixed_landmarks_lps)} vs "
+                f"{len(moving_landmarks_lps)}); they must list the same points in the same order."
             )
-        for role, image in (("fixed", fixed), ("moving", moving)):
-            is_ct, why = looks_like_ct(image)
-            if not is_ct:
-                warnings.append(f"{role} image: {why}")
-        device = resolve_device(config.device)
-        seed_everything(config.seed)
-        if config.threads:
-            torch.set_num_threads(int(config.threads))
+    if not config.affine and physical_overlap_fraction(fixed_grid, moving_grid) <= 0.0:
+        raise ImageValidationError(
+            "fixed and moving images do not overlap in physical space and affine pre-alignment is off; "
+            "turn affine on, or check the images' orientation/origin (e.g. a wrong header)."
+        )
+    for role, image in (("fixed", fixed), ("moving", moving)):
+        is_ct, why = looks_like_ct(image)
+        if not is_ct:
+            warnings.append(f"{role} image: {why}")
+    return _Inputs(
+        fixed=fixed, moving=moving, fixed_grid=fixed_grid, moving_grid=moving_grid, fixed_labels=fixed_labels,
+        moving_labels=moving_labels, fixed_landmarks_lps=fixed_landmarks_lps,
+        moving_landmarks_lps=moving_landmarks_lps,
+        label_names={int(k): str(v) for k, v in (label_names or {}).items()}, warnings=warnings,
+    )
 
-    network = None
-    card = None
-    network_bf16 = network_uses_bfloat16(config.network_precision, device)
-    hu_window = config.hu_window
+
+@dataclass
+class _Run:
+    """What the stages of one run on one device pass along; each stage fills in its part."""
+
+    inputs: _Inputs
+    config: RegistrationConfig
+    stages: _Stages
+    device: torch.device
+    warnings: list[str]
+    network: torch.nn.Module | None = None
+    card: ModelCard | None = None
+    network_bf16: bool = False
+    # preprocessing: both images on their working grids (the fixed one's grid is where the registration runs)
+    w_fixed: WorkingImage | None = None
+    w_moving: WorkingImage | None = None
+    # affine: fixed -> moving, and the moving image through it on the fixed working grid
+    affine: sitk.AffineTransform | None = None
+    moved: WorkingImage | None = None
+    # deformable stages: displacement on the fixed working grid, working-grid voxels (1, 3, D, H, W)
+    disp: torch.Tensor | None = None
+    folding_retry: dict | None = None
+    # full resolution, on the fixed image's grid
+    transform: sitk.CompositeTransform | None = None
+    """``x -> affine(x + u(x))``, for the landmarks."""
+    displacement: sitk.Image | None = None
+    warped: sitk.Image | None = None
+    warped_labels: sitk.Image | None = None
+    jacobian: sitk.Image | None = None
+    magnitude: sitk.Image | None = None
+    body_mask: sitk.Image | None = None
+    inverse_displacement: sitk.Image | None = None
+    warped_moving_landmarks_lps: np.ndarray | None = None
+    inverse_stats: dict = field(default_factory=dict)
+
+    @property
+    def working_grid(self) -> Grid:
+        return self.w_fixed.grid
+
+
+def _run_stages(inputs: _Inputs, config: RegistrationConfig, stages: _Stages) -> RegistrationResult:
+    """One run of the pipeline on ``config.device``, after validation (see :func:`register_pair`)."""
+    run = _start(inputs, config, stages)
+    _preprocess(run)
+    _align_affine(run)
+    _predict_network(run)
+    _optimise_instance(run)
+    _compose(run)
+    _warp(run)
+    _jacobian_and_magnitude(run)
+    if config.compute_inverse:
+        _invert(run)
+    with stages("metrics", "metrics"):
+        metrics = _metrics(run)
+    stages.seconds["total"] = time.perf_counter() - stages.started
+    metrics["stages"] = {k: round(v, 3) for k, v in stages.seconds.items()}
+    metrics["runtime_s"] = round(stages.seconds["total"], 3)
+    if stages.progress is not None:
+        stages.progress(ProgressEvent("finished", 1.0, f"done in {metrics['runtime_s']:.1f} s"))
+    return RegistrationResult(
+        warped_image=run.warped,
+        displacement_lps=run.displacement,
+        jacobian=run.jacobian,
+        displacement_magnitude=run.magnitude,
+        metrics=metrics,
+        affine_fixed_to_moving=run.affine,
+        config=config,
+        body_mask=run.body_mask,
+        warped_labels=run.warped_labels,
+        inverse_displacement_lps=run.inverse_displacement,
+        warped_moving_landmarks_lps=run.warped_moving_landmarks_lps,
+    )
+
+
+def _start(inputs: _Inputs, config: RegistrationConfig, stages: _Stages) -> _Run:
+    """Device, seeds, threads and the network (when ``config.model``)."""
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
+    run = _Run(inputs=inputs, config=config, stages=stages, device=device, warnings=list(inputs.warnings))
     if config.model:
-        network, card = load_model(config.model, device)
+        run.network, run.card = load_model(config.model, device)
+        run.network_bf16 = network_uses_bfloat16(config.network_precision, device)
+    return run
 
-    with stages("preprocessing", "resampling to the working grid, HU window, body mask"):
+
+def _preprocess(run: _Run) -> None:
+    config, fixed, moving = run.config, run.inputs.fixed, run.inputs.moving
+    with run.stages("preprocessing", "resampling to the working grid, HU window, body mask"):
         # the instance optimisation always uses the configured HU window; the network uses its card's
         w_fixed_grid = make_working_grid(fixed, config.working_spacing_mm, config.max_working_voxels)
         w_moving_grid = make_working_grid(moving, w_fixed_grid.spacing[0])
-        w_fixed = prepare_working_image(fixed, w_fixed_grid, hu_window, config.body_mask)
-        w_moving = prepare_working_image(moving, w_moving_grid, hu_window, config.body_mask)
-        if config.body_mask and (w_fixed.mask.sum() == 0 or w_moving.mask.sum() == 0):
+        run.w_fixed = prepare_working_image(fixed, w_fixed_grid, config.hu_window, config.body_mask)
+        run.w_moving = prepare_working_image(moving, w_moving_grid, config.hu_window, config.body_mask)
+        if config.body_mask and (run.w_fixed.mask.sum() == 0 or run.w_moving.mask.sum() == 0):
             raise ImageValidationError(
-                "no body found (nothing above -400 HU) in the "
-                + ("fixed" if w_fixed.mask.sum() == 0 else "moving")
+                f"no body found (nothing above {BODY_THRESHOLD_HU:g} HU) in the "
+                + ("fixed" if run.w_fixed.mask.sum() == 0 else "moving")
                 + " image; is it a CT in HU? Turn body masking off for other images."
             )
+        spacing = w_fixed_grid.spacing[0]
+        if spacing > config.working_spacing_mm * (1 + 1e-9):
+            extent = (np.asarray(run.inputs.fixed_grid.size) - 1) * np.asarray(run.inputs.fixed_grid.spacing)
+            run.warnings.append(
+                f"the working grid's spacing is {spacing:.3g} mm, not working_spacing_mm = "
+                f"{config.working_spacing_mm:g} mm: the fixed image spans {extent.max():.0f} mm, more than "
+                f"max_working_voxels = {config.max_working_voxels} voxels at that spacing (raise max_working_voxels "
+                "for a finer grid, at more time and memory)."
+            )
 
-    with stages("affine", "affine pre-alignment"):
-        affine = optimise_affine(
-            w_fixed_grid, w_fixed.intensity, w_moving_grid, w_moving.intensity,
-            levels_mm=tuple(config.affine_levels_mm), iterations=config.affine_iterations, device=device,
-            optimise=config.affine, fixed_field_of_view=w_fixed.field_of_view,
-            moving_field_of_view=w_moving.field_of_view,
-            callback=stages.iteration_callback("affine", "affine"),
-        ) if (config.affine or overlap <= 0.0) else sitk.AffineTransform(3)
+
+def _align_affine(run: _Run) -> None:
+    config, w_fixed, w_moving = run.config, run.w_fixed, run.w_moving
+    with run.stages("affine", "affine pre-alignment"):
+        if config.affine:
+            run.affine = optimise_affine(
+                w_fixed.grid, w_fixed.intensity, w_moving.grid, w_moving.intensity, AffineSettings.from_config(config),
+                device=run.device, fixed_field_of_view=w_fixed.field_of_view,
+                moving_field_of_view=w_moving.field_of_view,
+                callback=run.stages.iteration_callback("affine", "affine"),
+            )
+        else:
+            run.affine = sitk.AffineTransform(3)
         # the moving body, moved: its mask is resampled, not computed a third time
-        moved = prepare_working_image(moving, w_fixed_grid, hu_window, config.body_mask, transform=affine,
-                                      body_mask_of=w_moving)
+        run.moved = prepare_working_image(run.inputs.moving, w_fixed.grid, config.hu_window, config.body_mask,
+                                          transform=run.affine, body_mask_of=w_moving)
 
-    fixed_t = torch.as_tensor(w_fixed.intensity, device=device)[None, None]
-    moving_t = torch.as_tensor(moved.intensity, device=device)[None, None]
+
+def _predict_network(run: _Run) -> None:
+    """The deformable stages' starting displacement: the network's, else zero."""
+    if run.network is None:
+        run.disp = torch.zeros(1, 3, *run.w_fixed.intensity.shape, device=run.device)
+        return
+    with run.stages("network", f"network {run.card.name}"):
+        run.disp = network_displacement(run.network, run.card, run.inputs.fixed, run.inputs.moving, run.affine,
+                                        run.working_grid, run.config, run.device, bf16=run.network_bf16)
+
+
+def _optimise_instance(run: _Run) -> None:
+    """Instance optimisation from the current displacement, rerun once with stronger regularisation when it folds
+    more than ``config.folding_limit_percent``."""
+    config, device = run.config, run.device
+    if not (config.io_iterations > 0 and config.io_levels):
+        return
+    settings = InstanceOptimisationSettings.from_config(config, run.working_grid.spacing[0])
+    fixed_t = torch.as_tensor(run.w_fixed.intensity, device=device)[None, None]
+    moving_t = torch.as_tensor(run.moved.intensity, device=device)[None, None]
     # similarity where both images have data: the fixed body inside the (affinely mapped) moving field of view
-    mask_t = torch.as_tensor(w_fixed.mask & moved.field_of_view, device=device)[None, None]
-    body_t = torch.as_tensor(w_fixed.mask, device=device)[None, None]
-    disp = torch.zeros(1, 3, *fixed_t.shape[2:], device=device)
+    mask_t = torch.as_tensor(run.w_fixed.mask & run.moved.field_of_view, device=device)[None, None]
+    body_t = torch.as_tensor(run.w_fixed.mask, device=device)[None, None]
+    initial = run.disp
+    with run.stages("instance_optimisation", "instance optimisation"):
+        callback = run.stages.iteration_callback("instance_optimisation", "instance optimisation")
+        run.disp = instance_optimise(fixed_t, moving_t, initial, mask_t, settings=settings, callback=callback)
+        folding = _folding_percent(run.disp, body_t)
+        if folding > config.folding_limit_percent:
+            factor = config.folding_retry_factor
+            run.disp = instance_optimise(fixed_t, moving_t, initial, mask_t, settings=settings.strengthened(factor),
+                                         callback=run.stages.iteration_callback("instance_optimisation", "retry"))
+            run.folding_retry = {
+                "folding_percent_first": folding,
+                "folding_percent_retry": _folding_percent(run.disp, body_t),
+            }
+            run.warnings.append(
+                f"folding {folding:.2f}% exceeded {config.folding_limit_percent}%: instance optimisation was "
+                f"rerun with {factor:g}x regularisation (now {run.folding_retry['folding_percent_retry']:.2f}%)."
+            )
 
-    if network is not None:
-        with stages("network", f"network {card.name}"):
-            disp = network_displacement(network, card, fixed, moving, affine, w_fixed_grid, config, device,
-                                         bf16=network_bf16)
 
-    io_settings = InstanceOptimisationSettings(
-        levels=tuple(config.io_levels), iterations=config.io_iterations,
-        fine_iterations=config.io_fine_iterations, learning_rate=config.io_learning_rate,
-        control_spacing=config.io_control_spacing, ncc_window=config.io_ncc_window,
-        smoothness_weight=config.io_smoothness_weight, jacobian_weight=config.io_jacobian_weight,
-    )
-    folding_retry = None
-    if config.io_iterations > 0 and config.io_levels:
-        initial = disp
-        with stages("instance_optimisation", "instance optimisation"):
-            callback = stages.iteration_callback("instance_optimisation", "instance optimisation")
-            disp = instance_optimise(fixed_t, moving_t, initial, mask_t, io_settings, callback=callback)
-            folding = _folding_percent(disp, body_t)
-            if folding > config.folding_limit_percent:
-                stronger = dataclasses.replace(
-                    io_settings, smoothness_weight=io_settings.smoothness_weight * 4,
-                    jacobian_weight=max(io_settings.jacobian_weight, 0.1) * 4,
-                )
-                disp = instance_optimise(fixed_t, moving_t, initial, mask_t, stronger,
-                                         callback=stages.iteration_callback("instance_optimisation", "retry"))
-                folding_retry = {
-                    "folding_percent_first": folding,
-                    "folding_percent_retry": _folding_percent(disp, body_t),
-                }
-                warnings.append(
-                    f"folding {folding:.2f}% exceeded {config.folding_limit_percent}%: instance optimisation was "
-                    f"rerun with 4x regularisation (now {folding_retry['folding_percent_retry']:.2f}%)."
-                )
-
-    with stages("composition", "composing affine and deformable fields at full resolution"):
-        deformable_mm = disp_vox_to_mm_lps(disp, w_fixed_grid)
+def _compose(run: _Run) -> None:
+    with run.stages("composition", "composing affine and deformable fields at full resolution"):
+        deformable_mm = disp_vox_to_mm_lps(run.disp, run.working_grid)
         # x -> affine(x + u(x)); the ITK composite is kept for the landmarks
-        transform = sitk.CompositeTransform([affine, _field_transform(deformable_mm, w_fixed_grid)])
-        displacement = affine_field_displacement(fixed_grid, deformable_mm, w_fixed_grid, after=affine, device=device)
-        working_displacement = affine_field_displacement(w_fixed_grid, deformable_mm, w_fixed_grid, after=affine,
-                                                         device=device)
+        run.transform = sitk.CompositeTransform([run.affine, _field_transform(deformable_mm, run.working_grid)])
+        run.displacement = affine_field_displacement(run.inputs.fixed_grid, deformable_mm, run.working_grid,
+                                                     after=run.affine, device=run.device)
 
-    with stages("warping", "warping the moving image and labels"):
-        air = float(min(-1024.0, float(sitk.GetArrayViewFromImage(moving).min())))
-        warped = warp_image(moving, displacement, default_value=air, device=device)
-        warped_labels = None
+
+def _warp(run: _Run) -> None:
+    moving, moving_labels = run.inputs.moving, run.inputs.moving_labels
+    with run.stages("warping", "warping the moving image and labels"):
+        air = float(min(OUTSIDE_FOV_HU, float(sitk.GetArrayViewFromImage(moving).min())))
+        run.warped = warp_image(moving, run.displacement, default_value=air, device=run.device)
         if moving_labels is not None:
-            warped_labels = warp_image(moving_labels, displacement, default_value=0, interpolator="nearest",
-                                       device=device)
+            run.warped_labels = warp_image(moving_labels, run.displacement, default_value=0, interpolator="nearest",
+                                           device=run.device)
 
-    with stages("jacobian", "Jacobian determinant and displacement magnitude"):
-        jacobian = jacobian_determinant(displacement, device=device)
-        magnitude = displacement_magnitude(displacement)
-        body_full = resample_image(
-            w_fixed_grid.image_from_array(w_fixed.mask.astype(np.uint8)), fixed, interpolator="nearest"
-        )
-        body_zyx = sitk.GetArrayViewFromImage(body_full).astype(bool)
 
-    inverse_displacement = None
-    warped_moving_landmarks = None
-    inverse_stats: dict = {}
-    if config.compute_inverse:
-        with stages("inverse", "inverse field (moving -> fixed)"):
-            # coarse-to-fine fixed point, each voxel until it moves by < 0.01 voxel (~0.03 mm): the same consistency
-            # statistics as 30 full-resolution iterations, ~6x faster (the last iterations touch only the few voxels
-            # still moving, so up to 10 cost little)
-            inverse_vox = spatial.invert_displacement(disp, tolerance=1e-2, coarse_factor=2, fine_iterations=10)
-            ic = spatial.compose(inverse_vox, disp)  # x -> x + v(x) + v_inv(x + v(x)); zero for an exact inverse
-            ic_mm = np.linalg.norm(disp_vox_to_mm_lps(ic, w_fixed_grid), axis=-1)[w_fixed.mask]
-            inverse_stats = {
-                "inverse_consistency_mean_mm": float(ic_mm.mean()) if ic_mm.size else 0.0,
-                "inverse_consistency_p95_mm": float(np.percentile(ic_mm, 95)) if ic_mm.size else 0.0,
-                "inverse_consistency_max_mm": float(ic_mm.max()) if ic_mm.size else 0.0,
-            }
-            # y -> q + v(q), q = affine^-1(y).  A moving image much finer than the working grid (clinical CT):
-            # as affine^-1(y + u(y)) with u solved on a working grid with the moving image's axes, then separable
-            # interpolation (512 x 512 x 400, one thread: 10 -> ~2 s).  Otherwise one trilinear sample of v per
-            # moving voxel costs less than that second solve.
-            if np.prod(moving_grid.size) > _SEPARABLE_INVERSE_RATIO * np.prod(w_moving_grid.size):
-                inverse_grid, before, after = w_moving_grid, None, affine.GetInverse()
-                inverse_u = inverse_field_on_grid(disp, inverse_vox, w_fixed_grid, affine, inverse_grid)
-            else:
-                inverse_grid, before, after = w_fixed_grid, affine.GetInverse(), None
-                inverse_u = disp_vox_to_mm_lps(inverse_vox, w_fixed_grid)
-            inverse_displacement = affine_field_displacement(moving_grid, inverse_u, inverse_grid, before=before,
-                                                             after=after, device=device)
-            if moving_landmarks_lps is not None:
-                field = _field_transform(np.asarray(torch.as_tensor(inverse_u).cpu()), inverse_grid)
-                parts = [affine.GetInverse(), field] if after is not None else [field, affine.GetInverse()]
-                inverse_transform = sitk.CompositeTransform(parts)
-                warped_moving_landmarks = np.array(
-                    [inverse_transform.TransformPoint([float(c) for c in p]) for p in moving_landmarks_lps]
-                )
+def _jacobian_and_magnitude(run: _Run) -> None:
+    with run.stages("jacobian", "Jacobian determinant and displacement magnitude"):
+        run.jacobian = jacobian_determinant(run.displacement, device=run.device)
+        run.magnitude = displacement_magnitude(run.displacement)
+        body = resample_image(run.working_grid.image_from_array(run.w_fixed.mask.astype(np.uint8)), run.inputs.fixed,
+                              interpolator="nearest")
+        run.body_mask = sitk.Cast(body, sitk.sitkUInt8)
 
-    with stages("metrics", "metrics"):
-        jac_zyx = sitk.GetArrayViewFromImage(jacobian)
-        metrics: dict = {
-            "device": str(device),
-            "model": {"name": card.name if card else None, "sha256": card.sha256 if card else None,
-                      "precision": ("bf16" if network_bf16 else "fp32") if card else None},
-            "config": _config_as_dict(config),
-            "working_grid": {"size": list(w_fixed_grid.size), "spacing_mm": w_fixed_grid.spacing[0]},
-            "affine_fixed_to_moving": {
-                "matrix": list(affine.GetMatrix()), "translation_mm": list(affine.GetTranslation()),
-                "center_mm": list(affine.GetCenter()),
-            },
-            "jacobian": jacobian_statistics(jac_zyx, body_zyx),
-            "displacement": displacement_statistics(displacement, body_zyx, magnitude=magnitude),
-            "inverse": inverse_stats,
-            "warnings": warnings,
+
+def _invert(run: _Run) -> None:
+    disp, affine, working_grid, device = run.disp, run.affine, run.working_grid, run.device
+    moving_grid, w_moving_grid = run.inputs.moving_grid, run.w_moving.grid
+    with run.stages("inverse", "inverse field (moving -> fixed)"):
+        # coarse-to-fine fixed point, each voxel until it moves by < 0.01 voxel (~0.03 mm): the same consistency
+        # statistics as 30 full-resolution iterations at a fraction of the cost (the last iterations touch only
+        # the few voxels still moving, so up to 10 cost little)
+        inverse_vox = spatial.invert_displacement(disp, tolerance=1e-2, coarse_factor=2, fine_iterations=10)
+        ic = spatial.compose(inverse_vox, disp)  # x -> x + v(x) + v_inv(x + v(x)); zero for an exact inverse
+        ic_mm = np.linalg.norm(disp_vox_to_mm_lps(ic, working_grid), axis=-1)[run.w_fixed.mask]
+        run.inverse_stats = {
+            "inverse_consistency_mean_mm": float(ic_mm.mean()) if ic_mm.size else 0.0,
+            "inverse_consistency_p95_mm": float(np.percentile(ic_mm, 95)) if ic_mm.size else 0.0,
+            "inverse_consistency_max_mm": float(ic_mm.max()) if ic_mm.size else 0.0,
         }
-        if folding_retry:
-            metrics["folding_retry"] = folding_retry
-        metrics["folding_percent"] = metrics["jacobian"]["folding_percent"]
-        metrics["sdlogj"] = metrics["jacobian"]["sdlogj"]
-        if fixed_labels is not None and moving_labels is not None:
-            before = resample_image(moving_labels, fixed, None, "nearest", default_value=0)
-            after_affine = resample_image(moving_labels, fixed, affine, "nearest", default_value=0)
-            metrics["labels"] = {
-                "before": label_overlap_report(fixed_labels, before, label_names),
-                "affine": label_overlap_report(fixed_labels, after_affine, label_names),
-                "after": label_overlap_report(fixed_labels, warped_labels, label_names),
-            }
-            metrics["dice_mean_before"] = metrics["labels"]["before"]["dice_mean"]
-            metrics["dice_mean_affine"] = metrics["labels"]["affine"]["dice_mean"]
-            metrics["dice_mean_after"] = metrics["labels"]["after"]["dice_mean"]
-        if fixed_landmarks_lps is not None:
-            mapped = np.array([transform.TransformPoint([float(c) for c in p]) for p in fixed_landmarks_lps])
-            metrics["landmarks"] = {
-                "count": len(fixed_landmarks_lps),
-                "before": landmark_errors(fixed_landmarks_lps, moving_landmarks_lps),
-                "after": landmark_errors(mapped, moving_landmarks_lps),
-            }
-            metrics["tre_mean_before_mm"] = metrics["landmarks"]["before"]["mean"]
-            metrics["tre_mean_after_mm"] = metrics["landmarks"]["after"]["mean"]
-
-    stages.seconds["total"] = time.perf_counter() - t_total
-    metrics["stages"] = {k: round(v, 3) for k, v in stages.seconds.items()}
-    metrics["runtime_s"] = round(stages.seconds["total"], 3)
-    if progress is not None:
-        progress(ProgressEvent("finished", 1.0, f"done in {metrics['runtime_s']:.1f} s"))
-
-    return RegistrationResult(
-        warped_image=warped,
-        displacement_lps=displacement,
-        jacobian=jacobian,
-        displacement_magnitude=magnitude,
-        metrics=metrics,
-        affine_fixed_to_moving=affine,
-        body_mask=sitk.Cast(body_full, sitk.sitkUInt8),
-        warped_labels=warped_labels,
-        inverse_displacement_lps=inverse_displacement,
-        warped_moving_landmarks_lps=warped_moving_landmarks,
-        working_displacement_lps=working_displacement,
-        extras={"transform": transform, "working_grid": w_fixed_grid},
-    )
+        # y -> q + v(q), q = affine^-1(y).  A moving image much finer than the working grid (clinical CT):
+        # as affine^-1(y + u(y)) with u solved on a working grid with the moving image's axes, then separable
+        # interpolation.  Otherwise one trilinear sample of v per moving voxel costs less than that second
+        # solve.
+        if np.prod(moving_grid.size) > _SEPARABLE_INVERSE_RATIO * np.prod(w_moving_grid.size):
+            inverse_grid, before, after = w_moving_grid, None, affine.GetInverse()
+            inverse_u = inverse_field_on_grid(disp, inverse_vox, working_grid, affine, inverse_grid)
+        else:
+            inverse_grid, before, after = working_grid, affine.GetInverse(), None
+            inverse_u = disp_vox_to_mm_lps(inverse_vox, working_grid)
+        run.inverse_displacement = affine_field_displacement(moving_grid, inverse_u, inverse_grid, before=before,
+                                                             after=after, device=device)
+        if run.inputs.moving_landmarks_lps is not None:
+            inverse_field = _field_transform(np.asarray(torch.as_tensor(inverse_u).cpu()), inverse_grid)
+            parts = [affine.GetInverse(), inverse_field] if after is not None else [inverse_field, affine.GetInverse()]
+            inverse_transform = sitk.CompositeTransform(parts)
+            run.warped_moving_landmarks_lps = np.array(
+                [inverse_transform.TransformPoint([float(c) for c in p]) for p in run.inputs.moving_landmarks_lps]
+            )
 
 
+def _metrics(run: _Run) -> dict:
+    inputs, affine, card = run.inputs, run.affine, run.card
+    body_zyx = sitk.GetArrayViewFromImage(run.body_mask).astype(bool)
+    jac_zyx = sitk.GetArrayViewFromImage(run.jacobian)
+    metrics: dict = {
+        "device": str(run.device),
+        "model": {"name": card.name if card else None, "sha256": card.sha256 if card else None,
+                  "precision": ("bf16" if run.network_bf16 else "fp32") if card else None},
+        "config": run.config.to_dict(),
+        "working_grid": {"size": list(run.working_grid.size), "spacing_mm": run.working_grid.spacing[0]},
+        "affine_fixed_to_moving": {
+            "matrix": list(affine.GetMatrix()), "translation_mm": list(affine.GetTranslation()),
+            "center_mm": list(affine.GetCenter()),
+        },
+        "jacobian": jacobian_statistics(jac_zyx, body_zyx),
+        "displacement": displacement_statistics(run.displacement, body_zyx, magnitude=run.magnitude),
+        "inverse": run.inverse_stats,
+        "warnings": run.warnings,
+    }
+    if run.folding_retry:
+        metrics["folding_retry"] = run.folding_retry
+    metrics["folding_percent"] = metrics["jacobian"]["folding_percent"]
+    metrics["sdlogj"] = metrics["jacobian"]["sdlogj"]
+    if inputs.fixed_labels is not None and inputs.moving_labels is not None:
+        fixed, fixed_labels, moving_labels = inputs.fixed, inputs.fixed_labels, inputs.moving_labels
+        before = resample_image(moving_labels, fixed, None, "nearest", default_value=0)
+        after_affine = resample_image(moving_labels, fixed, affine, "nearest", default_value=0)
+        metrics["labels"] = {
+            "before": label_overlap_report(fixed_labels, before, inputs.label_names),
+            "affine": label_overlap_report(fixed_labels, after_affine, inputs.label_names),
+            "after": label_overlap_report(fixed_labels, run.warped_labels, inputs.label_names),
+        }
+        metrics["dice_mean_before"] = metrics["labels"]["before"]["dice_mean"]
+        metrics["dice_mean_affine"] = metrics["labels"]["affine"]["dice_mean"]
+        metrics["dice_mean_after"] = metrics["labels"]["after"]["dice_mean"]
+    if inputs.fixed_landmarks_lps is not None:
+        fixed_points, moving_points = inputs.fixed_landmarks_lps, inputs.moving_landmarks_lps
+        mapped = np.array([run.transform.TransformPoint([float(c) for c in p]) for p in fixed_points])
+        metrics["landmarks"] = {
+            "count": len(fixed_points),
+            "before": landmark_errors(fixed_points, moving_points),
+            "after": landmark_errors(mapped, moving_points),
+        }
+        metrics["tre_mean_before_mm"] = metrics["landmarks"]["before"]["mean"]
+        metrics["tre_mean_after_mm"] = metrics["landmarks"]["after"]["mean"]
+    return metrics
 
 
 def _folding_percent(disp: torch.Tensor, mask: torch.Tensor) -> float:
@@ -513,7 +618,3 @@ def _folding_percent(disp: torch.Tensor, mask: torch.Tensor) -> float:
         inside = mask[:, 0].bool()
         count = int(inside.sum())
         return 100.0 * float(((det <= 0) & inside).sum()) / max(count, 1)
-
-
-def _config_as_dict(config: RegistrationConfig) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}

@@ -47,7 +47,7 @@ from deepabdominalreg.synthetic.raster import (
     Shape,
     Tube,
     bezier_distance,
-    func_shape,
+    sdf_shape,
     to_local,
 )
 
@@ -192,6 +192,7 @@ class Patient:
 
     # ---- body outline -------------------------------------------------------------------------------------------
     def half_width_at(self, z):
+        """Half the body's left-right width (mm) at height ``z`` (mm): wider towards the pelvis."""
         zn = np.asarray(z, np.float32) / 150.0
         pelvis = 0.06 / (1.0 + np.exp((z - (self.z_crest - 25.0)) / 15.0))
         return self.half_width * (1.0 + self.width_slope * zn + self.width_curve * zn * zn + pelvis)
@@ -265,6 +266,7 @@ class Patient:
         return (self.y_spine0 - self.lordosis * bump).astype(np.float32)
 
     def spine_x(self, z):
+        """Left-right position (mm, LPS x) of the spine's axis at height ``z`` (mm): a mild scoliosis."""
         amp, wavelength, phase = self.scoliosis
         return (amp * np.sin(2 * np.pi * np.asarray(z, np.float32) / wavelength + phase)).astype(np.float32)
 
@@ -313,7 +315,7 @@ def _organ(pt: Patient, name: str, lobes, *, label: int, hu, rng, warp_mm=6.0, c
     def value(env, sdf):
         return hu + texture_hu * tex(env.x, env.y, env.z)
 
-    return func_shape(name, lo, hi, sdf_fn, value, label)
+    return sdf_shape(name, lo, hi, sdf_fn, value, label)
 
 
 def _vertebra_shape(pt: Patient, v: _Vertebra, textures) -> Shape:
@@ -349,7 +351,7 @@ def _vertebra_shape(pt: Patient, v: _Vertebra, textures) -> Shape:
         trabecular = pt.hu_cancellous + 20.0 * textures["fine"](env.x, env.y, env.z)
         return trabecular + soft_edge(-(sdf + cortex), 1.0) * (pt.hu_cortical - trabecular)
 
-    return func_shape(f"vertebra_{v.name}", lo, hi, sdf_fn, value, v.label)
+    return sdf_shape(f"vertebra_{v.name}", lo, hi, sdf_fn, value, v.label)
 
 
 def _muscle_value(pt: Patient, tex, offset: float = 0.0, amplitude: float = 4.0):
@@ -387,13 +389,13 @@ def _table(pt: Patient) -> list[Shape]:
         r = radial(env)
         return np.maximum.reduce([-r, r - thick, np.abs(env.x) - 235.0, centre_y - env.y])
 
-    shapes = [func_shape("table_core", lo, hi, core, -900.0, None)]
+    shapes = [sdf_shape("table_core", lo, hi, core, -900.0, None)]
     for offset, th in ((0.0, 2.5), (thick, 3.0)):
         def shell(env, offset=offset, th=th):
             return np.maximum.reduce([np.abs(radial(env) - offset) - th / 2, np.abs(env.x) - 235.0,
                                       centre_y - env.y])
 
-        shapes.append(func_shape("table_shell", lo, hi, shell, u(250.0, 450.0), None))
+        shapes.append(sdf_shape("table_shell", lo, hi, shell, u(250.0, 450.0), None))
     return shapes
 
 
@@ -404,11 +406,11 @@ def _body_wall(pt: Patient, tex) -> list[Shape]:
     hi = np.array([200.0, pt.y_back + 5.0, UNBOUNDED_MM])
     hu_visceral_fat = pt.hu_fat + u(0.0, 12.0)
     shapes = [
-        func_shape("skin", lo, hi, lambda e: -e.depth, 25.0, None),
-        func_shape("subcutaneous_fat", lo, hi, lambda e: 2.0 - e.depth,
+        sdf_shape("skin", lo, hi, lambda e: -e.depth, 25.0, None),
+        sdf_shape("subcutaneous_fat", lo, hi, lambda e: 2.0 - e.depth,
                     lambda e, d: pt.hu_fat + 6.0 * tex["coarse"](e.x, e.y, e.z), None),
-        func_shape("muscle_wall", lo, hi, lambda e: e.fat - e.depth, _muscle_value(pt, tex), None),
-        func_shape("cavity", lo, hi, lambda e: e.cavity_sdf(),
+        sdf_shape("muscle_wall", lo, hi, lambda e: e.fat - e.depth, _muscle_value(pt, tex), None),
+        sdf_shape("cavity", lo, hi, lambda e: e.cavity_sdf(),
                     lambda e, d: hu_visceral_fat + 6.0 * tex["coarse"](e.x, e.y, e.z), None),
     ]
 
@@ -416,7 +418,7 @@ def _body_wall(pt: Patient, tex) -> list[Shape]:
         zd = pt.diaphragm_z(env.x, env.y)
         return np.maximum(np.abs(env.z - (zd - 2.5)) - 3.0, env.wall - 3.0 - env.depth)
 
-    shapes.append(func_shape("diaphragm", lo, hi, diaphragm, pt.hu_muscle, None))
+    shapes.append(sdf_shape("diaphragm", lo, hi, diaphragm, pt.hu_muscle, None))
 
     def lung(env):
         zd = pt.diaphragm_z(env.x, env.y)
@@ -433,7 +435,7 @@ def _body_wall(pt: Patient, tex) -> list[Shape]:
     for side, name in ((1.0, "lung_lower_lobe_left"), (-1.0, "lung_lower_lobe_right")):
         box_lo = np.array([0.0 if side > 0 else -200.0, -200.0, pt.z_dome - 120.0])
         box_hi = np.array([200.0 if side > 0 else 0.0, 200.0, UNBOUNDED_MM])
-        shapes.append(func_shape("lung", box_lo, box_hi, lung, lung_value, _LABEL_ID[name]))
+        shapes.append(sdf_shape("lung", box_lo, box_hi, lung, lung_value, _LABEL_ID[name]))
 
     # erector spinae (autochthon) either side of the spinous processes
     for side, name in ((1.0, "autochthon_left"), (-1.0, "autochthon_right")):
@@ -446,7 +448,7 @@ def _body_wall(pt: Patient, tex) -> list[Shape]:
 
         box_lo = np.array([min(0, side * 80), pt.y_spine0 - 40, -UNBOUNDED_MM])
         box_hi = np.array([max(0, side * 80), pt.y_back + 5, UNBOUNDED_MM])
-        shapes.append(func_shape("autochthon", box_lo, box_hi, autochthon, _muscle_value(pt, tex, -6.0, 8.0),
+        shapes.append(sdf_shape("autochthon", box_lo, box_hi, autochthon, _muscle_value(pt, tex, -6.0, 8.0),
                                   _LABEL_ID[name]))
 
     # quadratus lumborum (unlabelled muscle), lateral to the transverse processes
@@ -461,7 +463,7 @@ def _body_wall(pt: Patient, tex) -> list[Shape]:
 
         box_lo = np.array([min(0, side * 110), pt.y_spine0 - 20, pt.z_crest - 5])
         box_hi = np.array([max(0, side * 110), pt.y_spine0 + 60, lv["T12"] + 5])
-        shapes.append(func_shape("quadratus", box_lo, box_hi, quadratus, pt.hu_muscle, None))
+        shapes.append(sdf_shape("quadratus", box_lo, box_hi, quadratus, pt.hu_muscle, None))
     return shapes
 
 
@@ -524,7 +526,7 @@ def _kidney_hilum(name: str, side: float, centre: np.ndarray, semi, rot: np.ndar
     def sinus(env):
         return ellipsoid_sdf(to_local(env, c, rot), sinus_semi)
 
-    return func_shape(f"{name}_hilum", c - r - 2, c + r + 2, sinus, value, _LABEL_ID[name], within=(_LABEL_ID[name],))
+    return sdf_shape(f"{name}_hilum", c - r - 2, c + r + 2, sinus, value, _LABEL_ID[name], within=(_LABEL_ID[name],))
 
 
 def _hollow_organs(pt: Patient, tex, spleen_centre: np.ndarray) -> dict:
@@ -671,7 +673,7 @@ def _psoas(pt: Patient, tex) -> list[Shape]:
 
         lo = np.array([min(0, side * 150), pt.y_spine0 - 120, -UNBOUNDED_MM])
         hi = np.array([max(0, side * 150), pt.y_spine0 + 40, z_top + 5])
-        shapes.append(func_shape("psoas", lo, hi, psoas, _muscle_value(pt, tex), _LABEL_ID[name]))
+        shapes.append(sdf_shape("psoas", lo, hi, psoas, _muscle_value(pt, tex), _LABEL_ID[name]))
     return shapes
 
 
@@ -689,7 +691,7 @@ def _spine(pt: Patient, tex) -> list[Shape]:
 
         c = np.array([0.0, float(pt.spine_y(z_disc)), z_disc])
         r = np.array([v.rx + 15, v.ry + 15, thickness + 5])
-        shapes.append(func_shape("disc", c - r, c + r, disc, u(75.0, 100.0), None))
+        shapes.append(sdf_shape("disc", c - r, c + r, disc, u(75.0, 100.0), None))
     shapes += [_vertebra_shape(pt, v, tex) for v in pt.vertebrae]
 
     cord_end = lv["L1"] - 0.5 * pt.period
@@ -707,7 +709,7 @@ def _spine(pt: Patient, tex) -> list[Shape]:
         cord = np.maximum(np.sqrt(x * x + y * y) - 4.5 * s, cord_end - env.z)
         return 8.0 + soft_edge(cord, 1.0) * 27.0  # CSF, and the cord above L1/L2
 
-    shapes.append(func_shape("spinal_canal", np.array([-40, pt.y_spine0 - 20, pt.z_ls - 5]),
+    shapes.append(sdf_shape("spinal_canal", np.array([-40, pt.y_spine0 - 20, pt.z_ls - 5]),
                               np.array([40, pt.y_spine0 + 70, UNBOUNDED_MM]), canal, canal_value, _LABEL_ID["spinal_cord"]))
 
     # sacrum: below the L5/S1 disc, tilting posteriorly, with alae
@@ -728,7 +730,7 @@ def _spine(pt: Patient, tex) -> list[Shape]:
         return hu + soft_edge(canal_sdf, 1.0) * (10.0 - hu)
 
     y_s1 = float(pt.spine_y(pt.z_ls))
-    shapes.append(func_shape("sacrum", np.array([-80, y_s1 - 40, -UNBOUNDED_MM]), np.array([80, y_s1 + 100, z_s1 + 2]),
+    shapes.append(sdf_shape("sacrum", np.array([-80, y_s1 - 40, -UNBOUNDED_MM]), np.array([80, y_s1 + 100, z_s1 + 2]),
                               sacrum, sacrum_value, _LABEL_ID["sacrum"]))
     return shapes
 
@@ -772,7 +774,7 @@ def _pelvis(pt: Patient, tex) -> tuple[list[Shape], list[Shape]]:
 
         lo = np.array([min(0, side * 200), pt.y_spine0 - 120, -UNBOUNDED_MM])
         hi = np.array([max(0, side * 200), pt.y_spine0 + 90, pt.z_crest + 20])
-        wings.append(func_shape("iliac_wing", lo, hi, wing, _bone_value(pt, tex), _LABEL_ID[name]))
+        wings.append(sdf_shape("iliac_wing", lo, hi, wing, _bone_value(pt, tex), _LABEL_ID[name]))
 
     # iliacus: muscle lining the inner (anteromedial) surface of each wing, labelled with the psoas
     for side, name in ((1.0, "iliopsoas_left"), (-1.0, "iliopsoas_right")):
@@ -791,7 +793,7 @@ def _pelvis(pt: Patient, tex) -> tuple[list[Shape], list[Shape]]:
 
         lo = np.array([min(0, side * 200), pt.y_spine0 - 120, -UNBOUNDED_MM])
         hi = np.array([max(0, side * 200), pt.y_spine0 + 60, pt.z_crest + 5])
-        iliacus.append(func_shape("iliacus", lo, hi, muscle, _muscle_value(pt, tex), _LABEL_ID[name]))
+        iliacus.append(sdf_shape("iliacus", lo, hi, muscle, _muscle_value(pt, tex), _LABEL_ID[name]))
     return wings, iliacus
 
 

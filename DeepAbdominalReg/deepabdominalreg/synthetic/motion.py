@@ -1,16 +1,52 @@
-"""Synthetic motion with a known answer (fixed -> moving displacement, LPS mm): organ-driven abdominal motion
-(breathing, bowel, patient shift) and van Eijnatten et al.'s random smooth deformations.
+"""Synthetic motion with a known answer, as displacement fields ``u`` mapping a fixed point ``x`` to the moving point
+``x + u(x)``.
+
+On an image (SimpleITK, LPS mm, on the image's grid): :func:`synthetic_abdominal_motion` (organ-driven breathing,
+bowel changes and a rigid patient shift) and :func:`van_eijnatten_deformation` (van Eijnatten et al. 2021's random
+smooth field).  Their deformable parts are computed on a coarse isotropic grid and resampled onto the image's grid.
+
+On a tensor grid (torch, ``(1, 3, D, H, W)`` in voxels of that grid, channels ``(d, h, w)``, as
+:mod:`deepabdominalreg.spatial`; amplitudes in mm, converted with ``spacing_mm`` along ``(d, h, w)``): thin-plate
+splines (:func:`tps_displacement`, :func:`random_tps_displacement`) and affine / rigid motion
+(:func:`affine_displacement`, :func:`random_rigid_displacement`), the training augmentation's motion models.
+:func:`van_eijnatten_displacement`, the one van Eijnatten generator, serves both: it returns LPS mm on a
+:class:`~deepabdominalreg.geometry.Grid` (for a bare tensor, :func:`tensor_grid`), and the caller converts to voxels
+through the grid.  Randomness comes only from the ``generator`` argument (a ``torch.Generator``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
+from deepabdominalreg import spatial
+from deepabdominalreg.config import BODY_THRESHOLD_HU, OUTSIDE_FOV_HU
 from deepabdominalreg.geometry import Grid, make_working_grid, resample_image
+
+__all__ = [
+    "DEFAULT_LABEL_GROUPS",
+    "Spacing",
+    "affine_displacement",
+    "coarse_body_mask",
+    "coarse_grid",
+    "gaussian_smooth",
+    "labels_present",
+    "random_rigid_displacement",
+    "random_tps_displacement",
+    "random_uniform",
+    "rotation_matrix",
+    "synthetic_abdominal_motion",
+    "tensor_grid",
+    "tps_displacement",
+    "van_eijnatten_deformation",
+    "van_eijnatten_displacement",
+]
 
 #: Label ids (TotalSegmentator ``total``, shared by the phantom) that drive each part of the abdominal motion:
 #: ``breathing`` organs move most with the diaphragm, ``bowel`` gets local random changes, ``rigid`` structures
@@ -22,6 +58,9 @@ DEFAULT_LABEL_GROUPS: dict[str, list[int]] = {
               52, 75, 76, 77, 78, 79, 86, 87],
 }
 _COARSE_SPACING_MM = 5.0
+
+#: Spacing of a tensor grid in mm: one value (isotropic) or three, along ``(d, h, w)``.
+Spacing = float | Sequence[float]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,9 +95,10 @@ def _mask_on_grid(labels: sitk.Image, ids: Sequence[int], grid: Grid) -> np.ndar
     return sitk.GetArrayFromImage(resample_image(image, grid, interpolator="linear", default_value=0.0))
 
 
-def coarse_body_mask(reference: sitk.Image, grid: Grid, threshold_hu: float = -500.0) -> np.ndarray:
+def coarse_body_mask(reference: sitk.Image, grid: Grid, threshold_hu: float = BODY_THRESHOLD_HU) -> np.ndarray:
     """The patient's body on the coarse grid: largest connected region above ``threshold_hu``, holes filled."""
-    image = resample_image(sitk.Cast(reference, sitk.sitkFloat32), grid, interpolator="linear", default_value=-1024.0)
+    image = resample_image(sitk.Cast(reference, sitk.sitkFloat32), grid, interpolator="linear",
+                           default_value=OUTSIDE_FOV_HU)
     array = sitk.GetArrayFromImage(image)
     above = array > threshold_hu
     if not above.any():
@@ -77,40 +117,26 @@ def _gaussian(array: np.ndarray, sigma_mm: float, spacing_mm: float, mode: str =
     return ndimage.gaussian_filter(array, sigma=sigma_mm / spacing_mm, mode=mode)
 
 
-def _compose_self(u_zyx3: np.ndarray, grid: Grid) -> np.ndarray:
-    """``u(x) + u(x + u(x))`` on ``grid`` (one squaring step), linear interpolation, vectors in LPS mm."""
-    d = grid.direction_matrix
-    h = np.asarray(grid.spacing)
-    # displacement in index units: D^T u / h (the grid is orthonormal)
-    u_index = (u_zyx3 @ d) / h
-    shape = u_zyx3.shape[:3]
-    k, j, i = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
-    coords = np.stack([k + u_index[..., 2], j + u_index[..., 1], i + u_index[..., 0]])
-    out = np.empty_like(u_zyx3)
-    for c in range(3):
-        out[..., c] = u_zyx3[..., c] + ndimage.map_coordinates(u_zyx3[..., c], coords, order=1, mode="nearest")
-    return out
+def _voxels(u_zyx3: np.ndarray, grid: Grid) -> torch.Tensor:
+    """A ``(z, y, x, 3)`` LPS-mm field on ``grid`` as a float64 ``(1, 3, D, H, W)`` voxel displacement (d, h, w)."""
+    vox_xyz = grid.displacement_to_voxels(u_zyx3)
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(vox_xyz[..., ::-1], -1, 0)))[None]
+
+
+def _millimetres(disp_vox: torch.Tensor, grid: Grid) -> np.ndarray:
+    """The inverse of :func:`_voxels`: ``(1, 3, D, H, W)`` voxels (d, h, w) -> ``(z, y, x, 3)`` LPS mm, float64."""
+    return grid.displacement_to_mm(disp_vox[0].flip(0).permute(1, 2, 3, 0).double().numpy())
 
 
 def _exponentiate(v_zyx3: np.ndarray, grid: Grid, steps: int = 6) -> np.ndarray:
-    """Displacement of the exponential of a stationary velocity field (scaling and squaring), LPS mm."""
-    u = v_zyx3 / float(2**steps)
-    for _ in range(steps):
-        u = _compose_self(u, grid)
-    return u
+    """Displacement (LPS mm) of the exponential of a stationary velocity field (LPS mm) on ``grid``: scaling and
+    squaring (:func:`deepabdominalreg.spatial.integrate_velocity`, linear interpolation, border values outside)."""
+    return _millimetres(spatial.integrate_velocity(_voxels(v_zyx3, grid), steps), grid)
 
 
-def _jacobian_determinant(u_zyx3: np.ndarray, grid: Grid) -> np.ndarray:
-    """det(I + grad u) with central differences in physical units (``zyx`` array)."""
-    d = grid.direction_matrix
-    h = np.asarray(grid.spacing)
-    # derivatives along index axes i, j, k (array axes 2, 1, 0)
-    grads = [np.gradient(u_zyx3, axis=axis) for axis in (2, 1, 0)]
-    d_index = np.stack(grads, axis=-1)  # (..., component, index axis)
-    j = d_index @ (np.diag(1.0 / h) @ d.T) + np.eye(3)
-    return (j[..., 0, 0] * (j[..., 1, 1] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 1])
-            - j[..., 0, 1] * (j[..., 1, 0] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 0])
-            + j[..., 0, 2] * (j[..., 1, 0] * j[..., 2, 1] - j[..., 1, 1] * j[..., 2, 0]))
+def _min_jacobian_determinant(u_zyx3: np.ndarray, grid: Grid) -> float:
+    """Smallest det(I + grad u) of an LPS-mm field on ``grid`` (central differences; the same in voxel units)."""
+    return float(spatial.jacobian_determinant(_voxels(u_zyx3, grid)).min())
 
 
 def _max_norm(u_zyx3: np.ndarray, where: np.ndarray | None = None) -> float:
@@ -160,15 +186,22 @@ def _smoothstep(t: np.ndarray) -> np.ndarray:
     return t * t * (3.0 - 2.0 * t)
 
 
+def _torch_generator(seed: int, stream: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` for ``seed`` in its own ``stream`` (as NumPy's ``default_rng([seed, stream])``)."""
+    state = np.random.SeedSequence([int(seed), int(stream)]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# displacement generators
+# motion of an image (SimpleITK, LPS mm)
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def labels_present(labels: sitk.Image | None) -> set[int]:
+    """The label ids (other than 0) found in ``labels``; empty for ``None``."""
     if labels is None:
         return set()
     return {int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels))} - {0}
-
 
 
 def synthetic_abdominal_motion(
@@ -276,9 +309,9 @@ def synthetic_abdominal_motion(
             scale *= amplitude_mm / peak
         # exact peak: a rescale by a few percent keeps the (smooth) map invertible; checked just below
         u_def *= amplitude_mm / _max_norm(u_def, inside)
-    det = _jacobian_determinant(u_def, coarse)
-    if det.min() <= 0.05:
-        raise RuntimeError(f"synthetic motion folds (min det J {det.min():.3f}); lower amplitude_mm")
+    min_det = _min_jacobian_determinant(u_def, coarse)
+    if min_det <= 0.05:
+        raise RuntimeError(f"synthetic motion folds (min det J {min_det:.3f}); lower amplitude_mm")
 
     # (3) rigid motion composed after the deformation: x -> R (x + u_def(x) - c) + c + t
     centre = points[body].mean(0) if body.any() else points.reshape(-1, 3).mean(0)
@@ -297,70 +330,311 @@ def van_eijnatten_deformation(
     n_points: int = 100,
     min_distance_mm: float = 40.0,
     sigma_mm: float = 25.0,
-    body_threshold_hu: float = -500.0,
+    body_threshold_hu: float = BODY_THRESHOLD_HU,
 ) -> sitk.Image:
     """A random smooth field in the style of van Eijnatten et al. 2021, on ``reference``'s grid (LPS mm).
 
-    Up to ``n_points`` points are drawn inside the body (voxels above ``body_threshold_hu``, largest component)
-    at least ``min_distance_mm`` apart; each gets a random vector with components uniform in [-1, 1]; the sparse
-    field is smoothed with a Gaussian of ``sigma_mm`` and scaled so that its largest displacement is
-    ``amplitude_mm``.  Same convention as :func:`synthetic_abdominal_motion`; raises ``RuntimeError`` if the
-    field would fold (increase ``sigma_mm`` or lower ``amplitude_mm``).
+    :func:`van_eijnatten_displacement` on the coarse 5 mm grid, inside the body (voxels above ``body_threshold_hu``,
+    largest component, holes filled), scaled so that its largest displacement on ``reference``'s grid is
+    ``amplitude_mm``, then resampled (linearly) onto that grid.  Same convention as
+    :func:`synthetic_abdominal_motion`; raises ``RuntimeError`` if the field would fold (increase ``sigma_mm`` or
+    lower ``amplitude_mm``).
     """
     if amplitude_mm < 0 or n_points < 1 or min_distance_mm < 0 or sigma_mm <= 0:
         raise ValueError("amplitude_mm >= 0, n_points >= 1, min_distance_mm >= 0 and sigma_mm > 0 are required")
-    rng = np.random.default_rng([int(seed), 4242])
+    generator = _torch_generator(seed, 4242)
     coarse = coarse_grid(reference)
-    h = coarse.spacing[0]
-    points = _physical_points(coarse)
     body = coarse_body_mask(reference, coarse, body_threshold_hu)
-    candidates = np.argwhere(body)
-    chosen: list[np.ndarray] = []
-    chosen_xyz: list[np.ndarray] = []
-    for index in rng.permutation(len(candidates)):
-        p = points[tuple(candidates[index])]
-        if chosen_xyz and np.min(np.linalg.norm(np.asarray(chosen_xyz) - p, axis=1)) < min_distance_mm:
-            continue
-        chosen.append(candidates[index])
-        chosen_xyz.append(p)
-        if len(chosen) >= n_points:
-            break
-    sparse = np.zeros(body.shape + (3,), dtype=np.float64)
-    for index in chosen:
-        sparse[tuple(index)] += rng.uniform(-1.0, 1.0, 3)
-    u = np.stack([_gaussian(sparse[..., c], sigma_mm, h, mode="constant") for c in range(3)], axis=-1)
-    peak = _max_norm(u, _inside_reference(points, reference, h))
-    u = u * (amplitude_mm / peak) if peak > 0 else u
-    det = _jacobian_determinant(u, coarse)
-    if det.min() <= 0.0:
-        raise RuntimeError(f"van Eijnatten field folds (min det J {det.min():.3f}); increase sigma_mm "
+    inside = _inside_reference(_physical_points(coarse), reference, coarse.spacing[0])
+    u = van_eijnatten_displacement(torch.from_numpy(body), coarse, amplitude_mm=amplitude_mm, n_points=n_points,
+                                   min_distance_mm=min_distance_mm, sigma_mm=sigma_mm, generator=generator,
+                                   peak_within=torch.from_numpy(inside))
+    min_det = _min_jacobian_determinant(u, coarse)
+    if min_det <= 0.0:
+        raise RuntimeError(f"van Eijnatten field folds (min det J {min_det:.3f}); increase sigma_mm "
                            "or lower amplitude_mm")
     return _to_reference(u, coarse, reference)
 
 
-def warp_with_displacement(
-    image: sitk.Image,
-    displacement: sitk.Image,
-    interpolator: str = "linear",
-    default_value: float | None = None,
-) -> sitk.Image:
-    """Resample ``image`` (the moving base) through ``u`` onto the displacement's (fixed) grid.
+# ----------------------------------------------------------------------------------------------------------------
+# motion on a tensor grid (torch, voxels)
+# ----------------------------------------------------------------------------------------------------------------
 
-    ``out(x) = image(x + u(x))`` — the fixed image of a synthetic pair.  ``interpolator``: ``"linear"``,
-    ``"nearest"`` (labels), ``"bspline"`` or ``"label_gaussian"``.  ``default_value`` (outside ``image``)
-    defaults to 0 for labels (nearest/label_gaussian interpolation or unsigned integer pixels) and to -1000 HU
-    for CT-like images (minimum below -500), else 0.  The pixel type of ``image`` is kept.
+
+def _spacing(spacing_mm: Spacing, device=None, dtype=torch.float32) -> torch.Tensor:
+    values = [float(spacing_mm)] * 3 if isinstance(spacing_mm, (int, float)) else [float(s) for s in spacing_mm]
+    if len(values) != 3 or min(values) <= 0:
+        raise ValueError(f"spacing_mm must be one positive value or three (d, h, w), got {spacing_mm}")
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
+def random_uniform(generator: torch.Generator | None, low: float, high: float, shape=()) -> torch.Tensor:
+    """Draws uniform in ``[low, high)`` (float64, CPU) from ``generator``: the one source of randomness of the
+    tensor motion models and of the training augmentation, so that a seed reproduces a pair on any device."""
+    return low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
+
+
+def _check_shape(shape) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 2:
+        raise ValueError(f"shape must be (D, H, W) with every size >= 2, got {shape}")
+    return shape
+
+
+def tensor_grid(shape: Sequence[int], spacing_mm: Spacing = 1.0) -> Grid:
+    """The :class:`Grid` of a ``(D, H, W)`` tensor with ``spacing_mm`` along ``(d, h, w)``: origin 0, identity
+    direction, so LPS ``x, y, z`` run along ``w, h, d`` (a training crop, whose fields need no patient frame)."""
+    d, h, w = (int(s) for s in shape)
+    spacing = _spacing(spacing_mm, dtype=torch.float64).tolist()
+    return Grid(size=(w, h, d), spacing=tuple(spacing[::-1]), origin=(0.0, 0.0, 0.0),
+                direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# thin-plate splines
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tps_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``U(|a_i - b_j|) = |a_i - b_j|`` (3D biharmonic radial basis), ``(N, M)``."""
+    return torch.cdist(a, b)
+
+
+def tps_displacement(
+    shape: Sequence[int],
+    control_points: torch.Tensor,
+    control_displacements: torch.Tensor,
+    stride: int = 1,
+    regularisation: float = 0.0,
+) -> torch.Tensor:
+    """Dense thin-plate-spline displacement ``(1, 3, D, H, W)`` (voxels) interpolating control displacements.
+
+    ``control_points`` ``(N, 3)`` and ``control_displacements`` ``(N, 3)`` are voxel coordinates/vectors ``(d, h, w)``
+    (``N >= 4``, not all coplanar).  The spline is ``f(x) = a0 + A x + sum_i w_i U(|x - c_i|)`` with ``U(r) = r``,
+    solved exactly (``regularisation = 0``) so that ``f(c_i) = v_i``; affine fields are reproduced exactly.
+    With ``stride > 1`` the spline is evaluated on every ``stride``-th voxel (plus the last) and trilinearly
+    interpolated in between (the spline is smooth; this saves memory and time on large grids).
     """
-    if displacement.GetNumberOfComponentsPerPixel() != 3:
-        raise ValueError("displacement must be a 3-component vector image (LPS mm)")
-    if default_value is None:
-        unsigned = image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkUInt64)
-        if interpolator in ("nearest", "label_gaussian") or unsigned:
-            default_value = 0.0
-        else:
-            minimum = float(sitk.GetArrayViewFromImage(image).min())
-            default_value = -1000.0 if minimum < -500.0 else 0.0
-    # the transform takes over the buffer of the image it is given: give it a copy, never the caller's field
-    transform = sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
-    return resample_image(image, displacement, transform=transform, interpolator=interpolator,
-                          default_value=default_value)
+    shape = _check_shape(shape)
+    c = control_points.to(torch.float64)
+    v = control_displacements.to(torch.float64)
+    if c.ndim != 2 or c.shape[1] != 3 or v.shape != c.shape or c.shape[0] < 4:
+        raise ValueError("control_points and control_displacements must both be (N, 3) with N >= 4")
+    n = c.shape[0]
+    k = _tps_kernel(c, c) + regularisation * torch.eye(n, dtype=torch.float64, device=c.device)
+    p = torch.cat([torch.ones(n, 1, dtype=torch.float64, device=c.device), c], dim=1)
+    system = torch.zeros(n + 4, n + 4, dtype=torch.float64, device=c.device)
+    system[:n, :n] = k
+    system[:n, n:] = p
+    system[n:, :n] = p.T
+    rhs = torch.zeros(n + 4, 3, dtype=torch.float64, device=c.device)
+    rhs[:n] = v
+    coefficients = torch.linalg.solve(system, rhs)
+    weights, affine = coefficients[:n], coefficients[n:]
+
+    stride = max(int(stride), 1)
+    axes = []
+    for s in shape:
+        ax = torch.arange(0, s, stride, dtype=torch.float64, device=c.device)
+        if ax[-1] != s - 1:
+            ax = torch.cat([ax, torch.tensor([s - 1.0], dtype=torch.float64, device=c.device)])
+        axes.append(ax)
+    coarse_shape = tuple(len(a) for a in axes)
+    points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+    out = torch.empty(points.shape[0], 3, dtype=torch.float64, device=c.device)
+    chunk = 65536
+    for start in range(0, points.shape[0], chunk):
+        q = points[start: start + chunk]
+        out[start: start + chunk] = (
+            _tps_kernel(q, c) @ weights + torch.cat([torch.ones(len(q), 1, dtype=q.dtype, device=q.device), q], 1)
+            @ affine
+        )
+    field = out.reshape(*coarse_shape, 3).permute(3, 0, 1, 2).unsqueeze(0).to(torch.float32)
+    if coarse_shape == shape:
+        return field
+    # the coarse samples are not uniformly spaced at the end (the last voxel is added): interpolate per axis
+    return _interpolate_irregular(field, axes, shape)
+
+
+def _interpolate_irregular(field: torch.Tensor, axes: list[torch.Tensor], shape: tuple[int, int, int]):
+    """Trilinear interpolation from samples at voxel positions ``axes`` (per axis, increasing) to every voxel."""
+    out = field.to(torch.float64)
+    for dim, (ax, size) in enumerate(zip(axes, shape)):
+        target = torch.arange(size, dtype=torch.float64, device=field.device)
+        upper = torch.searchsorted(ax, target, right=False).clamp(1, len(ax) - 1)
+        lower = upper - 1
+        t = ((target - ax[lower]) / (ax[upper] - ax[lower])).clamp(0, 1)
+        view = [1, 1, 1, 1, 1]
+        view[dim + 2] = size
+        a = out.index_select(dim + 2, lower)
+        b = out.index_select(dim + 2, upper)
+        out = a + (b - a) * t.view(view)
+    return out.to(field.dtype)
+
+
+def random_tps_displacement(
+    shape: Sequence[int],
+    spacing_mm: Spacing = 1.0,
+    *,
+    grid_points: int = 8,
+    max_displacement_mm: float = 6.0,
+    generator: torch.Generator | None = None,
+    stride: int = 4,
+) -> torch.Tensor:
+    """DDMR's random TPS deformation: a ``grid_points``³ control grid spanning the volume (corner to corner),
+    each control point displaced by a vector with components uniform in ``[-max, max]`` mm; ``(1, 3, D, H, W)`` voxels.
+
+    The dense field interpolates the control vectors (so its largest component is about ``max_displacement_mm``).
+    """
+    shape = _check_shape(shape)
+    if grid_points < 2 or max_displacement_mm < 0:
+        raise ValueError("grid_points >= 2 and max_displacement_mm >= 0 are required")
+    axes = [torch.linspace(0, s - 1, grid_points, dtype=torch.float64) for s in shape]
+    control = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+    vectors_mm = random_uniform(generator, -max_displacement_mm, max_displacement_mm, (control.shape[0], 3))
+    vectors_vox = vectors_mm / _spacing(spacing_mm, dtype=torch.float64)
+    return tps_displacement(shape, control, vectors_vox, stride=stride)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rigid / affine
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rotation_matrix(angles_deg: Sequence[float]) -> torch.Tensor:
+    """Rotation ``R = R_d R_h R_w`` (``(3, 3)`` float64) by ``angles_deg`` about the ``d``, ``h``, ``w`` axes."""
+    a = [math.radians(float(x)) for x in angles_deg]
+
+    def rot(i: int, j: int, t: float) -> torch.Tensor:
+        m = torch.eye(3, dtype=torch.float64)
+        m[i, i] = m[j, j] = math.cos(t)
+        m[i, j], m[j, i] = -math.sin(t), math.sin(t)
+        return m
+
+    return rot(1, 2, a[0]) @ rot(0, 2, a[1]) @ rot(0, 1, a[2])
+
+
+def affine_displacement(
+    shape: Sequence[int],
+    matrix: torch.Tensor,
+    translation_mm: Sequence[float] = (0.0, 0.0, 0.0),
+    spacing_mm: Spacing = 1.0,
+    centre_vox: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Displacement ``(1, 3, D, H, W)`` (voxels) of the physical map ``x -> M (x - c) + c + t`` (mm, ``(d, h, w)``).
+
+    ``matrix`` ``M`` ``(3, 3)`` acts on mm coordinates (e.g. :func:`rotation_matrix`), ``c`` is the grid centre
+    unless ``centre_vox`` is given (voxels), ``t`` is ``translation_mm``.
+    """
+    shape = _check_shape(shape)
+    s = _spacing(spacing_mm, dtype=torch.float64)
+    m = torch.as_tensor(matrix, dtype=torch.float64)
+    if m.shape != (3, 3):
+        raise ValueError(f"matrix must be (3, 3), got {tuple(m.shape)}")
+    centre = torch.tensor([(n - 1) / 2.0 for n in shape], dtype=torch.float64) if centre_vox is None else \
+        torch.as_tensor(centre_vox, dtype=torch.float64)
+    t_vox = torch.as_tensor(translation_mm, dtype=torch.float64) / s
+    m_vox = torch.diag(1.0 / s) @ m @ torch.diag(s)  # voxel-space matrix of the mm map
+    grid = spatial.identity_grid(shape, dtype=torch.float64)[0].reshape(3, -1)  # (3, N) voxels
+    moved = m_vox @ (grid - centre[:, None]) + centre[:, None] + t_vox[:, None]
+    return (moved - grid).reshape(1, 3, *shape).to(torch.float32)
+
+
+def random_rigid_displacement(
+    shape: Sequence[int],
+    spacing_mm: Spacing = 1.0,
+    *,
+    max_rotation_deg: float = 10.0,
+    max_translation_mm: float = 30.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A random rigid motion about the grid centre: angles uniform in ``[-max, max]`` degrees about each axis,
+    translation components uniform in ``[-max, max]`` mm; ``(1, 3, D, H, W)`` voxels."""
+    angles = random_uniform(generator, -max_rotation_deg, max_rotation_deg, (3,))
+    translation = random_uniform(generator, -max_translation_mm, max_translation_mm, (3,))
+    return affine_displacement(shape, rotation_matrix(angles.tolist()), translation.tolist(), spacing_mm)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# van Eijnatten random fields
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def gaussian_smooth(x: torch.Tensor, sigma_vox: Sequence[float] | float, truncate: float = 3.0) -> torch.Tensor:
+    """Separable Gaussian smoothing of ``(B, C, D, H, W)`` with zero padding; ``sigma_vox`` per axis (voxels).
+
+    Weights are normalised to 1 (a constant far from the borders is unchanged; the zero padding pulls the
+    borders towards 0, which keeps a random field vanishing outside the volume).
+    """
+    if x.ndim != 5:
+        raise ValueError(f"expected (B, C, D, H, W), got {tuple(x.shape)}")
+    sigmas = [float(sigma_vox)] * 3 if isinstance(sigma_vox, (int, float)) else [float(s) for s in sigma_vox]
+    channels = x.shape[1]
+    for axis, sigma in enumerate(sigmas):
+        if sigma <= 0:
+            continue
+        radius = max(math.ceil(truncate * sigma), 1)
+        t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+        kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        view = [1, 1, 1]
+        view[axis] = kernel.numel()
+        padding = [0, 0, 0]
+        padding[axis] = radius
+        x = F.conv3d(x, kernel.view(1, 1, *view).expand(channels, 1, *view), padding=tuple(padding), groups=channels)
+    return x
+
+
+def van_eijnatten_displacement(
+    mask: torch.Tensor,
+    grid: Grid,
+    *,
+    amplitude_mm: float = 10.0,
+    n_points: int = 100,
+    min_distance_mm: float = 40.0,
+    sigma_mm: float = 25.0,
+    generator: torch.Generator | None = None,
+    peak_within: torch.Tensor | None = None,
+) -> np.ndarray:
+    """van Eijnatten et al. 2021's simulated deformation on ``grid``: ``(D, H, W, 3)`` LPS mm (float64).
+
+    ``mask`` ``(D, H, W)`` or ``(1, 1, D, H, W)`` on ``grid`` (bool, e.g. the body; on any device, where the
+    smoothing runs): up to ``n_points`` voxels of the mask, drawn in random order and kept when at least
+    ``min_distance_mm`` from every point kept so far, get a random vector (mm along the grid's axes ``(d, h, w)``,
+    components uniform in [-1, 1]); the sparse field is smoothed by a Gaussian of ``sigma_mm``
+    (:func:`gaussian_smooth`) and scaled so that its largest displacement (Euclidean norm, mm) over the voxels
+    ``peak_within`` (bool ``(D, H, W)``; all voxels when ``None``) is ``amplitude_mm``.  An empty mask or a zero
+    amplitude gives zeros (and draws nothing).  Voxels: ``grid.displacement_to_voxels``.
+    """
+    m = mask.reshape(mask.shape[-3:]).bool()
+    shape = tuple(m.shape)
+    if shape != tuple(grid.shape_zyx):
+        raise ValueError(f"mask shape {shape} differs from the grid's {tuple(grid.shape_zyx)}")
+    s = _spacing(tuple(reversed(grid.spacing)), device=mask.device)
+    field = torch.zeros(1, 3, *shape, device=mask.device)
+    candidates = torch.nonzero(m)
+    if candidates.numel() and amplitude_mm != 0:
+        order = torch.randperm(len(candidates), generator=generator)
+        # greedy selection in random order (a candidate is kept when no kept point is closer than the minimum
+        # distance), done as: keep the first remaining candidate, drop every remaining one too close to it, repeat;
+        # the same points as the one-by-one loop, in at most n_points vectorised steps (on the CPU)
+        remaining = (candidates.cpu()[order].numpy() * s.cpu().numpy()).astype(np.float32)
+        remaining_index = order.numpy()
+        chosen: list[int] = []
+        while len(remaining) and len(chosen) < n_points:
+            chosen.append(int(remaining_index[0]))
+            far = np.linalg.norm(remaining - remaining[0], axis=1) >= min_distance_mm
+            far[0] = False  # the kept point itself (also when the minimum distance is 0)
+            remaining, remaining_index = remaining[far], remaining_index[far]
+        vectors = random_uniform(generator, -1.0, 1.0, (len(chosen), 3)).to(torch.float32).to(mask.device)
+        idx = candidates[chosen]
+        field[0, :, idx[:, 0], idx[:, 1], idx[:, 2]] = vectors.T
+        field = gaussian_smooth(field, (sigma_mm / s).tolist())
+        norm = torch.linalg.norm(field, dim=1)[0]
+        if peak_within is not None:
+            norm = norm[peak_within.to(mask.device).bool()]
+        peak = norm.max() if norm.numel() else torch.zeros(())
+        field = field * (float(amplitude_mm) / peak) if peak > 0 else torch.zeros_like(field)
+    # mm along the grid's axes (d, h, w) -> along (i, j, k) -> LPS
+    along_axes = field[0].flip(0).permute(1, 2, 3, 0).double().cpu().numpy()
+    return along_axes @ grid.direction_matrix.T

@@ -3,7 +3,8 @@
 Convention (ITK's ``DisplacementFieldTransform``): a displacement field ``u`` lives on the **fixed** grid, as
 ``sitkVectorFloat64`` vectors in LPS mm, and maps a fixed point ``x`` to the moving point ``x + u(x)``.  From a
 "moving" base image and ``u``, the fixed image is the moving image resampled through ``u``
-(:func:`warp_with_displacement`), so ``u`` is the exact ground truth of the pair (fixed -> moving).
+(:func:`deepabdominalreg.geometry.warp_with_displacement`), so ``u`` is the exact ground truth of the pair
+(fixed -> moving).
 
 * :func:`synthetic_abdominal_motion`: breathing (cranio-caudal shift of liver, spleen, kidneys and the upper
   abdomen, fading towards the pelvis, little motion of the spine and the posterior wall), local bowel changes and a
@@ -31,7 +32,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from deepabdominalreg.geometry import Grid
+from deepabdominalreg.config import OUTSIDE_FOV_HU
+from deepabdominalreg.geometry import Grid, displacement_transform, warp_with_displacement
 from deepabdominalreg.io import write_displacement_field, write_image, write_landmarks
 from deepabdominalreg.synthetic.anatomy import PHANTOM_LABELS, add_ct_noise, render_phantom
 from deepabdominalreg.synthetic.motion import (
@@ -40,7 +42,6 @@ from deepabdominalreg.synthetic.motion import (
     labels_present,
     synthetic_abdominal_motion,
     van_eijnatten_deformation,
-    warp_with_displacement,
 )
 
 # landmark choice: (structure name, which points); "c" = deepest interior point, "s"/"i" = superior/inferior pole
@@ -142,7 +143,7 @@ def anatomical_landmarks(
 
 def _displace_points(points_lps: np.ndarray, displacement: sitk.Image) -> np.ndarray:
     """``p + u(p)`` for each point (linear interpolation of ``u``), LPS mm."""
-    transform = sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
+    transform = displacement_transform(displacement)
     return np.asarray([transform.TransformPoint(tuple(float(c) for c in p)) for p in points_lps]).reshape(-1, 3)
 
 
@@ -159,7 +160,7 @@ def _body_points(image: sitk.Image, count: int, seed: int) -> np.ndarray:
 
 def _pair(moving: sitk.Image, moving_labels: sitk.Image | None, u: sitk.Image, label_names: dict[int, str],
           seed: int) -> SyntheticPair:
-    fixed = warp_with_displacement(moving, u, "linear")
+    fixed = warp_with_displacement(moving, u, "linear", OUTSIDE_FOV_HU)
     fixed_labels = None if moving_labels is None else warp_with_displacement(moving_labels, u, "nearest", 0.0)
     if fixed_labels is not None:
         fixed_points, _ = anatomical_landmarks(fixed_labels, label_names)

@@ -10,18 +10,18 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 from scipy.spatial import cKDTree
 
+from deepabdominalreg.config import AIR_HU
 from deepabdominalreg.geometry import Grid
+from deepabdominalreg.synthetic.primitives import catmull_rom, segment_distance, soft_edge
 
 if TYPE_CHECKING:
     from deepabdominalreg.synthetic.anatomy import Patient
-from deepabdominalreg.synthetic.primitives import catmull_rom, segment_distance, soft_edge
 
-AIR_HU = -1000.0  # HU of air in the phantom
-
-# tube content kinds
+#: Tube content kinds (:class:`Tube`): fluid, gas, gas over fluid, faeces, solid, bone, food.
 FLUID, GAS, AIR_FLUID, FECES, SOLID, BONE, FOOD = range(7)
 
-
+#: A box extent (mm) far beyond any phantom: a shape whose box uses it is in effect unbounded along that axis.
+UNBOUNDED_MM = 1e4
 
 
 def to_local(env: Env, centre: Sequence[float], rotation: np.ndarray | None = None):
@@ -75,6 +75,7 @@ class Env:
         return self._wall
 
     def subset(self, mask: np.ndarray) -> Env:
+        """The points where ``mask`` is true (flattened), with their body features if already computed."""
         if self._depth is None:
             return Env(self.patient, self.x[mask], self.y[mask], self.z[mask])
         return Env(self.patient, self.x[mask], self.y[mask], self.z[mask],
@@ -104,11 +105,13 @@ class Shape:
     prefilter: Callable[[Env], np.ndarray] | None = None
 
     def sdf(self, env: Env) -> np.ndarray:
+        """Signed distance (mm, negative inside) of ``env``'s points to the shape's surface."""
         return self.evaluate(env)[0]
 
 
-def func_shape(name, lo, hi, sdf_fn, value, label, within=None, prefilter=None) -> Shape:
-    """A shape from a signed-distance function and a value (HU number or ``value(env, sdf)``)."""
+def sdf_shape(name, lo, hi, sdf_fn, value, label, within=None, prefilter=None) -> Shape:
+    """A :class:`Shape` from a signed-distance function ``sdf_fn(env)`` (mm) and a value (HU number or
+    ``value(env, sdf)``); the other arguments as :class:`Shape`'s."""
 
     def evaluate(env):
         sdf = sdf_fn(env)
@@ -185,6 +188,7 @@ class Tube:
         return cand[keep]
 
     def evaluate(self, env: Env):
+        """``(sdf_mm, hu, label)`` of ``env``'s points (the :class:`Shape` protocol)."""
         shape = env.x.shape
         sdf = np.full(shape, np.inf, dtype=np.float32)
         hu = np.zeros(shape, dtype=np.float32)
@@ -296,6 +300,7 @@ class Canvas:
             yield sl, env
 
     def paint(self, shape: Shape) -> None:
+        """Paint ``shape`` over what is there: HU blended by its partial-volume fraction, labels where inside."""
         for sl, env in self._blocks(shape.lo, shape.hi):
             hu_block = self.hu[sl]
             lab_block = self.labels[sl]
@@ -328,9 +333,6 @@ class Canvas:
                     lab_block[inside] = lab[inside]
                 else:
                     lab_block[inside] = lab
-
-
-UNBOUNDED_MM = 1e4  # "unbounded" box extent (mm)
 
 
 def bezier_distance(env: Env, p0, p1, p2, pieces: int = 4):

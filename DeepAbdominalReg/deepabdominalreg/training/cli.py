@@ -71,25 +71,32 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate_model(args: argparse.Namespace) -> int:
-    from deepabdominalreg.evaluation.models import evaluate_methods
+    from pathlib import Path
+
+    from deepabdominalreg.evaluation.cases import CaseSet
+    from deepabdominalreg.evaluation.methods import method_specs
+    from deepabdominalreg.evaluation.runners import run_evaluation
 
     _threads(args)
-    _rows, table = evaluate_methods(
-        args.output_dir, model=args.model, methods=args.methods.split(","),
-        phantom_seeds=[int(s) for s in args.phantom_seeds.split(",") if s],
-        phantom_spacing_mm=args.phantom_spacing, amplitude_mm=args.amplitude,
-        ct=args.ct, ct_labels=args.ct_labels, ct_label_names=args.ct_label_names,
-        ct_seeds=[int(s) for s in args.ct_seeds.split(",") if s], threads=args.threads, cases_dir=args.cases_dir,
-    )
-    print(table)
-    return 0
+    out = Path(args.output_dir)
+    cases = CaseSet(
+        phantom_seeds=tuple(int(s) for s in args.phantom_seeds.split(",") if s),
+        phantom_amplitudes_mm=(args.amplitude,), phantom_spacing_mm=args.phantom_spacing,
+        ct=args.ct, ct_seg=args.ct_labels, ct_label_names=args.ct_label_names, ct_label_key=args.ct_label_key,
+        ct_seeds=tuple(int(s) for s in args.ct_seeds.split(",") if s), ct_amplitudes_mm=(args.amplitude,),
+    ).make(Path(args.cases_dir) if args.cases_dir else out / "cases", log=print)
+    # no inverse field: the runtime is the registration itself
+    methods = method_specs([m for m in args.methods.split(",") if m], model=args.model, compute_inverse=False)
+    rows = run_evaluation(cases, methods, out, threads=args.threads, isolate=False)
+    print((out / "summary.md").read_text())
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
 def add_commands(subparsers) -> None:
     """Add ``train``, ``finetune`` and ``evaluate-model`` to the ``deepabdominalreg`` command line."""
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", required=True, help="training config (JSON or TOML; see configs/)")
+        p.add_argument("--config", required=True, help="training config (JSON or TOML; see deepabdominalreg/training/configs/)")
         p.add_argument("--name", default=None, help="model name (card name and file stem)")
         p.add_argument("--out-dir", default=None, help="run folder: checkpoints, metrics.csv, metrics.png")
         p.add_argument("--model-dir", default=None, help="where the best model + card are written")
@@ -117,18 +124,22 @@ def add_commands(subparsers) -> None:
     ft.add_argument("--frozen-epochs", type=int, default=5, help="epochs with the frozen encoder (--two-step)")
     ft.set_defaults(func=_cmd_finetune)
 
-    ev = subparsers.add_parser("evaluate-model", help="compare identity / affine / network / network + IO / IO "
-                               "on held-out phantom pairs and synthetic deformations of a real CT")
-    ev.add_argument("--model", default=None, help="model (name or .pt); without it the network rows are skipped")
+    ev = subparsers.add_parser("evaluate-model", help="compare a model's network variants with no registration, "
+                               "the affine and instance optimisation on held-out phantom pairs and synthetic "
+                               "deformations of a real CT")
+    ev.add_argument("--model", default=None, help="model of the network variants (name or .pt; default: the "
+                    "network preset's)")
     ev.add_argument("--output-dir", required=True)
-    ev.add_argument("--methods", default="identity,affine,network,network+io,io")
+    ev.add_argument("--methods", default="none,affine,network,network+io,balanced",
+                    help="'none' and variants of our pipeline (deepabdominalreg.evaluation.methods.VARIANTS)")
     ev.add_argument("--phantom-seeds", default="0,1,2", help="held-out phantom seeds (never used in training)")
     ev.add_argument("--phantom-spacing", type=float, default=3.0)
     ev.add_argument("--amplitude", type=float, default=10.0, help="synthetic deformation amplitude (mm)")
     ev.add_argument("--ct", default=None, help="real CT deformed synthetically (e.g. example_ct.nii.gz)")
     ev.add_argument("--ct-labels", default=None)
-    ev.add_argument("--ct-label-names", default=None, help="JSON {id: name} (TotalSegmentator's label map works: "
-                    "key 'total')")
+    ev.add_argument("--ct-label-names", default=None, help="JSON {id: name} (or {key: {id: name}} with "
+                    "--ct-label-key)")
+    ev.add_argument("--ct-label-key", default=None, help="e.g. 'total' for TotalSegmentator's label map JSON")
     ev.add_argument("--ct-seeds", default="0,1")
     ev.add_argument("--threads", type=int, default=2)
     ev.add_argument("--cases-dir", default=None, help="where the pairs are written once and reused "

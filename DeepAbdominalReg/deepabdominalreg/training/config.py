@@ -46,7 +46,7 @@ class TrainingConfig:
     label_ids: list[int] | None = None
     """Labels used for segmentation guidance (one-hot channels); ``None``: every label found in the data."""
     augmentation: dict = field(default_factory=dict)
-    """:class:`deepabdominalreg.augmentation.AugmentationConfig` fields."""
+    """:class:`deepabdominalreg.training.augmentation.AugmentationConfig` fields."""
 
     # network
     architecture: str = "RegistrationUNet"

@@ -18,6 +18,7 @@ import torch
 
 from deepabdominalreg.geometry import Grid, make_working_grid, resample_image
 from deepabdominalreg.io import read_image, read_labels
+from deepabdominalreg.registration.fields import mm_lps_to_disp_vox
 from deepabdominalreg.registration.preprocessing import prepare_working_image
 from deepabdominalreg.training.augmentation import AugmentationConfig, PairAugmentation
 from deepabdominalreg.training.config import TrainingConfig
@@ -41,13 +42,6 @@ class Volume:
     fields: np.ndarray | None = None
 
 
-def displacement_mm_to_vox(field_mm_zyx3: np.ndarray, grid: Grid) -> np.ndarray:
-    """``(D, H, W, 3)`` LPS-mm displacement on ``grid`` -> ``(3, D, H, W)`` voxels, channels ``(d, h, w)``."""
-    matrix_inv = np.linalg.inv(grid.direction_matrix @ np.diag(grid.spacing))
-    vox_xyz = np.asarray(field_mm_zyx3, dtype=np.float64) @ matrix_inv.T  # (i, j, k) = (w, h, d)
-    return np.ascontiguousarray(np.moveaxis(vox_xyz[..., ::-1], -1, 0).astype(np.float32))
-
-
 def _working_volume(image: sitk.Image, labels: sitk.Image | None, grid: Grid, hu_window) -> tuple:
     w = prepare_working_image(image, grid, hu_window, True)
     lab = None
@@ -65,7 +59,7 @@ def _motion_fields(hu_image: sitk.Image, labels_image: sitk.Image | None, grid: 
     for seed in seeds:
         u = synthetic_abdominal_motion(hu_image, labels_image, seed=int(seed), amplitude_mm=amplitude_mm,
                                        rigid_shift_mm=0.0, rotation_deg=0.0)
-        fields.append(displacement_mm_to_vox(sitk.GetArrayFromImage(u), grid))
+        fields.append(mm_lps_to_disp_vox(sitk.GetArrayFromImage(u), grid, torch.device("cpu"))[0].numpy())
     return np.stack(fields) if fields else np.zeros((0, 3, *grid.shape_zyx), np.float32)
 
 
@@ -125,6 +119,9 @@ def _render_phantom_to_cache(config: TrainingConfig, seed: int) -> tuple[int, in
 
 
 def volume_entries(config: TrainingConfig) -> list[dict]:
+    """The CT volumes of ``config``, one dict each (``image``, ``labels``, ``masks``, ``patient``, ``time``): its
+    ``volumes`` list, then the rows of ``volumes_csv`` (paths relative to the CSV's folder), then the images of
+    ``volumes_folder`` (``NAME.nii.gz`` with ``NAME_seg`` or ``NAME_labels`` beside it)."""
     entries = [dict(e) for e in config.volumes]
     if config.volumes_csv:
         base = Path(config.volumes_csv).parent
@@ -193,7 +190,7 @@ def load_volumes(config: TrainingConfig, log=print) -> list[Volume]:
 
 
 def make_validation_pairs(config: TrainingConfig, seeds: Sequence[int] | None = None) -> list[dict]:
-    """Held-out phantom pairs (:func:`deepabdominalreg.synthetic.make_phantom_pair` at the training spacing, with
+    """Held-out phantom pairs (:func:`deepabdominalreg.synthetic.pairs.make_phantom_pair` at the training spacing, with
     noise and the default rigid motion) as tensors: fixed, moving, labels, body mask, true ``disp`` (voxels)."""
     from deepabdominalreg.synthetic.pairs import make_phantom_pair
 
@@ -208,7 +205,8 @@ def make_validation_pairs(config: TrainingConfig, seeds: Sequence[int] | None = 
             grid = Grid.from_image(pair.fixed_image)
             f, flab = _working_volume(pair.fixed_image, pair.fixed_labels, grid, config.hu_window)
             m, mlab = _working_volume(pair.moving_image, pair.moving_labels, grid, config.hu_window)
-            disp = displacement_mm_to_vox(sitk.GetArrayFromImage(pair.displacement_fixed_to_moving), grid)
+            disp = mm_lps_to_disp_vox(sitk.GetArrayFromImage(pair.displacement_fixed_to_moving), grid,
+                                      torch.device("cpu"))[0].numpy()
             tmp = path.with_suffix(".tmp.npz")
             np.savez_compressed(tmp, fixed=f.intensity, moving=m.intensity, fixed_mask=f.mask,
                                 fixed_labels=flab, moving_labels=mlab, disp=disp)

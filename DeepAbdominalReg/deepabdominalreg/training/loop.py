@@ -3,21 +3,21 @@
 Data (all brought onto one isotropic grid of ``spacing_mm``, the model's input spacing, with the model's HU window
 and body mask, exactly as :func:`deepabdominalreg.registration.register_pair` prepares the network's input):
 
-* the procedural phantom (:mod:`deepabdominalreg.phantom`) as a built-in source: a pool of ``phantom_seeds``
+* the procedural phantom (:mod:`deepabdominalreg.synthetic.anatomy`) as a built-in source: a pool of ``phantom_seeds``
   rendered once and cached under ``cache_dir`` (``.npz``), each with a few precomputed realistic abdominal motion
-  fields (:func:`deepabdominalreg.synthetic.synthetic_abdominal_motion`);
+  fields (:func:`deepabdominalreg.synthetic.motion.synthetic_abdominal_motion`);
 * CT volumes with optional label maps (NIfTI/NRRD/MHA), listed in the config (``volumes``), in a CSV
   (``volumes_csv``: columns ``image, labels, patient, time``) or found in a folder (``volumes_folder``:
   ``NAME.nii.gz`` + optional ``NAME_seg.nii.gz``);
 * pairs made on the fly (:class:`PairSampler`): ``intra`` (one volume and a synthetic deformation of it, with the
-  true field; :class:`deepabdominalreg.augmentation.PairAugmentation`), ``inter`` (two patients) and
+  true field; :class:`deepabdominalreg.training.augmentation.PairAugmentation`), ``inter`` (two patients) and
   ``longitudinal`` (two time points of one patient).
 
 Displacements are ``(B, 3, D, H, W)`` in voxels of the training grid, channels ``(d, h, w)``; the network maps a
 fixed voxel ``p`` to the moving voxel ``p + disp(p)``, as at inference.
 
 Training (:func:`train`): Adam, gradient accumulation, ReduceLROnPlateau on the validation Dice, best-validation
-checkpointing (and saving the model with its card through :func:`deepabdominalreg.models.save_model`), resumable
+checkpointing (and saving the model with its card through :func:`deepabdominalreg.nn.models.save_model`), resumable
 from ``out_dir/last.pt``, deterministic for a seed, a progress line with the losses and the uncertainty weights,
 ``metrics.csv`` + ``metrics.png`` per epoch.  Transfer learning (``init_model``, ``freeze_encoder_epochs``) and
 incremental training (:func:`train_incremental`).  Multi-GPU / multi-node: launch with ``torchrun``; the

@@ -5,40 +5,40 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from deepabdominalreg.evaluation.cases import load_label_names, read_pairs_csv, write_pairs_csv
-from deepabdominalreg.evaluation.environment import environment_info
-from deepabdominalreg.evaluation.runners import (
+from deepabdominalreg.config import PRESETS, RegistrationConfig
+from deepabdominalreg.evaluation import benchmark, peers
+from deepabdominalreg.evaluation.cases import CaseSet, load_label_names, read_pairs_csv, write_pairs_csv
+from deepabdominalreg.evaluation.environment import code_version, environment_info
+from deepabdominalreg.evaluation.methods import (
+    NONE,
+    VARIANTS,
     MethodOutput,
     MethodSpec,
-    run_evaluation,
-    run_isolated,
-    run_method,
+    method_specs,
+    our_method,
     run_ours,
 )
+from deepabdominalreg.evaluation.runners import run_evaluation, run_isolated, run_method
 from deepabdominalreg.evaluation.scoring import (
+    SSIM_WINDOW_HU,
     displacement_error,
     evaluate_displacement,
     fixed_body_mask,
     inverse_consistency_error,
     map_points,
-    warp_with_displacement,
 )
 from deepabdominalreg.evaluation.tables import markdown_table, plot_results, summarise
-from deepabdominalreg.geometry import Grid, resample_image
+from deepabdominalreg.geometry import Grid, resample_image, warp_with_displacement
 from deepabdominalreg.io import write_image, write_landmarks
 from geometry_helpers import oblique_direction
 
 # itk (elastix) and ANTs import SWIG modules that raise DeprecationWarnings on Python >= 3.12-style checks
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
-
-REPO = Path(__file__).resolve().parents[4]
-BENCHMARKS = REPO / "benchmarks"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def test_run_method_scores_and_reports_failures(case_on_disk):
 
 def test_run_evaluation_writes_tables_and_plots(case_on_disk, tmp_path):
     cases = read_pairs_csv(case_on_disk)
-    methods = [MethodSpec("none", "deepabdominalreg.evaluation.runners:run_identity"), _shift_method_spec()]
+    methods = [NONE, _shift_method_spec()]
     out = tmp_path / "out"
     rows = run_evaluation(cases, methods, out, isolate=False, log=None)
     assert [r["status"] for r in rows] == ["ok", "ok"]
@@ -315,8 +315,7 @@ def test_run_evaluation_writes_tables_and_plots(case_on_disk, tmp_path):
 
 def test_run_isolated_measures_a_fresh_process(case_on_disk):
     case = read_pairs_csv(case_on_disk)[0]
-    row, _ = run_isolated(case, MethodSpec("none", "deepabdominalreg.evaluation.runners:run_identity"), threads=1,
-                             timeout_s=120)
+    row, _ = run_isolated(case, NONE, threads=1, timeout_s=120)
     assert row["status"] == "ok", row.get("error")
     assert row["peak_rss_mb"] > 0 and row["dice_mean"] < 1.0
 
@@ -359,7 +358,7 @@ def test_evaluate_command_on_generated_phantom(tmp_path):
 
     out = tmp_path / "eval"
     code = main(["evaluate", "--output-dir", str(out), "--phantom-seeds", "0", "--phantom-spacing", "6",
-                 "--amplitudes", "8", "--presets", "fast", "--device", "cpu", "--working-spacing", "6",
+                 "--amplitudes", "8", "--ours", "fast", "--device", "cpu", "--working-spacing", "6",
                  "--io-iterations", "10"])
     assert code == 0
     with open(out / "per_pair.csv") as handle:
@@ -375,17 +374,7 @@ def test_evaluate_command_needs_cases(tmp_path, capsys):
     from deepabdominalreg.cli import main
 
     code = main(["evaluate", "--output-dir", str(tmp_path), "--pairs", str(tmp_path / "missing.csv")])
-    assert code == 2 and "pairs CSV" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def peers_module():
-    if not (BENCHMARKS / "peers.py").is_file():
-        pytest.skip("benchmarks/ is not in this checkout")
-    sys.path.insert(0, str(BENCHMARKS))
-    import peers
-
-    return peers
+    assert code == 2 and "missing.csv" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -394,7 +383,7 @@ def peers_module():
     ("elastix-bspline", "itk", {"resolutions": 2, "max_iterations": 40}),
     ("ants-syn", "ants", {"reg_iterations": (10, 0, 0)}),
 ])
-def test_peer_recovers_a_translation_in_our_convention(peers_module, blob_pair, tmp_path, peer, package, options):
+def test_peer_recovers_a_translation_in_our_convention(blob_pair, tmp_path, peer, package, options):
     """Each peer's field must be fixed -> moving in LPS mm on the fixed grid: a pure translation checks the sign
     and the axes (a wrong convention gives errors of 2|t|, i.e. ~6 mm here)."""
     if package:
@@ -406,7 +395,7 @@ def test_peer_recovers_a_translation_in_our_convention(peers_module, blob_pair, 
     fixed = resample_image(moving, moving, sitk.TranslationTransform(3, tuple(t)), "linear", -1024.0)
     write_image(fixed, tmp_path / "fixed.nii.gz")
     write_image(moving, tmp_path / "moving.nii.gz")
-    spec, _ = peers_module.PEERS[peer]
+    spec, _ = peers.PEERS[peer]
     output = spec.resolve()(str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), threads=2,
                             **{**spec.options, **options})
     assert Grid.from_image(output.displacement_lps) == Grid.from_image(fixed) or np.allclose(
@@ -416,33 +405,21 @@ def test_peer_recovers_a_translation_in_our_convention(peers_module, blob_pair, 
     assert error["field_error_mean_mm"] < 3.0, error  # |t| = 7.8 mm; a flipped axis or sign gives > 6 mm
 
 
-def _load_run_benchmark():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("run_benchmark", BENCHMARKS / "run_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_benchmark_affine_configuration_is_the_floor_of_the_speed_ratio():
+def test_benchmark_affine_variant_is_the_floor_of_the_speed_ratio():
     """``--ours affine`` runs every stage but the deformable ones; the targets table turns its time into the ceiling
     of the speed ratio (the fastest peer's time over it, per pair)."""
-    if not (BENCHMARKS / "run_benchmark.py").is_file():
-        pytest.skip("benchmarks/ is not in this checkout")
-    module = _load_run_benchmark()
-    (spec,) = module.our_methods(["affine"], ["cpu"], model=None)
+    (spec,) = method_specs(["affine"])
     assert spec.name == "ours-affine"
     assert spec.options["io_iterations"] == 0 and "model" not in spec.options
-    with pytest.raises(SystemExit, match="affine"):
-        module.our_methods(["nonsense"], ["cpu"], model=None)
+    with pytest.raises(ValueError, match="affine"):
+        method_specs(["nonsense"])
     rows = []
     for case, ants, elastix, ours, affine_only in (("a", 10.0, 30.0, 5.0, 2.0), ("b", 20.0, 16.0, 4.0, 4.0)):
-        for method, seconds in (("ants-syn", ants), ("elastix-bspline", elastix), ("ours-io-balanced", ours),
+        for method, seconds in (("ants-syn", ants), ("elastix-bspline", elastix), ("ours-balanced", ours),
                                 ("ours-affine", affine_only)):
             rows.append({"case": case, "method": method, "status": "ok", "runtime_s": seconds, "source": "ct",
                          "dice_organs": 0.9, "folding_percent": 0.0, "nice": 0})
-    table = module.targets_markdown(rows, None)
+    table = benchmark.targets_markdown(rows, None)
     # balanced: 10 / 5 = 2x and 16 / 4 = 4x; the ceiling: 10 / 2 = 5x and 16 / 4 = 4x
     assert "median 3.00x (range 2.00–4.00x) | no |" in table
     ceiling = next(line for line in table.splitlines() if line.startswith("| (ceiling: ours-affine"))
@@ -450,19 +427,18 @@ def test_benchmark_affine_configuration_is_the_floor_of_the_speed_ratio():
 
 
 @pytest.mark.slow
-def test_benchmark_smoke_run(tmp_path, peers_module):
+def test_benchmark_smoke_run(tmp_path):
     """CI's smoke benchmark: one 6 mm phantom pair, ours (fast, tiny) and the installed peers with quick settings."""
     import importlib.util
 
-    module = _load_run_benchmark()
-    peers = ["sitk-demons"] + [name for name, package in (("elastix-bspline", "itk"), ("ants-syn", "ants"))
+    names = ["sitk-demons"] + [name for name, package in (("elastix-bspline", "itk"), ("ants-syn", "ants"))
                                if importlib.util.find_spec(package) is not None]
     out = tmp_path / "bench"
-    code = module.main(["--smoke", "--no-isolate", "--out", str(out), "--peers", ",".join(peers)])
+    code = benchmark.main(["--smoke", "--no-isolate", "--out", str(out), "--peers", ",".join(names)])
     assert code == 0
     with open(out / "per_pair.csv") as handle:
         rows = {r["method"]: r for r in csv.DictReader(handle)}
-    assert set(rows) == {"none", "ours-io-fast", *peers}
+    assert set(rows) == {"none", "ours-fast", *names}
     for method, row in rows.items():
         assert row["status"] == "ok", (method, row["error"])
         if method != "none":  # every method moves the field towards the truth (Dice is noisy at 6 mm)
@@ -472,15 +448,90 @@ def test_benchmark_smoke_run(tmp_path, peers_module):
     assert (out / "boxplots.png").is_file() and (out / "runtime.png").is_file()
 
 
-def test_benchmark_command_hands_its_options_to_the_script(capsys):
+def test_benchmark_command_hands_its_options_to_the_benchmark(capsys):
     from deepabdominalreg.cli import main
 
-    if not (BENCHMARKS / "run_benchmark.py").is_file():
-        pytest.skip("benchmarks/ is not in this checkout")
     with pytest.raises(SystemExit) as stop:
         main(["benchmark", "--help"])
     assert stop.value.code == 0
     assert "--smoke" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the registry of methods: one name per variant of our pipeline
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_every_preset_is_a_variant_under_its_own_name():
+    assert set(PRESETS) <= set(VARIANTS)
+    for name in PRESETS:
+        spec = our_method(name, model="my-model")
+        assert spec.name == f"ours-{name}" and spec.options["preset"] == name
+        # the model goes to the network variants only; the presets' own settings are not restated
+        assert ("model" in spec.options) == (PRESETS[name].get("model") is not None)
+        assert not set(PRESETS[name]) & (set(spec.options) - {"model"})
+    assert our_method("balanced", device="cuda").name == "ours-balanced-cuda"
+    assert our_method("balanced", device="auto").name == "ours-balanced"
+
+
+def test_defined_variants_build_on_a_preset():
+    with_model = {s.name: s for s in method_specs(["none", "affine", "network+io", "network+io-fine"], model="m",
+                                                  compute_inverse=False)}
+    assert with_model["none"] == NONE
+    assert with_model["ours-affine"].options == {"preset": "balanced", "device": "cpu", "io_iterations": 0,
+                                                 "compute_inverse": False}
+    assert with_model["ours-network+io"].options["model"] == "m"
+    assert with_model["ours-network+io-fine"].options["io_levels"] == (2, 1)
+    for spec in with_model.values():  # every option is a RegistrationConfig field (or run_ours' own)
+        RegistrationConfig(**{k: v for k, v in spec.options.items() if k not in ("preset", "device")})
+
+
+def test_network_variants_are_skipped_without_a_model(monkeypatch):
+    from deepabdominalreg.evaluation import methods
+
+    monkeypatch.setattr(methods, "default_model", lambda: None)
+    messages = []
+    specs = method_specs(["network", "network+io", "fast"], log=messages.append)
+    assert [s.name for s in specs] == ["ours-fast"]
+    assert len(messages) == 2 and all("model" in m for m in messages)
+
+
+def test_windows_come_from_the_config():
+    assert SSIM_WINDOW_HU == RegistrationConfig().hu_window == peers.DEMONS_WINDOW_HU
+
+
+def test_case_set_reads_a_pairs_csv(case_on_disk, tmp_path):
+    assert CaseSet(pairs=str(case_on_disk)).make(tmp_path / "cases") == read_pairs_csv(case_on_disk)
+    assert CaseSet().make(tmp_path / "cases") == []
+
+
+def test_code_version_covers_the_whole_package(tmp_path, monkeypatch):
+    """A change anywhere in the core package (not only in evaluation/) changes the code version."""
+    from deepabdominalreg.evaluation import environment
+
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "registration").mkdir()
+    (tmp_path / "evaluation" / "environment.py").write_text("# a\n")
+    (tmp_path / "registration" / "pipeline.py").write_text("# b\n")
+    monkeypatch.setattr(environment, "__file__", str(tmp_path / "evaluation" / "environment.py"))
+    before = code_version()
+    (tmp_path / "registration" / "pipeline.py").write_text("# c\n")
+    assert len(before) == 12 and code_version() != before
+
+
+@pytest.mark.slow
+def test_evaluate_model_command_runs_registry_variants(tmp_path, capsys):
+    from deepabdominalreg.cli import main
+
+    out = tmp_path / "em"
+    code = main(["evaluate-model", "--output-dir", str(out), "--methods", "none,affine", "--phantom-seeds", "0",
+                 "--phantom-spacing", "6", "--amplitude", "8", "--ct-seeds", "", "--threads", "1"])
+    assert code == 0
+    with open(out / "per_pair.csv") as handle:
+        rows = {r["method"]: r for r in csv.DictReader(handle)}
+    assert set(rows) == {"none", "ours-affine"}
+    assert float(rows["ours-affine"]["field_error_mean_mm"]) < float(rows["none"]["field_error_mean_mm"])
+    assert "| ours-affine |" in capsys.readouterr().out
 
 
 def test_run_ours_keeps_the_presets_model(tmp_path):

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from deepabdominalreg.device import PeakMemory, peak_memory_mb
 from deepabdominalreg.geometry import Grid, resample_image
 from deepabdominalreg.metrics.fields import (
@@ -379,15 +377,15 @@ def test_label_overlap_report_requires_same_grid():
         label_overlap_report(_box_labels(grid), _box_labels(other))
 
 
-def test_label_overlap_report_60_labels_is_fast(shared_data):
+def test_label_overlap_report_of_a_one_voxel_shift_of_60_real_labels(shared_data):
+    """Every label of a real 60-class segmentation moved by one voxel (3 mm): each surface and centroid moves 3 mm."""
     seg = sitk.ReadImage(str(shared_data / "totalsegmentator" / "example_seg_fast_force_split.nii.gz"))
     moved = resample_image(seg, seg, sitk.TranslationTransform(3, (3.0, 0.0, 0.0)), "nearest")  # one voxel
-    start = time.perf_counter()
     report = label_overlap_report(seg, moved)
-    elapsed = time.perf_counter() - start
     assert report["num_labels"] >= 55
     assert 0.5 < report["dice_mean"] < 1.0
-    assert elapsed < 10.0  # about 0.5 s on a laptop core; generous for a busy CI machine
+    assert report["hd95_mean_mm"] == pytest.approx(3.0)
+    assert report["centroid_error_mean_mm"] == pytest.approx(3.0, abs=1e-6)
     identical = label_overlap_report(seg, seg)
     assert identical["dice_mean"] == 1.0 and identical["hd95_mean_mm"] == 0.0
 
@@ -454,14 +452,3 @@ def test_peak_memory():
     now = peak_memory_mb()
     assert now["rss_mb"] >= peak.rss_mb
     assert set(peak.as_dict()) == {"rss_mb", "rss_increase_mb", "cuda_max_allocated_mb"}
-
-
-@pytest.mark.parametrize("shape", [(5, 6, 7), (2, 3, 4), (3, 2, 9)])
-def test_twice_gradient_is_twice_torch_gradient(shape):
-    """The Jacobian's central differences: 2 x ``torch.gradient`` on every axis, ends (one-sided) included."""
-    from deepabdominalreg.metrics.fields import _twice_gradient
-
-    volume = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    for dim in range(3):
-        expected = 2.0 * torch.gradient(volume, dim=dim)[0]
-        torch.testing.assert_close(_twice_gradient(volume, dim), expected, rtol=1e-6, atol=1e-6)

@@ -8,10 +8,12 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from deepabdominalreg.config import RegistrationConfig
 from deepabdominalreg.geometry import Grid, resample_image
 from deepabdominalreg.metrics import report
 from deepabdominalreg.metrics.fields import displacement_magnitude, jacobian_determinant
 from deepabdominalreg.metrics.labels import label_overlap_report
+from deepabdominalreg.registration.pipeline import RegistrationResult
 from geometry_helpers import oblique_direction
 
 # --------------------------------------------------------------------------------------------------------------
@@ -102,11 +104,24 @@ def _case(image: sitk.Image, with_labels: bool = True):
         "fixed": image,
         "moving": moving,
         "warped": image,
+        "displacement": field,
         "jacobian": jacobian_determinant(field),
         "displacement_magnitude": displacement_magnitude(field),
         **({"fixed_labels": fixed_labels, "moving_labels": moving_labels, "warped_labels": fixed_labels}
            if with_labels else {}),
     }
+
+
+def _write(path, case: dict, metrics: dict | None = None, **kwargs):
+    """``report.write_report`` of the case as a registration result (warped images, maps, metrics) and its inputs."""
+    result = RegistrationResult(
+        warped_image=case["warped"], displacement_lps=case["displacement"], jacobian=case["jacobian"],
+        displacement_magnitude=case["displacement_magnitude"], metrics=metrics or {},
+        affine_fixed_to_moving=sitk.AffineTransform(3), config=RegistrationConfig(),
+        warped_labels=case.get("warped_labels"),
+    )
+    return report.write_report(path, result, fixed=case["fixed"], moving=case["moving"],
+                               fixed_labels=case.get("fixed_labels"), moving_labels=case.get("moving_labels"), **kwargs)
 
 
 def _read_png(path) -> np.ndarray:
@@ -125,7 +140,7 @@ def test_report_oblique_with_labels_and_metrics(tmp_path, oblique_image):
         "displacement": {"max_mm": 12.0, "p95_mm": 3.0, "mean_mm": 1.1},
         "labels": {"before": good, "after": good},
     }
-    path = report.write_report(tmp_path / "out" / "report.png", metrics=results, title="test", **case)
+    path = _write(tmp_path / "out" / "report.png", case, metrics=results, title="test")
     assert path == tmp_path / "out" / "report.png"
     array = _read_png(path)
     assert array.shape[:2] == (900, 1600)
@@ -137,11 +152,10 @@ def test_report_oblique_with_labels_and_metrics(tmp_path, oblique_image):
 
 
 def test_report_without_labels_or_metrics(tmp_path, oblique_image):
-    path = report.write_report(tmp_path / "plain.png", **_case(oblique_image, with_labels=False))
+    path = _write(tmp_path / "plain.png", _case(oblique_image, with_labels=False))
     assert _read_png(path).shape[:2] == (900, 1600)
     # overwriting an existing report works and leaves one file
-    report.write_report(path, **_case(oblique_image, with_labels=False), metrics={"runtime_s": None,
-                                                                                 "folding_percent": float("nan")})
+    _write(path, _case(oblique_image, with_labels=False), metrics={"runtime_s": None, "folding_percent": float("nan")})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.png"]
 
 
@@ -150,13 +164,13 @@ def test_report_is_independent_of_axis_order(tmp_path, oblique_image):
     case = _case(oblique_image)
     reordered = {key: sitk.DICOMOrient(value, "SRA") for key, value in case.items()}
     assert Grid.from_image(reordered["fixed"]).size != Grid.from_image(case["fixed"]).size
-    a = _read_png(report.write_report(tmp_path / "a.png", **case))
-    b = _read_png(report.write_report(tmp_path / "b.png", **reordered))
+    a = _read_png(_write(tmp_path / "a.png", case))
+    b = _read_png(_write(tmp_path / "b.png", reordered))
     panels = slice(150, 900)  # below the header (the header lists the image sizes)
     assert np.abs(a[panels] - b[panels]).mean() < 1e-4
     # control: a real left-right mirror of the content (same geometry) does change the pictures
     mirrored = {key: sitk.Flip(value, [True, False, False]) for key, value in case.items()}
-    c = _read_png(report.write_report(tmp_path / "c.png", **mirrored))
+    c = _read_png(_write(tmp_path / "c.png", mirrored))
     assert np.abs(a[panels] - c[panels]).mean() > 1e-3
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from deepabdominalreg import spatial
 from deepabdominalreg.nn import losses
 
@@ -86,10 +88,82 @@ def test_ssim_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda t: losses.ssim_loss(x, t, window=3), (y,))
 
 
-def test_ncc_gradcheck_float64():
+def _reference_local_ncc_map(fixed, warped, window, eps=1e-5):
+    """The textbook local squared NCC map: window means by zero-padded average pooling, autograd through it all."""
+
+    def mean(x):
+        return F.avg_pool3d(x, window, stride=1, padding=window // 2, count_include_pad=True)
+
+    mu_f, mu_w = mean(fixed), mean(warped)
+    cov = mean(fixed * warped) - mu_f * mu_w
+    var_f = (mean(fixed * fixed) - mu_f**2).clamp_min(0)
+    var_w = (mean(warped * warped) - mu_w**2).clamp_min(0)
+    return cov**2 / (var_f * var_w + eps)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("masking", ["no mask", "bool mask", "weights"])
+def test_local_ncc_equals_the_reference_formula_for_every_reduction_value_and_gradient(reduction, masking):
+    """One local NCC for training, the affine and instance optimisation: the value and the analytic gradient equal
+    autograd through the reference formula, for every reduction and mask, batches and channels, with the fixed
+    image's statistics given or not; a constant patch (zero variance) included."""
+    g = torch.Generator().manual_seed(5)
+    shape = (2, 2, 7, 9, 8)
+    fixed = torch.rand(shape, generator=g, dtype=torch.float64)
+    warped = torch.rand(shape, generator=g, dtype=torch.float64)
+    warped[0, 0, :4, :4, :4] = 0.3  # zero local variance: no gradient through the clamp
+    mask = {"no mask": None, "bool mask": torch.rand(2, 1, 7, 9, 8, generator=g) > 0.3,
+            "weights": torch.rand(2, 1, 7, 9, 8, generator=g, dtype=torch.float64)}[masking]
+    weight = torch.ones(2, 1, 7, 9, 8, dtype=torch.float64) if mask is None else mask.to(torch.float64)
+    upstream = torch.rand(shape, generator=g, dtype=torch.float64)  # a non-uniform gradient for "none"
+    for window in (3, 5):
+        ref_in = warped.clone().requires_grad_(True)
+        terms = -_reference_local_ncc_map(fixed, ref_in, window) * weight
+        ref = {"mean": terms.sum() / weight.expand(shape).sum(), "sum": terms.sum(), "none": terms}[reduction]
+        for statistics in (None, losses.local_statistics(fixed, window)):
+            ours_in = warped.clone().requires_grad_(True)
+            ours = losses.local_ncc_loss(fixed, ours_in, window, mask=mask, reduction=reduction,
+                                         fixed_statistics=statistics)
+            assert ours.shape == ref.shape
+            torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+            (ours * upstream if reduction == "none" else ours).sum().backward()
+            ref_in.grad = None
+            (ref * upstream if reduction == "none" else ref).sum().backward(retain_graph=True)
+            torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=1e-12)
+            assert ours_in.grad.abs().max() > 0
+
+
+def test_local_ncc_gradcheck_float64_and_sign():
     x = _smooth_image((4, 4, 5), dtype=torch.float64)
     y = _smooth_image((4, 4, 5), seed=2, dtype=torch.float64).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: losses.local_ncc_loss(x, t, window=3), (y,))
+    mask = torch.rand(1, 1, 4, 4, 5, generator=torch.Generator().manual_seed(1)) > 0.4
+    for reduction in ("mean", "sum", "none"):
+        assert torch.autograd.gradcheck(
+            lambda t, reduction=reduction: losses.local_ncc_loss(x, t, 3, mask=mask, reduction=reduction), (y,))
+    # squared correlation: an inverted image matches as well as the image itself
+    assert losses.local_ncc_loss(x, -x, 3).item() == pytest.approx(losses.local_ncc_loss(x, x, 3).item())
+    with pytest.raises(ValueError):
+        losses.local_ncc_loss(x, y.detach(), 3, reduction="max")
+    with pytest.raises(ValueError):  # the gradient is with respect to warped only
+        losses.local_ncc_loss(y, x, 3)
+
+
+def test_global_ncc_is_the_image_metric_negated():
+    """One global NCC: the NumPy metric is the loss in float64 without eps, negated (NaN for a constant image)."""
+    from deepabdominalreg.metrics.images import normalized_cross_correlation
+
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.rand(6, 7, 8, generator=g, dtype=torch.float64), torch.rand(6, 7, 8, generator=g, dtype=torch.float64)
+    mask = torch.rand(6, 7, 8, generator=g) > 0.5
+    for m in (None, mask):
+        loss = losses.global_ncc_loss(a, b, mask=m, eps=0.0)
+        metric = normalized_cross_correlation(a.numpy(), b.numpy(), None if m is None else m.numpy())
+        assert metric == pytest.approx(-float(loss), rel=1e-12, abs=1e-15)
+        va, vb = (a[m] if m is not None else a.ravel()).numpy(), (b[m] if m is not None else b.ravel()).numpy()
+        assert metric == pytest.approx(float(np.corrcoef(va, vb)[0, 1]), rel=1e-12)
+    assert math.isnan(float(losses.global_ncc_loss(a, torch.ones_like(a), eps=0.0)))
+    grad_in = b.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: losses.global_ncc_loss(a, t, mask=mask), (grad_in,))
 
 
 # ------------------------------------------------------------------------------------------------ labels
@@ -255,67 +329,3 @@ def test_uncertainty_weighting_learns_inverse_loss_weight():
         optimiser.step()
     # minimum of exp(-s) L + s is at s = log L: weight 1 / L
     assert uw.weights()["a"] == pytest.approx(0.25, rel=1e-3)
-
-
-@pytest.mark.parametrize("window", [1, 3, 5, 9])
-def test_box_filter_equals_zero_padded_average_pooling_forward_and_backward(window):
-    """The NCC's box filter (sums of shifted slices, own backward pass) is the zero-padded mean convolution."""
-    g = torch.Generator().manual_seed(window)
-    x = torch.rand(2, 3, 7, 11, 10, generator=g, dtype=torch.float64)  # odd/even sizes, some below the window
-    weight = torch.rand(x.shape, generator=g, dtype=torch.float64)
-    ours_in, ref_in = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ours = losses._box_filter(ours_in, window)
-    kernel = torch.full((3, 1, window, window, window), 1.0 / window**3, dtype=torch.float64)
-    ref = torch.nn.functional.conv3d(ref_in, kernel, padding=window // 2, groups=3)  # zero padding, counted
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
-    (ours * weight).sum().backward()
-    (ref * weight).sum().backward()
-    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=1e-12)
-    assert torch.equal(x, ours_in.detach())  # the input is not modified
-    with torch.no_grad():  # the path without autograd gives the same values
-        torch.testing.assert_close(losses._box_filter(x, window), ref.detach(), rtol=0, atol=1e-12)
-
-
-def test_box_filter_gradient_passes_gradcheck():
-    x = torch.rand(1, 2, 5, 6, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v: losses._box_filter(v, 3), (x,))
-
-
-@pytest.mark.parametrize("window", [3, 5])
-def test_local_ncc_against_fixed_matches_local_ncc_loss_value_and_gradient(window):
-    """The registration loops' NCC (fixed statistics precomputed, analytic backward) is local_ncc_loss, mask and
-    gradient included; a voxel whose window variance is zero gets no gradient through the variance."""
-    g = torch.Generator().manual_seed(window)
-    fixed = torch.rand(1, 1, 9, 12, 10, generator=g, dtype=torch.float64)
-    warped = torch.rand(1, 1, 9, 12, 10, generator=g, dtype=torch.float64)
-    warped[..., :4, :4, :4] = 0.3  # a constant patch: zero local variance
-    mask = torch.rand(fixed.shape, generator=g) > 0.3
-    ours_in, ref_in = warped.clone().requires_grad_(True), warped.clone().requires_grad_(True)
-    mean, variance = losses.local_statistics(fixed, window)
-    weight = mask.to(fixed.dtype) / mask.sum()
-    ours = losses.local_ncc_against_fixed(ours_in, fixed, mean, variance, weight, window)
-    ref = losses.local_ncc_loss(fixed, ref_in, window=window, mask=mask)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
-    ours.backward()
-    ref.backward()
-    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=1e-12)
-    assert ours_in.grad.abs().max() > 0
-    assert torch.autograd.gradcheck(
-        lambda w: losses.local_ncc_against_fixed(w, fixed, mean, variance, weight, window), (warped.clone()
-                                                                                            .requires_grad_(True),))
-
-
-@pytest.mark.parametrize("slab_elements", [1, 60, 10**12], ids=["one slice per slab", "a few slices", "one piece"])
-def test_box_sum_in_slabs_is_bit_identical(monkeypatch, slab_elements):
-    """On a CPU the box filter runs slab by slab along D (cache blocking): the same numbers bit for bit, for windows
-    wider than the axis and a last slab shorter than the others."""
-    g = torch.Generator().manual_seed(9)
-    for shape, window in [((1, 3, 11, 6, 7), 5), ((2, 2, 9, 1, 3), 3), ((1, 1, 3, 4, 4), 9)]:
-        x = torch.rand(shape, generator=g)
-        monkeypatch.setattr(losses, "_BOX_SLAB_ELEMENTS", 10**12)
-        whole = losses._box_sum(x, window)
-        monkeypatch.setattr(losses, "_BOX_SLAB_ELEMENTS", slab_elements)
-        assert torch.equal(losses._box_sum(x, window), whole)
-        kernel = torch.full((shape[1], 1, window, window, window), 1.0 / window**3)
-        reference = torch.nn.functional.conv3d(x, kernel, padding=window // 2, groups=shape[1])
-        torch.testing.assert_close(whole, reference, rtol=0, atol=1e-6)

@@ -14,7 +14,6 @@ from deepabdominalreg.nn.networks import (
     RegistrationUNet,
     UNetConfig,
     _shift_offsets,
-    box_filter3,
     ssd_cost_volume,
 )
 
@@ -193,7 +192,7 @@ def test_output_smoothing_smooths_the_field_and_keeps_a_translation():
     roughness = [float(spatial.jacobian_determinant(d).std()) for d in (a, b)]
     assert roughness[1] < 0.5 * roughness[0]
     constant = torch.ones(1, 3, 8, 8, 8) * torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1, 1)
-    torch.testing.assert_close(box_filter3(constant), constant)
+    torch.testing.assert_close(spatial.box_filter(constant, 3, count_include_pad=False), constant)
 
 
 def _brute_force_box3(x: torch.Tensor) -> torch.Tensor:
@@ -208,12 +207,12 @@ def _brute_force_box3(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def test_box_filter3_equals_average_pooling_without_padding_counts_forward_and_backward():
+def test_cost_smoothing_box_filter_equals_average_pooling_without_padding_counts_forward_and_backward():
     g = torch.Generator().manual_seed(3)
     for shape in [(1, 27, 9, 5, 7), (2, 4, 3, 4, 3), (1, 2, 6, 1, 2)]:  # size 1 and 2 axes: avg_pool3d cannot
         x = torch.rand(shape, generator=g, dtype=torch.float64)
         ours_in = x.clone().requires_grad_(True)
-        ours = box_filter3(ours_in)
+        ours = spatial.box_filter(ours_in, 3, count_include_pad=False)
         torch.testing.assert_close(ours.detach(), _brute_force_box3(x), rtol=0, atol=1e-12)
         assert torch.equal(ours_in.detach(), x)  # the input is not modified
         if min(shape[2:]) >= 3:
@@ -273,12 +272,12 @@ def test_cost_volume_and_box_filter_give_the_same_values_in_any_slabs(monkeypatc
         x = torch.rand(shape, generator=g)
         fixed, moving = torch.rand(shape, generator=g), torch.rand(shape, generator=g)
         with torch.no_grad():
-            monkeypatch.setattr(networks, "_BOX_SLAB_ELEMENTS", 10**12)
+            monkeypatch.setattr(spatial, "_BOX_SLAB_ELEMENTS", 10**12)
             monkeypatch.setattr(networks, "_SLAB_VOXELS", 10**12)
-            box_ref, cost_ref = box_filter3(x), ssd_cost_volume(fixed, moving, radius=1)
+            box_ref, cost_ref = spatial.box_filter(x, 3, False), ssd_cost_volume(fixed, moving, radius=1)
             monkeypatch.setattr(networks, "_SLAB_VOXELS", slab_elements)
-            monkeypatch.setattr(networks, "_BOX_SLAB_ELEMENTS", min(slab_elements, x.numel() // 5))  # slab path
-            assert torch.equal(box_filter3(x), box_ref)
+            monkeypatch.setattr(spatial, "_BOX_SLAB_ELEMENTS", min(slab_elements, x.numel() // 5))  # slab path
+            assert torch.equal(spatial.box_filter(x, 3, False), box_ref)
             assert torch.equal(ssd_cost_volume(fixed, moving, radius=1), cost_ref)
         torch.testing.assert_close(box_ref, _brute_force_box3(x), rtol=0, atol=1e-6)
 
@@ -378,4 +377,4 @@ def test_shipped_model_registers_beyond_the_affine():
                                moving_labels=pair.moving_labels, fixed_labels=pair.fixed_labels)
         dice[name] = result.metrics["dice_mean_after"]
         assert result.metrics["folding_percent"] < 0.5
-    assert dice["network"] > dice["affine"] + 0.02, dice  # measured: 0.877 -> 0.939 (v2), 0.941 (v3)
+    assert dice["network"] > dice["affine"] + 0.02, dice  # both shipped models gain several times this margin

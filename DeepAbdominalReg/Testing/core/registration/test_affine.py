@@ -7,8 +7,15 @@ import pytest
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from deepabdominalreg.config import RegistrationConfig
 from deepabdominalreg.geometry import Grid, make_working_grid, resample_image
-from deepabdominalreg.registration.affine import _box_index_axes, _box_of, _inside_box, optimise_affine
+from deepabdominalreg.registration.affine import (
+    AffineSettings,
+    _box_index_axes,
+    _box_of,
+    _inside_box,
+    optimise_affine,
+)
 from deepabdominalreg.registration.preprocessing import prepare_working_image
 from deepabdominalreg.synthetic.anatomy import render_phantom
 
@@ -93,13 +100,14 @@ def test_affine_recovers_a_known_affine_with_either_field_of_view_test(affine_pa
     away takes the sampled mask.  Both recover the known affine (halfway to the corners, within 1.5 mm at 6 mm)."""
     fixed_grid, w_fixed, moving_grid, w_moving, truth = affine_pair
     assert _box_of(w_moving.field_of_view) is not None
-    kwargs = {"levels_mm": (12.0, 6.0), "iterations": 20, "fixed_field_of_view": w_fixed.field_of_view}
-    boxed = optimise_affine(fixed_grid, w_fixed.intensity, moving_grid, w_moving.intensity,
+    settings = AffineSettings.from_config(RegistrationConfig(affine_levels_mm=(12.0, 6.0), affine_iterations=20))
+    kwargs = {"fixed_field_of_view": w_fixed.field_of_view}
+    boxed = optimise_affine(fixed_grid, w_fixed.intensity, moving_grid, w_moving.intensity, settings,
                             moving_field_of_view=w_moving.field_of_view, **kwargs)
     cut = w_moving.field_of_view.copy()
     cut[:2, :2, :2] = False  # a corner missing: not a box any more (in the air, so the alignment is the same)
     assert _box_of(cut) is None
-    sampled = optimise_affine(fixed_grid, w_fixed.intensity, moving_grid, w_moving.intensity,
+    sampled = optimise_affine(fixed_grid, w_fixed.intensity, moving_grid, w_moving.intensity, settings,
                               moving_field_of_view=cut, **kwargs)
     assert _corner_error_mm(boxed, truth, fixed_grid) < 1.5
     assert _corner_error_mm(sampled, truth, fixed_grid) < 1.5

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 from deepabdominalreg import spatial
-from deepabdominalreg.nn.losses import _box_filter, local_ncc_loss
+from deepabdominalreg.config import RegistrationConfig
+from deepabdominalreg.nn.losses import local_ncc_loss
 from deepabdominalreg.registration.instance_optimisation import (
     InstanceOptimisationSettings,
     _CroppedNcc,
@@ -45,7 +46,7 @@ def test_cropped_ncc_equals_local_ncc_on_the_whole_grid_value_and_gradient():
 def test_instance_optimisation_recovers_a_smooth_displacement_and_keeps_its_inputs():
     shape = (24, 26, 28)
     g = torch.Generator().manual_seed(1)
-    fixed = _box_filter(_box_filter(torch.rand(1, 1, *shape, generator=g), 3), 3)  # smooth texture everywhere
+    fixed = spatial.box_filter(spatial.box_filter(torch.rand(1, 1, *shape, generator=g), 3), 3)  # smooth texture
     fixed = (fixed - fixed.min()) / (fixed.max() - fixed.min())
     d, h, w = (torch.linspace(0, 1, n) for n in shape)
     z, y, _ = torch.meshgrid(d, h, w, indexing="ij")
@@ -54,8 +55,11 @@ def test_instance_optimisation_recovers_a_smooth_displacement_and_keeps_its_inpu
     moving = spatial.warp(fixed, spatial.invert_displacement(truth))
     mask = torch.ones_like(fixed, dtype=torch.bool)
     inputs = [t.clone() for t in (fixed, moving, mask)]
-    settings = InstanceOptimisationSettings(levels=(2, 1), iterations=60, fine_iterations=60, ncc_window=5)
-    found = instance_optimise(fixed, moving, None, mask, settings)
+    # 1 mm voxels: 0.5 voxel steps, control points 2 voxels apart, a 5-voxel NCC window
+    config = RegistrationConfig(io_levels=(2, 1), io_iterations=60, io_fine_iterations=60, io_learning_rate_mm=0.5,
+                                io_control_spacing_mm=2.0, io_ncc_window_mm=5.0)
+    settings = InstanceOptimisationSettings.from_config(config, working_spacing_mm=1.0)
+    found = instance_optimise(fixed, moving, None, mask, settings=settings)
     inner = (slice(None), slice(None), slice(5, -5), slice(5, -5), slice(5, -5))
     error_before = truth[inner].norm(dim=1).mean()
     error_after = (found - truth)[inner].norm(dim=1).mean()

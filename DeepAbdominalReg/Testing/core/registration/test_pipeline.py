@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from deepabdominalreg.config import RegistrationConfig, config_from_preset
+from deepabdominalreg.config import config_from_preset
 from deepabdominalreg.geometry import Grid, resample_image
 from deepabdominalreg.io import ImageValidationError
 from deepabdominalreg.registration import pipeline
@@ -226,20 +226,6 @@ def test_no_overlap_without_affine_is_refused(phantom_4mm):
         register_pair(far, moving, config=FAST.replace(affine=False))
 
 
-def test_default_config_is_documented_preset():
-    assert config_from_preset("balanced") == RegistrationConfig()
-    with pytest.raises(ValueError, match="unknown preset"):
-        config_from_preset("turbo")
-
-
-def test_network_precision_is_validated():
-    with pytest.raises(ValueError, match="network_precision must be 'auto', 'fp32' or 'bf16'"):
-        RegistrationConfig(network_precision="fp16")
-    with pytest.raises(ValueError, match="network_precision"):
-        RegistrationConfig.from_dict({"network_precision": "half"})
-    assert RegistrationConfig.from_dict({"network_precision": "bf16"}).network_precision == "bf16"
-
-
 def test_inverse_on_the_moving_axes_inverts_the_forward_and_matches_the_exact_composite():
     """The pipeline's full-resolution inverse is ``affine^-1(y + u(y))`` with ``u`` solved at the voxels of a working
     grid with the moving image's axes, then upsampled separably.  On oblique, anisotropic grids with different
@@ -294,7 +280,7 @@ def test_inverse_on_the_moving_axes_inverts_the_forward_and_matches_the_exact_co
     ic = inverse_consistency_error(forward, inverse, away)
     ic_exact = inverse_consistency_error(forward, exact, away)
     assert ic["ic_voxels"] > 0.3 * np.prod(fixed_grid.size)
-    assert ic["ic_mean_mm"] < 0.02 and ic["ic_p95_mm"] < 0.03, (ic, ic_exact)  # measured: 0.007, 0.011
+    assert ic["ic_mean_mm"] < 0.02 and ic["ic_p95_mm"] < 0.03, (ic, ic_exact)  # about 3x what the code gives
     assert ic["ic_mean_mm"] < ic_exact["ic_mean_mm"] + 0.002, (ic, ic_exact)
 
     # and agrees with the exact composite y -> q + v(q), q = affine^-1(y), v trilinear on the fixed working grid,
@@ -307,7 +293,7 @@ def test_inverse_on_the_moving_axes_inverts_the_forward_and_matches_the_exact_co
     difference = np.linalg.norm(sitk.GetArrayViewFromImage(inverse).reshape(-1, 3)[::7]
                                 - sitk.GetArrayViewFromImage(exact).reshape(-1, 3)[::7], axis=1)[interior]
     assert interior.sum() > 1000
-    # measured: median 0.003 mm, max 0.06 mm (two discretisations of one inverse, nodes 4 mm apart)
+    # two discretisations of one inverse (nodes 4 mm apart) differ a little; the bounds leave ~2-3x room
     assert np.median(difference) < 0.01 and difference.max() < 0.1, (np.median(difference), difference.max())
 
 
@@ -319,7 +305,10 @@ def test_both_inverse_paths_of_the_pipeline_agree_and_map_landmarks_back(monkeyp
     from deepabdominalreg.synthetic.pairs import make_phantom_pair
 
     pair = make_phantom_pair(seed=6, spacing_mm=3.0)
-    config = FAST.replace(working_spacing_mm=7.0)  # (7 / 3)^3 ~ 13 moving voxels per working voxel
+    # (7 / 3)^3 ~ 13 moving voxels per working voxel; the instance optimisation's lengths in 7 mm voxels as the
+    # presets' in 3 mm voxels (0.5-voxel steps, control points 2 voxels apart, a 5-voxel window)
+    config = FAST.replace(working_spacing_mm=7.0, io_learning_rate_mm=3.5, io_control_spacing_mm=14.0,
+                          io_ncc_window_mm=35.0)
     kwargs = {"fixed_landmarks_lps": pair.fixed_landmarks_lps, "moving_landmarks_lps": pair.moving_landmarks_lps}
     separable = register_pair(pair.fixed_image, pair.moving_image, config=config, **kwargs)
     monkeypatch.setattr(pipeline, "_SEPARABLE_INVERSE_RATIO", 10**9)
@@ -329,12 +318,12 @@ def test_both_inverse_paths_of_the_pipeline_agree_and_map_landmarks_back(monkeyp
     body = sitk.GetArrayFromImage(separable.body_mask).astype(bool)
     for result in (separable, direct):
         ic = inverse_consistency_error(result.displacement_lps, result.inverse_displacement_lps, body)
-        assert ic["ic_mean_mm"] < 0.05, ic  # measured: 0.019 mm
+        assert ic["ic_mean_mm"] < 0.05, ic  # about 2.5x what both paths give
         back = np.linalg.norm(result.warped_moving_landmarks_lps - pair.fixed_landmarks_lps, axis=1).mean()
         assert back < 0.5 * np.linalg.norm(pair.moving_landmarks_lps - pair.fixed_landmarks_lps, axis=1).mean()
     difference = np.linalg.norm(sitk.GetArrayViewFromImage(separable.inverse_displacement_lps)
                                 - sitk.GetArrayViewFromImage(direct.inverse_displacement_lps), axis=-1)
     moving_body = sitk.GetArrayViewFromImage(pair.moving_image) > -400
-    # measured: median 0.011 mm, p99 0.11 mm; landmarks within 0.14 mm
+    # the two paths are two discretisations of one inverse: the bounds leave ~2-3x room over their difference
     assert np.median(difference[moving_body]) < 0.03, np.median(difference[moving_body])
     np.testing.assert_allclose(separable.warped_moving_landmarks_lps, direct.warped_moving_landmarks_lps, atol=0.3)
