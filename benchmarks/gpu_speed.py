@@ -3,9 +3,9 @@
 What it measures, on one machine in one run (the CPU rows are the peer for the ratio):
 
 * **register command**: wall time of ``python -m deepabdominalreg register`` in a fresh process (Python start,
-  imports, reading both images, every stage, writing every output; no inverse field, no report), for each preset / device / output format in
-  ``--runs``; each run twice (the first pays CUDA context creation and the file cache).  The stage times come from
-  the run's ``metrics.json``.
+  imports, reading both images, every stage, writing every output; no inverse field, no report), for each preset /
+  device / output format in ``--runs``; each run twice (the first pays CUDA context creation and the file cache).
+  The stage times come from the run's ``metrics.json``.
 * **model forward**: the shipped model on the network's own input for that pair (4 mm grid, bodies' bounding box),
   timed with CUDA events (median of ``--repeats`` after 3 warm-ups), fp32 and bf16 autocast, plus the CPU with all
   threads; the bf16 field's difference from fp32 (voxels) is reported beside its time.

@@ -1,10 +1,11 @@
-"""Peak CPU memory of our pipeline on a 512 x 512 x 400 (``--size``: any) int16 CT pair, and where it goes, stage by stage.
+"""Peak CPU memory of our pipeline on a 512 x 512 x 400 (``--size``: any) int16 CT pair, and where it goes, stage by
+stage.
 
 The pair is a real CT with synthetic motion (``deepabdominalreg benchmark``'s ``ct_abdominal`` case, or any
 fixed/moving given) resampled onto 512 x 512 x 400 voxels covering the same extent (linear, cast to int16), so the
-pipeline sees clinical-size inputs.  The registration runs in a fresh process (reading the files included); this process samples
-the child's resident memory (``/proc/PID/status`` VmRSS) every 0.1 s and attributes each sample to the stage the
-child reported last through ``register_pair``'s progress callback.  The child also reports its own peak
+pipeline sees clinical-size inputs.  The registration runs in a fresh process (reading the files included); this
+process samples the child's resident memory (``/proc/PID/status`` VmRSS) every 0.1 s and attributes each sample to
+the stage the child reported last through ``register_pair``'s progress callback.  The child also reports its own peak
 (``ru_maxrss``).  Linux only (``/proc``).
 
     python benchmarks/memory_test.py --fixed F.nii.gz --moving M.nii.gz --out benchmarks/results/memory.json

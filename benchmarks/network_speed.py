@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
-        results[device] = {"precision": "bf16" if bf16 else "fp32", "grid_zyx": list(grid.shape_zyx), "network_input_zyx": list(ft.shape[2:]), "preprocessing_s": round(prep, 3),
+        results[device] = {"precision": "bf16" if bf16 else "fp32", "grid_zyx": list(grid.shape_zyx),
+                           "network_input_zyx": list(ft.shape[2:]), "preprocessing_s": round(prep, 3),
                            "forward_median_s": round(statistics.median(times), 3),
                            "forward_all_s": [round(t, 3) for t in times]}
     print(json.dumps(results, indent=1))

@@ -2,7 +2,8 @@
 
 The card keeps its provenance; the change, the new SHA-256 and the command are recorded under ``post_training``.
 
-    python scripts/set_model_setting.py --model DeepAbdominalReg/deepabdominalreg/nn/weights/NAME.pt output_smoothing=12 \
+    python scripts/set_model_setting.py --model DeepAbdominalReg/deepabdominalreg/nn/weights/NAME.pt \
+        output_smoothing=12 \
         [--output OTHER.pt] [--validation-json METRICS.json]
 """
 

@@ -45,7 +45,7 @@ def addMarkupsNode(scene, pointsLps, name: str):
 
 
 def phantomNodes(scene, seed: int = 0, spacingMm: float = 5.0) -> PhantomNodes:
-    """The core's phantom pair (``deepabdominalreg.synthetic.make_phantom_pair``) as volume, segmentation and
+    """The core's phantom pair (``deepabdominalreg.synthetic.pairs.make_phantom_pair``) as volume, segmentation and
     markups nodes in ``scene``."""
     from deepabdominalreg.synthetic.pairs import make_phantom_pair
 

@@ -29,7 +29,8 @@ class RegistrationConfig:
     Units: HU for intensities, mm for distances, iterations are counts per level.  This is the one source of every
     stage's settings: each stage builds its own settings object from it (``AffineSettings.from_config``,
     ``InstanceOptimisationSettings.from_config``) and :meth:`to_dict` / :meth:`from_dict` are its one serialisation
-    (``metrics.json``, ``deepabdominalreg register --config FILE``, the Slicer module's task file).
+    (``metrics.json``, ``deepabdominalreg register --config FILE``, the ``config.json`` of the Slicer module's
+    background run).
 
     Lengths of the instance optimisation (``io_*_mm``) are given in mm at the working resolution and converted once,
     inside the stage, to voxels of the working grid, whose spacing ``s`` is ``working_spacing_mm`` or the coarser

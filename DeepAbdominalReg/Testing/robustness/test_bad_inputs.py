@@ -176,7 +176,9 @@ def test_same_inputs_and_seed_give_bit_identical_output_on_cpu():
     fixed, moving = _body(seed=4), _body(seed=5)
     a = register_pair(fixed, moving, config=TINY.replace(device="cpu", seed=3))
     b = register_pair(fixed, moving, config=TINY.replace(device="cpu", seed=3))
-    assert np.array_equal(sitk.GetArrayViewFromImage(a.displacement_lps), sitk.GetArrayViewFromImage(b.displacement_lps))
+    assert np.array_equal(
+        sitk.GetArrayViewFromImage(a.displacement_lps), sitk.GetArrayViewFromImage(b.displacement_lps)
+    )
     assert np.array_equal(sitk.GetArrayViewFromImage(a.warped_image), sitk.GetArrayViewFromImage(b.warped_image))
 
 

@@ -82,7 +82,8 @@ def targets_markdown(rows: list[dict], memory: dict | None) -> str:
     this run (ratios within the run)."""
     ok = [r for r in rows if r.get("status") == "ok"]
     timed = [r for r in ok if as_number(r.get("nice")) <= 0 or r.get("nice") in (None, "")]  # comparable clocks
-    peers = [m for m in ("elastix-bspline", "ants-syn", "ants-synra", "sitk-demons") if any(r["method"] == m for r in ok)]
+    peers = [m for m in ("elastix-bspline", "ants-syn", "ants-synra", "sitk-demons")
+             if any(r["method"] == m for r in ok)]
     lines = ["| target | result | met? |", "|---|---|---|"]
 
     def mean(method, metric, source=None):
@@ -103,8 +104,10 @@ def targets_markdown(rows: list[dict], memory: dict | None) -> str:
             if not math.isnan(theirs):
                 lines.append(f"| {source}: organ Dice ours >= {peer} | {ours:.3f} vs {theirs:.3f} | "
                              f"{'yes' if ours >= theirs else 'no'} |")
-    folding = max((as_number(r.get("folding_percent")) for r in ok if r["method"] == DEFAULT_METHOD), default=float("nan"))
-    lines.append(f"| folding < 0.5 % (worst pair, {DEFAULT_METHOD}) | {folding:.3f} % | {'yes' if folding < 0.5 else 'no'} |")
+    folding = max((as_number(r.get("folding_percent")) for r in ok if r["method"] == DEFAULT_METHOD),
+                  default=float("nan"))
+    lines.append(f"| folding < 0.5 % (worst pair, {DEFAULT_METHOD}) | {folding:.3f} % | "
+                 f"{'yes' if folding < 0.5 else 'no'} |")
     # speed: per case, the fastest of elastix / ANTs (the registration peers the targets name) against ours
     registration_peers = ("elastix-bspline", "ants-syn", "ants-synra")
 

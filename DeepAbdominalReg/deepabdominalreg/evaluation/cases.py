@@ -108,7 +108,8 @@ def write_pairs_csv(cases: Sequence[EvaluationCase], path: str | os.PathLike) ->
 
 
 def _write_case(pair, folder: Path, name: str, source: str, amplitude_mm: float, seed: int) -> EvaluationCase:
-    """Write a :class:`deepabdominalreg.synthetic.SyntheticPair` into ``folder`` (``synthetic.write_pair``)."""
+    """Write a :class:`deepabdominalreg.synthetic.pairs.SyntheticPair` into ``folder``
+    (``synthetic.pairs.write_pair``)."""
     from deepabdominalreg.synthetic.pairs import write_pair
 
     write_pair(pair, folder)
@@ -125,7 +126,7 @@ def generate_phantom_cases(
     spacing_mm: float | tuple[float, float, float] = 3.0,
     reuse: bool = True,
 ) -> list[EvaluationCase]:
-    """Phantom patient pairs (``synthetic.make_phantom_pair``) for every seed and amplitude, written under
+    """Phantom patient pairs (``synthetic.pairs.make_phantom_pair``) for every seed and amplitude, written under
     ``out_dir/phantom_s{seed}_a{amplitude}``.  With ``reuse`` a folder that already holds a case is not redone."""
     from deepabdominalreg.synthetic.pairs import make_phantom_pair
 
@@ -156,8 +157,9 @@ def generate_ct_cases(
     prefix: str = "ct",
     reuse: bool = True,
 ) -> list[EvaluationCase]:
-    """Pairs made from one real CT (+ labels) deformed by a synthetic generator (``synthetic.make_synthetic_pair``)
-    for every seed and amplitude, written under ``out_dir/{prefix}_{generator}_s{seed}_a{amplitude}``.
+    """Pairs made from one real CT (+ labels) deformed by a synthetic generator
+    (``synthetic.pairs.make_synthetic_pair``) for every seed and amplitude, written under
+    ``out_dir/{prefix}_{generator}_s{seed}_a{amplitude}``.
 
     ``noise_hu``: independent CT noise added to both images (as for the phantom), so the fixed image is not just an
     interpolated copy of the moving one."""

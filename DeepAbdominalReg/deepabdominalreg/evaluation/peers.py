@@ -106,7 +106,9 @@ def run_elastix(
     maps = elastix_parameter_maps(final_grid_spacing_mm, resolutions)
     parameters = itk.ParameterObject.New()
     for index, (kind, plain) in enumerate(zip(("affine", "bspline"), maps)):
-        parameters.AddParameterMap(parameters.GetDefaultParameterMap(kind, int(resolutions), float(final_grid_spacing_mm)))
+        parameters.AddParameterMap(
+            parameters.GetDefaultParameterMap(kind, int(resolutions), float(final_grid_spacing_mm))
+        )
         for key, values in plain.items():
             parameters.SetParameter(index, key, [str(v) for v in values])
         parameters.SetParameter(index, "RandomSeed", str(int(seed) + 1))
@@ -313,12 +315,14 @@ def _shrink(image: sitk.Image, factor: int, sigma_mm: float) -> sitk.Image:
     if factor <= 1:
         return image
     size = [max(2, round(s / factor)) for s in image.GetSize()]
-    spacing = [sp * (s - 1) / max(n - 1, 1) if n > 1 else sp for sp, s, n in zip(image.GetSpacing(), image.GetSize(), size)]
+    spacing = [sp * (s - 1) / max(n - 1, 1) if n > 1 else sp
+               for sp, s, n in zip(image.GetSpacing(), image.GetSize(), size)]
     reference = sitk.Image(size, image.GetPixelID())
     reference.SetSpacing(spacing)
     reference.SetOrigin(image.GetOrigin())
     reference.SetDirection(image.GetDirection())
-    return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, float(sitk.GetArrayViewFromImage(image).min()))
+    return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear,
+                         float(sitk.GetArrayViewFromImage(image).min()))
 
 
 def warm_up_elastix() -> None:

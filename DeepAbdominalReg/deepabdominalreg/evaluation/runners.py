@@ -197,7 +197,8 @@ def run_evaluation(
             trace = row.pop("_traceback", None)
             if log:
                 if row["status"] == "ok":
-                    log(f"    {row.get('runtime_s', float('nan')):.1f} s, Dice {row.get('dice_mean', float('nan')):.3f}, "
+                    log(f"    {row.get('runtime_s', float('nan')):.1f} s, "
+                        f"Dice {row.get('dice_mean', float('nan')):.3f}, "
                         f"TRE {row.get('tre_mean_mm', float('nan')):.2f} mm, folding "
                         f"{row.get('folding_percent', float('nan')):.3f} %")
                 else:

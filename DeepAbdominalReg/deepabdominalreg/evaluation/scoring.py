@@ -110,7 +110,8 @@ def displacement_error(
     mask_zyx: np.ndarray | None = None,
 ) -> dict:
     """Endpoint error ``|u_est(x) - u_true(x)|`` (mm) inside ``mask_zyx``: ``field_error_mean_mm``,
-    ``field_error_p95_mm``, ``field_error_max_mm``.  ``true_lps`` is resampled onto ``estimated_lps``'s grid if needed."""
+    ``field_error_p95_mm``, ``field_error_max_mm``.  ``true_lps`` is resampled onto ``estimated_lps``'s grid if
+    needed."""
     check_displacement(true_lps)
     if not same_grid(estimated_lps, true_lps):
         true_lps = resample_image(sitk.Cast(true_lps, sitk.sitkVectorFloat32), estimated_lps, None, "linear", 0.0)

@@ -111,7 +111,8 @@ def summarise(rows: Sequence[dict], metrics: Sequence[str] = KEY_METRICS, by: st
                 entry[by] = key[1]
             entry.update({"metric": metric, "n": int(values.size)})
             if values.size:
-                entry.update({"mean": float(values.mean()), "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
+                entry.update({"mean": float(values.mean()),
+                              "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
                               "median": float(np.median(values)), "min": float(values.min()),
                               "max": float(values.max())})
             else:

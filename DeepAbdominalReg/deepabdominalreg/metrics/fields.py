@@ -1,6 +1,6 @@
 """Evaluation metrics: Jacobian determinant, displacement, label overlap, landmarks, similarity, memory.
 
-Pure functions on SimpleITK images (LPS, mm) or ``zyx`` numpy arrays, following :mod:`deepabdominalreg.image`.
+Pure functions on SimpleITK images (LPS, mm) or ``zyx`` numpy arrays, following :mod:`deepabdominalreg.geometry`.
 Every distance is in **mm** (physical, using the grid's spacing and direction), never in voxels.
 
 Conventions of the reported numbers:
@@ -81,12 +81,14 @@ def jacobian_determinant(displacement_lps: sitk.Image, chunk_slices: int | None 
     """``det(I + du/dx)`` of the mapping ``x -> x + u(x)``; ``u`` in LPS mm on any grid (oblique, anisotropic).
 
     Derivatives are with respect to **physical** coordinates: ``du/dindex`` by central differences (one-sided at
-    the borders: ``torch.gradient``, as ``numpy.gradient``), then ``du/dx = du/dindex @ inv(direction @ diag(spacing))``:
+    the borders: ``torch.gradient``, as ``numpy.gradient``), then
+    ``du/dx = du/dindex @ inv(direction @ diag(spacing))``:
     :func:`deepabdominalreg.spatial.jacobian_determinant` with that matrix.  Computed with torch in float32 on
     ``device`` (the pipeline's CPU or GPU; the determinant of a near-identity mapping keeps ~1e-6 relative
     precision), slab by slab: ``chunk_slices`` z-slices (default: ~2 M voxels, 8 slices of 512 x 512) plus one
-    overlapping slice each side, so the extra memory is about 16 slab-sized float32 arrays (~130 MB at the default).  The result does not depend on ``chunk_slices``; the default is small so that a slab's
-    temporaries stay in the CPU's caches.  Returns ``sitkFloat32`` on the field's grid (dimensionless: 1 = volume
+    overlapping slice each side, so the extra memory is about 16 slab-sized float32 arrays (~130 MB at the
+    default).  The result does not depend on ``chunk_slices``; the default is small so that a slab's temporaries
+    stay in the CPU's caches.  Returns ``sitkFloat32`` on the field's grid (dimensionless: 1 = volume
     preserved, < 1 compression, > 1 expansion, <= 0 folding).
     """
     check_displacement(displacement_lps)

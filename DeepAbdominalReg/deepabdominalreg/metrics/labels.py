@@ -113,8 +113,9 @@ def surface_distances(
 
     ``spacing_zyx``: voxel spacing in mm in array (z, y, x) order; taken from the image when masks are SimpleITK
     images.  Surfaces are the mask voxels with a face-neighbour outside the mask; distances are Euclidean, in mm,
-    from each surface voxel's centre to the nearest surface voxel centre of the other mask.  ``hd95`` is the larger of the two directed 95th percentiles.  If either
-    mask is empty every value is NaN.  The masks are cropped to their joint bounding box before the transforms.
+    from each surface voxel's centre to the nearest surface voxel centre of the other mask.  ``hd95`` is the larger
+    of the two directed 95th percentiles.  If either mask is empty every value is NaN.  The masks are cropped to
+    their joint bounding box before the transforms.
     """
     if spacing_zyx is None:
         if not isinstance(mask_a, sitk.Image):

@@ -111,7 +111,8 @@ def _mask_centroid_lps(mask_zyx: np.ndarray, grid: Grid) -> np.ndarray | None:
 
 
 def _slice_indices(fixed: sitk.Image, fixed_labels: sitk.Image | None, lps: Grid) -> tuple[int, int]:
-    """(k, j) on ``lps`` of the slices to show: the labels' centroid, else the body's (HU > ``BODY_THRESHOLD_HU``), else the centre."""
+    """(k, j) on ``lps`` of the slices to show: the labels' centroid, else the body's (HU > ``BODY_THRESHOLD_HU``),
+    else the centre."""
     centre = None
     if fixed_labels is not None:
         centre = _mask_centroid_lps(sitk.GetArrayViewFromImage(fixed_labels) > 0, Grid.from_image(fixed_labels))
@@ -273,7 +274,8 @@ def write_report(
     ``result``: what :func:`~deepabdominalreg.registration.register_pair` returned (its warped image and labels,
     Jacobian, displacement magnitude, metrics and HU window); ``fixed``, ``moving`` and their label maps: the inputs
     it registered, which a result does not hold.
-    Rows: an axial and a coronal slice through the centroid of ``fixed_labels`` (else of the body, HU > ``BODY_THRESHOLD_HU``).
+    Rows: an axial and a coronal slice through the centroid of ``fixed_labels`` (else of the body,
+    HU > ``BODY_THRESHOLD_HU``).
     Columns: fixed, moving (on the fixed grid *without* any transform, outside = -1000 HU), warped, a
     checkerboard of fixed and warped, the Jacobian determinant (``RdBu_r`` centred on 1; det <= 0 in green) and the
     displacement magnitude (mm), each map with a colour bar.  Label contours: fixed labels on the fixed and warped

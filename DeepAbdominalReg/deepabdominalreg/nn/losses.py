@@ -248,7 +248,8 @@ def dice_loss(
     eps: float = 1e-5,
     ignore_empty: bool = True,
 ) -> torch.Tensor:
-    """``1 - mean soft Dice`` over channels of one-hot/probability maps ``(B, L, D, H, W)``; ``0`` perfect, ``1`` no overlap.
+    """``1 - mean soft Dice`` over channels of one-hot/probability maps ``(B, L, D, H, W)``; ``0`` perfect, ``1`` no
+    overlap.
 
     Segmentation guidance (DDMR, VoxelMorph-auxiliary): ``warped_labels`` are the moving one-hot labels warped
     with the predicted field (trilinear, so differentiable).  With ``ignore_empty`` channels absent from both maps

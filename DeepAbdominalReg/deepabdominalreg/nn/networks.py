@@ -219,7 +219,8 @@ class CostVolumePyramidNet(nn.Module):
             self.encoders.append(nn.Sequential(_conv(cin, cout, stride), _conv(cout, cout)))
             cin = cout
         self.log_inverse_temperature = nn.Parameter(
-            torch.full((len(config.feature_channels),), float(torch.log(torch.tensor(config.initial_inverse_temperature))))
+            torch.full((len(config.feature_channels),),
+                       float(torch.log(torch.tensor(config.initial_inverse_temperature))))
         )
         self.refiners = nn.ModuleList()
         for cout in config.feature_channels:

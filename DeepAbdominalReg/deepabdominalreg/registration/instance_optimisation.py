@@ -123,8 +123,8 @@ def _linear_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dty
 class _ControlUpsampler:
     """``F.interpolate(x, size, mode="trilinear", align_corners=True)`` of a ``(B, C, d, h, w)`` control grid, as
     three small matrix products (one per axis).  Same values to float rounding; cheaper forward and backward on a
-    CPU than ``F.interpolate``, and it runs every instance-optimisation iteration.  With ``box`` (one slice per axis of ``shape``) it returns only that part of the
-    upsampled grid, at that part's cost."""
+    CPU than ``F.interpolate``, and it runs every instance-optimisation iteration.  With ``box`` (one slice per axis
+    of ``shape``) it returns only that part of the upsampled grid, at that part's cost."""
 
     def __init__(self, control_shape: tuple[int, ...], shape: tuple[int, ...], device: torch.device,
                  dtype: torch.dtype, box: tuple[slice, slice, slice] | None = None) -> None:

@@ -494,7 +494,8 @@ def _solid_organs(pt: Patient) -> dict:
     gb_semi = (u(13.0, 18.0) * s, u(13.0, 18.0) * s, u(28.0, 40.0) * pt.sz)
     gb_c = pt.pull_inside([[-u(40.0, 60.0) * s, y0 - u(85.0, 105.0) * s, lv["L1"] + u(-5.0, 15.0)]],
                           max(gb_semi[:2]) + 4.0)[0]
-    organs["gallbladder"] = _organ(pt, "gallbladder", [(gb_c, gb_semi, rotation_xyz(u(30, 50), u(-15, 15), u(-20, 20)))],
+    organs["gallbladder"] = _organ(pt, "gallbladder",
+                                   [(gb_c, gb_semi, rotation_xyz(u(30, 50), u(-15, 15), u(-20, 20)))],
                                    label=_LABEL_ID["gallbladder"], hu=u(5.0, 18.0), rng=rng, warp_mm=2.0,
                                    texture_hu=1.0)
 
@@ -710,7 +711,8 @@ def _spine(pt: Patient, tex) -> list[Shape]:
         return 8.0 + soft_edge(cord, 1.0) * 27.0  # CSF, and the cord above L1/L2
 
     shapes.append(sdf_shape("spinal_canal", np.array([-40, pt.y_spine0 - 20, pt.z_ls - 5]),
-                              np.array([40, pt.y_spine0 + 70, UNBOUNDED_MM]), canal, canal_value, _LABEL_ID["spinal_cord"]))
+                              np.array([40, pt.y_spine0 + 70, UNBOUNDED_MM]), canal, canal_value,
+                              _LABEL_ID["spinal_cord"]))
 
     # sacrum: below the L5/S1 disc, tilting posteriorly, with alae
     z_s1 = _sacrum_top(pt)

@@ -1,4 +1,5 @@
-"""``deepabdominalreg train | finetune | evaluate-model``: command-line front ends of :mod:`deepabdominalreg.training`."""
+"""``deepabdominalreg train | finetune | evaluate-model``: command-line front ends of
+:mod:`deepabdominalreg.training`."""
 
 from __future__ import annotations
 
@@ -96,7 +97,8 @@ def add_commands(subparsers) -> None:
     """Add ``train``, ``finetune`` and ``evaluate-model`` to the ``deepabdominalreg`` command line."""
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", required=True, help="training config (JSON or TOML; see deepabdominalreg/training/configs/)")
+        p.add_argument("--config", required=True,
+                       help="training config (JSON or TOML; see deepabdominalreg/training/configs/)")
         p.add_argument("--name", default=None, help="model name (card name and file stem)")
         p.add_argument("--out-dir", default=None, help="run folder: checkpoints, metrics.csv, metrics.png")
         p.add_argument("--model-dir", default=None, help="where the best model + card are written")

@@ -212,7 +212,8 @@ def _card_extra(config: TrainingConfig, history: list[dict], best: dict, seconds
 
 def _hardware_description(config: TrainingConfig) -> str:
     """Where the run trained: the GPU (when the device is CUDA), the host's CPU threads and torch's version."""
-    host = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+    host = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads, "
+            f"torch {torch.__version__}")
     if config.device != "cpu" and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (CUDA); host {host}"
     return host

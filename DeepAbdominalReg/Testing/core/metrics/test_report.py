@@ -1,4 +1,4 @@
-"""Tests for deepabdominalreg.report: a readable PNG, anatomically oriented whatever the direction matrix."""
+"""Tests for deepabdominalreg.metrics.report: a readable PNG, anatomically oriented whatever the direction matrix."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Known-answer tests of every loss term in :mod:`deepabdominalreg.losses` (values, signs, gradients)."""
+"""Known-answer tests of every loss term in :mod:`deepabdominalreg.nn.losses` (values, signs, gradients)."""
 
 from __future__ import annotations
 

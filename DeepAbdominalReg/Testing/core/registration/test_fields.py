@@ -1,4 +1,5 @@
-"""The torch full-resolution outputs (:mod:`deepabdominalreg.fields`) against ITK on oblique, anisotropic grids."""
+"""The torch full-resolution outputs (:mod:`deepabdominalreg.registration.fields`) against ITK on oblique,
+anisotropic grids."""
 
 from __future__ import annotations
 
