@@ -8,29 +8,51 @@ Conventions (all functions):
   matching the tensor axes; a point at voxel ``p`` maps to ``p + disp_vox(p)``;
 * ``warp(moving, disp)`` samples ``moving`` at ``p + disp(p)``: the output lives on the (fixed) grid of ``disp``.
 
-Conversions to physical LPS millimetres happen in :mod:`deepabdominalreg.registration`, using the grid's spacing
-and direction.
+:func:`disp_vox_to_mm_lps` and :func:`mm_lps_to_disp_vox` convert between that layout and ``(D, H, W, 3)`` LPS mm
+fields through the grid (:meth:`deepabdominalreg.geometry.Grid.displacement_to_mm`, its spacing and direction).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from deepabdominalreg.geometry import Grid
 
 __all__ = [
     "box_filter",
     "compose",
+    "disp_vox_to_mm_lps",
     "identity_grid",
     "integrate_velocity",
     "invert_displacement",
     "invert_displacement_at",
     "jacobian_determinant",
+    "mm_lps_to_disp_vox",
     "normalising_scale",
     "resize_displacement",
     "warp",
 ]
+
+
+def disp_vox_to_mm_lps(disp_vox: torch.Tensor, grid: Grid) -> np.ndarray:
+    """``(1, 3, D, H, W)`` voxel displacement (channels d, h, w) on ``grid`` -> ``(D, H, W, 3)`` LPS mm, float64."""
+    return grid.displacement_to_mm(disp_vox[0].flip(0).permute(1, 2, 3, 0).double().cpu().numpy())
+
+
+def mm_lps_to_disp_vox(field_mm_zyx3: np.ndarray, grid: Grid, device: torch.device | str | None = None,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(D, H, W, 3)`` LPS mm -> ``(1, 3, D, H, W)`` voxel displacement (channels d, h, w) on ``grid``, in
+    ``dtype`` on ``device``."""
+    vox_xyz = grid.displacement_to_voxels(field_mm_zyx3)
+    numpy_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    tensor = torch.as_tensor(vox_xyz.astype(numpy_dtype), device=device).permute(3, 0, 1, 2).flip(0)
+    return tensor.unsqueeze(0).contiguous()
 
 
 def _check_disp(disp: torch.Tensor) -> None:

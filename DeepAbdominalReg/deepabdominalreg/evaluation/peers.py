@@ -28,7 +28,7 @@ import SimpleITK as sitk
 
 from deepabdominalreg.config import OUTSIDE_FOV_HU, RegistrationConfig
 from deepabdominalreg.evaluation.methods import MethodOutput, MethodSpec
-from deepabdominalreg.geometry import Grid, displacement_transform
+from deepabdominalreg.geometry import Grid, displacement_transform, resample_image
 from deepabdominalreg.io import writable_array_view
 
 #: The demons' intensity window (HU): the pipeline's soft-tissue window (``RegistrationConfig.hu_window``'s default).
@@ -281,10 +281,8 @@ def run_sitk_demons(fixed_path: str, moving_path: str, *, threads: int = 2, seed
     dcfg = SITK_DEMONS_SETTINGS["demons"]
     low, high = DEMONS_WINDOW_HU
     fixed_w = sitk.Clamp(fixed, sitk.sitkFloat32, low, high)
-    moving_w = sitk.Clamp(
-        sitk.Resample(moving, fixed, affine, sitk.sitkLinear, OUTSIDE_FOV_HU, sitk.sitkFloat32), sitk.sitkFloat32, low,
-        high,
-    )
+    moving_w = sitk.Clamp(resample_image(moving, fixed, affine, "linear", OUTSIDE_FOV_HU, sitk.sitkFloat32),
+                          sitk.sitkFloat32, low, high)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetSmoothDisplacementField(True)
     demons.SetStandardDeviations(dcfg["field_standard_deviation_vox"])
@@ -297,7 +295,7 @@ def run_sitk_demons(fixed_path: str, moving_path: str, *, threads: int = 2, seed
             field = sitk.Image(f_level.GetSize(), sitk.sitkVectorFloat64)
             field.CopyInformation(f_level)
         else:
-            field = sitk.Resample(field, f_level, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+            field = resample_image(field, f_level, None, "linear", 0.0, sitk.sitkVectorFloat64)
         demons.SetNumberOfIterations(int(iterations))
         field = demons.Execute(f_level, m_level, field)
     stages["demons"] = time.perf_counter() - t
@@ -317,12 +315,8 @@ def _shrink(image: sitk.Image, factor: int, sigma_mm: float) -> sitk.Image:
     size = [max(2, round(s / factor)) for s in image.GetSize()]
     spacing = [sp * (s - 1) / max(n - 1, 1) if n > 1 else sp
                for sp, s, n in zip(image.GetSpacing(), image.GetSize(), size)]
-    reference = sitk.Image(size, image.GetPixelID())
-    reference.SetSpacing(spacing)
-    reference.SetOrigin(image.GetOrigin())
-    reference.SetDirection(image.GetDirection())
-    return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear,
-                         float(sitk.GetArrayViewFromImage(image).min()))
+    reference = Grid(tuple(size), tuple(spacing), image.GetOrigin(), image.GetDirection())
+    return resample_image(image, reference, None, "linear", float(sitk.GetArrayViewFromImage(image).min()))
 
 
 def warm_up_elastix() -> None:

@@ -340,15 +340,3 @@ def _nearest_values(block: np.ndarray, index: list[torch.Tensor], k0: int, insid
     values = np.ascontiguousarray(block).reshape(-1)[flat]
     values[~inside.cpu().numpy()] = np.asarray(default_value).astype(values.dtype)
     return values
-
-
-def disp_vox_to_mm_lps(disp_vox: torch.Tensor, grid: Grid) -> np.ndarray:
-    """``(1, 3, D, H, W)`` voxel displacement (channels d, h, w) -> ``(D, H, W, 3)`` LPS mm, float64."""
-    return grid.displacement_to_mm(disp_vox[0].flip(0).permute(1, 2, 3, 0).double().cpu().numpy())
-
-
-def mm_lps_to_disp_vox(field_mm_zyx3: np.ndarray, grid: Grid, device: torch.device) -> torch.Tensor:
-    """``(D, H, W, 3)`` LPS mm -> ``(1, 3, D, H, W)`` voxel displacement (channels d, h, w) on ``grid``."""
-    vox_xyz = grid.displacement_to_voxels(field_mm_zyx3)
-    tensor = torch.as_tensor(vox_xyz.astype(np.float32), device=device).permute(3, 0, 1, 2).flip(0)
-    return tensor.unsqueeze(0).contiguous()

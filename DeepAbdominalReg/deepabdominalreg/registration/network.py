@@ -15,11 +15,8 @@ from deepabdominalreg.geometry import (
     mask_bounding_box,
     resample_image,
 )
-from deepabdominalreg.registration.fields import (
-    disp_vox_to_mm_lps,
-    mm_lps_to_disp_vox,
-)
 from deepabdominalreg.registration.preprocessing import prepare_working_image
+from deepabdominalreg.spatial import disp_vox_to_mm_lps, mm_lps_to_disp_vox
 
 
 def network_displacement(

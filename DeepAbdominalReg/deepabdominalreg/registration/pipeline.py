@@ -38,15 +38,11 @@ from deepabdominalreg.metrics.labels import label_overlap_report
 from deepabdominalreg.metrics.landmarks import landmark_errors
 from deepabdominalreg.nn.models import ModelCard, load_model
 from deepabdominalreg.registration.affine import AffineSettings, optimise_affine
-from deepabdominalreg.registration.fields import (
-    affine_field_displacement,
-    disp_vox_to_mm_lps,
-    inverse_field_on_grid,
-    warp_image,
-)
+from deepabdominalreg.registration.fields import affine_field_displacement, inverse_field_on_grid, warp_image
 from deepabdominalreg.registration.instance_optimisation import InstanceOptimisationSettings, instance_optimise
 from deepabdominalreg.registration.network import network_displacement
 from deepabdominalreg.registration.preprocessing import WorkingImage, looks_like_ct, prepare_working_image
+from deepabdominalreg.spatial import disp_vox_to_mm_lps
 
 
 class RegistrationCancelled(RuntimeError):

@@ -117,26 +117,16 @@ def _gaussian(array: np.ndarray, sigma_mm: float, spacing_mm: float, mode: str =
     return ndimage.gaussian_filter(array, sigma=sigma_mm / spacing_mm, mode=mode)
 
 
-def _voxels(u_zyx3: np.ndarray, grid: Grid) -> torch.Tensor:
-    """A ``(z, y, x, 3)`` LPS-mm field on ``grid`` as a float64 ``(1, 3, D, H, W)`` voxel displacement (d, h, w)."""
-    vox_xyz = grid.displacement_to_voxels(u_zyx3)
-    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(vox_xyz[..., ::-1], -1, 0)))[None]
-
-
-def _millimetres(disp_vox: torch.Tensor, grid: Grid) -> np.ndarray:
-    """The inverse of :func:`_voxels`: ``(1, 3, D, H, W)`` voxels (d, h, w) -> ``(z, y, x, 3)`` LPS mm, float64."""
-    return grid.displacement_to_mm(disp_vox[0].flip(0).permute(1, 2, 3, 0).double().numpy())
-
-
 def _exponentiate(v_zyx3: np.ndarray, grid: Grid, steps: int = 6) -> np.ndarray:
     """Displacement (LPS mm) of the exponential of a stationary velocity field (LPS mm) on ``grid``: scaling and
     squaring (:func:`deepabdominalreg.spatial.integrate_velocity`, linear interpolation, border values outside)."""
-    return _millimetres(spatial.integrate_velocity(_voxels(v_zyx3, grid), steps), grid)
+    velocity = spatial.mm_lps_to_disp_vox(v_zyx3, grid, dtype=torch.float64)
+    return spatial.disp_vox_to_mm_lps(spatial.integrate_velocity(velocity, steps), grid)
 
 
 def _min_jacobian_determinant(u_zyx3: np.ndarray, grid: Grid) -> float:
     """Smallest det(I + grad u) of an LPS-mm field on ``grid`` (central differences; the same in voxel units)."""
-    return float(spatial.jacobian_determinant(_voxels(u_zyx3, grid)).min())
+    return float(spatial.jacobian_determinant(spatial.mm_lps_to_disp_vox(u_zyx3, grid, dtype=torch.float64)).min())
 
 
 def _max_norm(u_zyx3: np.ndarray, where: np.ndarray | None = None) -> float:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from deepabdominalreg import spatial
-from deepabdominalreg.registration.fields import mm_lps_to_disp_vox
+from deepabdominalreg.spatial import mm_lps_to_disp_vox
 from deepabdominalreg.synthetic.motion import (
     Spacing,
     random_rigid_displacement,

@@ -18,8 +18,8 @@ import torch
 
 from deepabdominalreg.geometry import Grid, make_working_grid, resample_image
 from deepabdominalreg.io import read_image, read_labels
-from deepabdominalreg.registration.fields import mm_lps_to_disp_vox
 from deepabdominalreg.registration.preprocessing import prepare_working_image
+from deepabdominalreg.spatial import mm_lps_to_disp_vox
 from deepabdominalreg.training.augmentation import AugmentationConfig, PairAugmentation
 from deepabdominalreg.training.config import TrainingConfig
 

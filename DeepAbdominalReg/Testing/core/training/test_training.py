@@ -17,7 +17,7 @@ from deepabdominalreg.geometry import Grid
 from deepabdominalreg.nn import losses
 from deepabdominalreg.nn.models import load_model
 from deepabdominalreg.nn.networks import build_network
-from deepabdominalreg.registration.fields import mm_lps_to_disp_vox
+from deepabdominalreg.spatial import mm_lps_to_disp_vox
 from deepabdominalreg.training.config import REGULARISERS, SIMILARITIES, TrainingConfig, load_config
 from deepabdominalreg.training.data import (
     PairSampler,
