@@ -4,7 +4,7 @@ Times what the pipeline's network stage does on the model's own grid: preprocess
 the model spacing, HU window, body mask, the bodies' bounding box) and one forward pass (``torch.inference_mode``),
 median of ``--repeats``, in the precision the pipeline would use (``--precision``, default ``auto``: bf16 autocast
 on CPUs with native bf16, fp32 on CUDA; ``device.network_uses_bfloat16``).
-The pair is the CT and a synthetic deformation of it (``synthetic.make_synthetic_pair``, 10 mm).
+The pair is the CT and a synthetic deformation of it (``synthetic.pairs.make_synthetic_pair``, 10 mm).
 
     python benchmarks/network_speed.py --threads 2   # the network preset's model
     python benchmarks/network_speed.py --threads 1 --precision fp32

@@ -2,7 +2,7 @@
 
 ``ScriptedLoadableModuleWidget.onReload`` re-executes ``DeepAbdominalReg.py`` only; edits to
 ``DeepAbdominalRegLib`` or to the core package ``deepabdominalreg`` would need a Slicer restart.  The widget's
-``onReload`` (as in SlicerElastix) first calls :func:`reloadPackages`, which ``importlib.reload``\\ s every loaded
+``onReload`` first calls :func:`reloadPackages`, which ``importlib.reload``\\ s every loaded
 module of the two packages in dependency order: a module's module-level imports (read from the source files, so
 the order follows the code as it is) are reloaded before it, and ``from X import name`` then binds the new
 objects.  Imports inside functions need no order: they look the module up when called.

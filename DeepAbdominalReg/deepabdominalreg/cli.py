@@ -86,7 +86,10 @@ def _build_config(args: argparse.Namespace) -> RegistrationConfig:
         overrides["threads"] = args.threads
     if getattr(args, "network_precision", None):
         overrides["network_precision"] = args.network_precision
-    return config.replace(**overrides)
+    try:
+        return config.replace(**overrides)
+    except ValueError as exc:  # a bad value of a flag, e.g. --io-iterations -1
+        raise ImageValidationError(f"invalid option: {exc}") from exc
 
 
 def _cmd_register(args: argparse.Namespace) -> int:

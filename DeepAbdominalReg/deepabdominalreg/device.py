@@ -148,8 +148,7 @@ def _rss_peak_mb() -> float | None:
 
 
 def _cuda_max_allocated_mb() -> float | None:
-    torch = sys.modules.get("torch")  # if torch was never imported, CUDA was never used: do not import it here
-    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
     return torch.cuda.max_memory_allocated() / (1024.0 * 1024.0)
 
@@ -178,8 +177,7 @@ class PeakMemory:
     _rss_at_entry: float | None = field(default=None, repr=False)
 
     def __enter__(self) -> PeakMemory:  # noqa: PYI034 - Self needs Python 3.11
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
         self._rss_at_entry = _rss_peak_mb()
         return self

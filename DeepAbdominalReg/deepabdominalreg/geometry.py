@@ -1,5 +1,6 @@
-"""Geometry: :class:`Grid` (size, spacing, origin, direction of an image) is the one owner of voxel <-> physical
-(mm, LPS) <-> ``grid_sample`` conversions; resampling between grids.
+"""Geometry: :class:`Grid` (size, spacing, origin, direction of an image) owns the voxel <-> physical (mm, LPS)
+conversions of points and displacement vectors; resampling between grids (``grid_sample`` coordinates of the torch
+code: :func:`deepabdominalreg.spatial.normalising_scale`).
 
 Conventions used throughout the core library:
 
@@ -8,7 +9,8 @@ Conventions used throughout the core library:
   transposed ``(k, j, i)`` = ``(z, y, x)`` array.  Arrays in this library are ``zyx`` unless named otherwise.
 * Physical point of a voxel: ``p = origin + direction @ (spacing * index_xyz)``.
 
-All resampling between grids goes through :func:`resample_image`.
+Every ITK resampling goes through :func:`resample_image`; the full-resolution outputs of a registration are
+resampled in torch by :mod:`deepabdominalreg.registration.fields`, tested to give what :func:`resample_image` gives.
 """
 from __future__ import annotations
 
@@ -186,15 +188,27 @@ def resample_image(
     return resampler.Execute(image)
 
 
+def check_displacement(field_lps: sitk.Image) -> None:
+    """Raise ``ValueError`` unless ``field_lps`` is a 3D image with 3 components per voxel (a displacement field)."""
+    if field_lps.GetDimension() != 3 or field_lps.GetNumberOfComponentsPerPixel() != 3:
+        raise ValueError(
+            "expected a 3D displacement field with 3 components per voxel (LPS mm), got "
+            f"{field_lps.GetDimension()}D with {field_lps.GetNumberOfComponentsPerPixel()} components"
+        )
+
+
 def displacement_transform(displacement_lps: sitk.Image) -> sitk.DisplacementFieldTransform:
     """The transform ``x -> x + u(x)`` of a displacement field ``u`` (3 components, LPS mm; linear interpolation,
     zero outside its grid).  The field is copied: ITK's transform takes over the buffer of the image it is given."""
-    if displacement_lps.GetDimension() != 3 or displacement_lps.GetNumberOfComponentsPerPixel() != 3:
-        raise ValueError(
-            "expected a 3D displacement field with 3 components per voxel (LPS mm), got "
-            f"{displacement_lps.GetDimension()}D with {displacement_lps.GetNumberOfComponentsPerPixel()} components"
-        )
+    check_displacement(displacement_lps)
     return sitk.DisplacementFieldTransform(sitk.Cast(displacement_lps, sitk.sitkVectorFloat64))
+
+
+def map_points(points_lps: np.ndarray, displacement_lps: sitk.Image) -> np.ndarray:
+    """Fixed points ``(N, 3)`` (LPS mm) mapped to ``x + u(x)`` (``u`` interpolated linearly; zero outside the grid)."""
+    transform = displacement_transform(displacement_lps)
+    points = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
+    return np.array([transform.TransformPoint([float(c) for c in p]) for p in points]).reshape(-1, 3)
 
 
 def warp_with_displacement(

@@ -18,11 +18,14 @@ import struct
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
+
+from deepabdominalreg.geometry import check_displacement
 
 if TYPE_CHECKING:  # the pipeline's result type, for annotations only (io sits below the pipeline)
     from deepabdominalreg.registration.pipeline import RegistrationResult
@@ -217,18 +220,24 @@ def _atomic_target(path: Path) -> Path:
     return Path(tmp)
 
 
-def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Write ``image`` atomically (temporary file in the same folder, then rename)."""
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(temporary path)`` on a fresh file beside ``path`` (same folder and suffixes), then rename it onto
+    ``path``: readers never see a partial file, and a failed write leaves neither a partial nor a temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _atomic_target(path)
     try:
-        sitk.WriteImage(image, str(tmp), useCompression=compress)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write ``image`` atomically (:func:`write_atomically`)."""
+    return write_atomically(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=compress))
 
 
 def write_displacement_field(field_lps: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
@@ -240,8 +249,7 @@ def write_displacement_field(field_lps: sitk.Image, path: str | os.PathLike, com
     ``compress``.
     """
     path = Path(path)
-    if field_lps.GetNumberOfComponentsPerPixel() != 3:
-        raise ValueError("a displacement field needs 3 components per voxel")
+    check_displacement(field_lps)
     field32 = sitk.Cast(field_lps, sitk.sitkVectorFloat32)
     if not path.name.endswith((".nii", ".nii.gz")):
         return write_image(field32, path, compress)
@@ -331,17 +339,15 @@ def _read_markups(path: Path, role: str) -> np.ndarray:
 
 
 def write_landmarks(points_lps: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write points (LPS mm) as CSV with an ``x,y,z`` header."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["x", "y", "z"])
-        for p in np.asarray(points_lps, dtype=np.float64):
-            writer.writerow([f"{v:.4f}" for v in p])
-    os.replace(tmp, path)
-    return path
+    """Write points (LPS mm) as CSV with an ``x,y,z`` header, atomically."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["x", "y", "z"])
+            for p in np.asarray(points_lps, dtype=np.float64):
+                writer.writerow([f"{v:.4f}" for v in p])
+
+    return write_atomically(path, write)
 
 
 def _json_default(value):
@@ -354,15 +360,10 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
-def write_json(data: dict, path: str | os.PathLike) -> Path:
-    """Write JSON atomically (NaN written as null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_nan_to_none(data), indent=2, default=_json_default)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+def write_json(data: dict, path: str | os.PathLike, indent: int = 2) -> Path:
+    """Write JSON atomically (NaN written as null; NumPy values and paths as plain values)."""
+    text = json.dumps(_nan_to_none(data), indent=indent, default=_json_default)
+    return write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def _nan_to_none(value):

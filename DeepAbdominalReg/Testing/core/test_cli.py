@@ -92,6 +92,17 @@ def test_missing_input_is_exit_code_2_with_a_message(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag, value, setting", [("--io-iterations", "-1", "io_iterations"),
+                                                 ("--working-spacing", "0", "working_spacing_mm")])
+def test_a_bad_option_value_is_exit_code_2_naming_the_setting(pair_dir, tmp_path, capsys, flag, value, setting):
+    code = main(["register", "--fixed", str(pair_dir / "fixed.nii.gz"), "--moving", str(pair_dir / "moving.nii.gz"),
+                 "--output-dir", str(tmp_path / "out"), flag, value])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid option") and setting in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("image_format", ["nii", "nrrd"])
 def test_uncompressed_output_formats_hold_the_same_field(pair_dir, registered, tmp_path, image_format):
     code = main([

@@ -8,7 +8,7 @@ import vtk
 from DeepAbdominalRegLib import nodes
 
 
-def rotation_xyz(ax: float, ay: float, az: float) -> np.ndarray:
+def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
     cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
@@ -16,7 +16,7 @@ def rotation_xyz(ax: float, ay: float, az: float) -> np.ndarray:
     return rz @ ry @ rx
 
 
-OBLIQUE = rotation_xyz(0.2, -0.35, 0.5) @ np.diag([1.0, -1.0, 1.0])  # rotated and flipped (a left-handed frame)
+OBLIQUE = _rotation(0.2, -0.35, 0.5) @ np.diag([1.0, -1.0, 1.0])  # rotated and flipped (a left-handed frame)
 SPACING = (0.7, 1.1, 2.5)
 ORIGIN_LPS = (-120.5, 87.25, -300.0)
 
@@ -69,7 +69,7 @@ def test_volume_under_linear_transform_is_read_where_it_is_shown(scene):
     node = nodes.updateVolumeNodeFromImage(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"), image)
     transformNode = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     toParent = np.eye(4)
-    toParent[:3, :3] = rotation_xyz(0.0, 0.0, 0.1)
+    toParent[:3, :3] = _rotation(0.0, 0.0, 0.1)
     toParent[:3, 3] = (10.0, -4.0, 2.0)  # RAS mm
     transformNode.SetMatrixTransformToParent(nodes.vtkMatrixFromArray(toParent))
     node.SetAndObserveTransformNodeID(transformNode.GetID())

@@ -16,7 +16,7 @@ TINY = config_from_preset("fast", working_spacing_mm=8.0, io_iterations=4, affin
                           io_fine_iterations=4, compute_inverse=True)
 
 
-def rotation_xyz(angles) -> np.ndarray:
+def _rotation(angles) -> np.ndarray:
     ax, ay, az = angles
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
     ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
@@ -50,7 +50,7 @@ geometry = st.fixed_dictionaries({
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(geometry, st.integers(0, 1000))
 def test_random_geometry_gives_clear_error_or_valid_result(g, seed):
-    direction = rotation_xyz(g["angles"]) @ np.diag([g["flip"], 1.0, 1.0])
+    direction = _rotation(g["angles"]) @ np.diag([g["flip"], 1.0, 1.0])
     fixed = _volume(g["size"], g["spacing"], direction, g["origin"], seed)
     moving = _volume(g["size"][::-1], g["spacing"][::-1], direction.T, tuple(np.add(g["origin"], g["shift"])),
                      seed + 1)

@@ -224,7 +224,9 @@ class CaseSet:
 
 
 def _existing_case(folder: Path, name: str, source: str, amplitude: float, seed: int) -> EvaluationCase | None:
-    if not ((folder / "fixed.nii.gz").exists() and (folder / "moving.nii.gz").exists()):
+    """The case already written in ``folder``, or None.  ``write_pair`` writes ``labels.json`` last: without it the
+    folder is an interrupted write and is made again."""
+    if not all((folder / f).exists() for f in ("fixed.nii.gz", "moving.nii.gz", "labels.json")):
         return None
 
     def maybe(file: str) -> str | None:

@@ -9,6 +9,7 @@ amplitudes) and writes per-pair CSV, summary (CSV and Markdown: mean ± std, med
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -35,6 +36,21 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def _config_overrides(path: str | None) -> dict:
+    """``RegistrationConfig`` fields from a JSON file (``--config``), checked, to apply on top of every variant."""
+    from deepabdominalreg.config import RegistrationConfig
+    from deepabdominalreg.io import ImageValidationError
+
+    if not path:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+        RegistrationConfig.from_dict(data)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ImageValidationError(f"configuration file '{path}' cannot be used: {exc}") from exc
+    return dict(data)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from deepabdominalreg.io import ImageValidationError
 
@@ -48,24 +64,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         ct_label_key=args.ct_label_key, ct_seeds=tuple(_ints(args.ct_seeds)), ct_amplitudes_mm=amplitudes,
         generators=tuple(_names(args.generator)), noise_hu=args.noise_hu,
     )
+    overrides = _config_overrides(args.config)
+    if args.io_iterations is not None:
+        overrides["io_iterations"] = args.io_iterations
+    if args.working_spacing is not None:
+        overrides["working_spacing_mm"] = args.working_spacing
+    model = args.model if args.model and args.model.lower() != "none" else None
+    try:  # names and settings are checked before any pair is generated
+        methods = method_specs((["none"] if args.baseline else []) + _names(args.ours), devices=[args.device],
+                               model=model, log=_log, **overrides)
+    except ValueError as exc:
+        raise ImageValidationError(str(exc)) from exc
     try:
         cases = case_set.make(Path(args.cases_dir) if args.cases_dir else out / "cases", log=_log)
     except (OSError, ValueError) as exc:
         raise ImageValidationError(f"could not make the cases: {exc}") from exc
     if not cases:
         raise ImageValidationError("nothing to evaluate: give --pairs, --phantom-seeds and/or --ct.")
-
-    overrides: dict = {}
-    if args.io_iterations is not None:
-        overrides["io_iterations"] = args.io_iterations
-    if args.working_spacing is not None:
-        overrides["working_spacing_mm"] = args.working_spacing
-    model = args.model if args.model and args.model.lower() != "none" else None
-    try:
-        methods = method_specs((["none"] if args.baseline else []) + _names(args.ours), devices=[args.device],
-                               model=model, log=_log, **overrides)
-    except ValueError as exc:
-        raise ImageValidationError(str(exc)) from exc
     rows = run_evaluation(cases, methods, out, threads=args.threads, isolate=args.isolate, log=_log)
     write_pairs_csv(cases, out / "pairs.csv")
     print((out / "summary.md").read_text())
@@ -113,6 +128,8 @@ def add_commands(subparsers) -> None:
                            "(default: the network preset's)")
     ev_parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ev_parser.add_argument("--threads", type=int, default=2, help="CPU threads per method")
+    ev_parser.add_argument("--config", help="JSON file of RegistrationConfig fields applied on top of every variant "
+                           "(e.g. {\"io_smoothness_weight\": 1.0})")
     ev_parser.add_argument("--io-iterations", type=int, default=None)
     ev_parser.add_argument("--working-spacing", type=float, default=None)
     ev_parser.add_argument("--no-baseline", dest="baseline", action="store_false",

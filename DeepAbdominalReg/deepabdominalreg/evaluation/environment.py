@@ -68,7 +68,7 @@ def _git_state() -> str | None:
     """``<commit> (+ uncommitted changes)`` of the checkout holding this package, or None outside git."""
     import subprocess
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]  # the repository root, above DeepAbdominalReg/
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()

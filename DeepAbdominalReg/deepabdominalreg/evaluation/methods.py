@@ -247,4 +247,6 @@ def method_specs(
                 if name not in VARIANTS:
                     raise
                 log(f"skipping ours-{name}: {exc}")
+    if model is not None and not any(VARIANTS[n].network for n in names if n in VARIANTS):
+        log(f"model {model!r} is not used: none of {', '.join(names)} runs a network (network, network+io, ...)")
     return methods

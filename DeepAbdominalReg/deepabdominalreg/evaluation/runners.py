@@ -30,7 +30,7 @@ from deepabdominalreg.evaluation.tables import (
     write_rows,
     write_summary_markdown,
 )
-from deepabdominalreg.io import read_image, read_labels
+from deepabdominalreg.io import read_image, read_labels, write_json
 
 # --------------------------------------------------------------------------------------------------------------
 # running methods on cases
@@ -207,16 +207,16 @@ def run_evaluation(
             label_rows.extend(labels)
             write_rows(rows, out / "per_pair.csv")
             write_rows(label_rows, out / "per_label.csv")
-            (out / "settings.json").write_text(json.dumps(jsonable(settings), indent=1))
+            write_json(jsonable(settings), out / "settings.json", indent=1)
     order = {(c.name, m.name): i for i, (c, m) in enumerate((c, m) for c in cases for m in methods)}
     rows.sort(key=lambda r: order.get((r["case"], r["method"]), len(order)))
     write_rows(rows, out / "per_pair.csv")
     write_rows(label_rows, out / "per_label.csv")
-    (out / "settings.json").write_text(json.dumps(jsonable(settings), indent=1))
+    write_json(jsonable(settings), out / "settings.json", indent=1)
     env = environment_info(threads)
     if extra_info:
         env.update(extra_info)
-    (out / "environment.json").write_text(json.dumps(jsonable(env), indent=1))
+    write_json(jsonable(env), out / "environment.json", indent=1)
     summary = summarise(rows)
     write_rows(summary, out / "summary.csv")
     write_summary_markdown(rows, out / "summary.md", env)

@@ -21,9 +21,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from deepabdominalreg.config import OUTSIDE_FOV_HU, RegistrationConfig
-from deepabdominalreg.geometry import Grid, displacement_transform, resample_image, warp_with_displacement
-from deepabdominalreg.metrics.fields import (
+from deepabdominalreg.geometry import (
+    Grid,
     check_displacement,
+    displacement_transform,
+    map_points,
+    resample_image,
+    warp_with_displacement,
+)
+from deepabdominalreg.metrics.fields import (
     displacement_statistics,
     jacobian_determinant,
     jacobian_statistics,
@@ -48,11 +54,6 @@ SSIM_WINDOW_HU: tuple[float, float] = RegistrationConfig().hu_window
 # --------------------------------------------------------------------------------------------------------------
 
 
-def map_points(points_lps: np.ndarray, displacement_lps: sitk.Image) -> np.ndarray:
-    """Fixed points ``(N, 3)`` (LPS mm) mapped to ``x + u(x)`` (``u`` interpolated linearly; zero outside the grid)."""
-    transform = displacement_transform(displacement_lps)
-    points = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
-    return np.array([transform.TransformPoint([float(c) for c in p]) for p in points]).reshape(-1, 3)
 
 
 def inverse_consistency_error(

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deepabdominalreg.io import write_atomically
+
 #: Columns summarised (mean +- std, median) and shown in the Markdown summary, in this order.
 KEY_METRICS: tuple[str, ...] = (
     "dice_mean", "dice_organs", "dice30", "hd95_mean_mm", "hd_mean_mm", "asd_mean_mm", "centroid_tre_mean_mm",
@@ -43,13 +45,15 @@ def write_rows(rows: list[dict], path: Path) -> None:
         for key in row:
             if key not in columns and not key.startswith("_"):
                 columns.append(key)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_value(v) for k, v in row.items() if not k.startswith("_")})
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _csv_value(v) for k, v in row.items() if not k.startswith("_")})
+
+    write_atomically(path, write)
 
 
 def read_rows(path: Path) -> list[dict]:

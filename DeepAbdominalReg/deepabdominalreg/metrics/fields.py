@@ -1,18 +1,15 @@
-"""Evaluation metrics: Jacobian determinant, displacement, label overlap, landmarks, similarity, memory.
+"""Field metrics: the Jacobian determinant of a displacement field and statistics of it and of ``|u|``.
 
 Pure functions on SimpleITK images (LPS, mm) or ``zyx`` numpy arrays, following :mod:`deepabdominalreg.geometry`.
 Every distance is in **mm** (physical, using the grid's spacing and direction), never in voxels.
 
-Conventions of the reported numbers:
+Conventions of the reported numbers (``metrics.json``):
 
 * ``folding_percent``: % of voxels (inside the mask) with ``det J <= 0``.
 * ``sdlogj``: standard deviation of ``log(clip(det J, 1e-9, 1e9))`` inside the mask.  Folded voxels enter as
   ``log(1e-9) ~ -20.7``, so a few folds dominate it: it measures smoothness *and* penalises folding.
 * ``sdlogj_l2r``: the Learn2Reg evaluation convention, ``std(log(clip(det J + 3, 1e-9, 1e9)))`` (their evaluation
   script adds 3 before the log); only comparable to numbers published by Learn2Reg.
-* Surface distances are symmetric and surface-voxel based: ``hd`` is the Hausdorff distance, ``hd95`` the larger of
-  the two directed 95th percentiles (the MONAI / DeepMind ``surface-distance`` convention), ``asd`` the average
-  symmetric surface distance (mean over the surface voxels of both masks of the distance to the other surface).
 """
 
 
@@ -25,7 +22,7 @@ import SimpleITK as sitk
 import torch
 
 from deepabdominalreg import spatial
-from deepabdominalreg.geometry import Grid
+from deepabdominalreg.geometry import Grid, check_displacement
 from deepabdominalreg.io import writable_array_view
 
 _LOG_CLIP = (1e-9, 1e9)
@@ -36,13 +33,6 @@ _LOG_CLIP = (1e-9, 1e9)
 # --------------------------------------------------------------------------------------------------------------
 
 
-def check_displacement(field_lps: sitk.Image) -> None:
-    """Raise ``ValueError`` unless ``field_lps`` is a 3D image with 3 components per voxel (a displacement field)."""
-    if field_lps.GetDimension() != 3 or field_lps.GetNumberOfComponentsPerPixel() != 3:
-        raise ValueError(
-            "expected a 3D displacement field with 3 components per voxel (LPS mm), got "
-            f"{field_lps.GetDimension()}D with {field_lps.GetNumberOfComponentsPerPixel()} components"
-        )
 
 
 def as_array(image: sitk.Image | np.ndarray) -> np.ndarray:

@@ -1,5 +1,9 @@
 """Label-map metrics (mm, physical spacing): Dice per label, surface distances (HD, HD95, ASD), centroid distance,
 and the per-label report the pipeline writes into ``metrics.json``.
+
+* Surface distances are symmetric and surface-voxel based: ``hd`` is the Hausdorff distance, ``hd95`` the larger of
+  the two directed 95th percentiles (the MONAI / DeepMind ``surface-distance`` convention), ``asd`` the average
+  symmetric surface distance (mean over the surface voxels of both masks of the distance to the other surface).
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
-"""Landmark metrics: target registration error (TRE) between paired points (mm, LPS).
-"""
+"""Landmark metrics: target registration error (TRE) between paired points (mm, LPS)."""
 
 from __future__ import annotations
 
 import numpy as np
-
-# --------------------------------------------------------------------------------------------------------------
-# landmarks and intensity similarity
-# --------------------------------------------------------------------------------------------------------------
 
 
 def landmark_errors(points_a_lps: np.ndarray, points_b_lps: np.ndarray) -> dict:

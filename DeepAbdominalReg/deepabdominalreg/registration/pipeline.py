@@ -21,7 +21,6 @@ from deepabdominalreg.config import BODY_THRESHOLD_HU, OUTSIDE_FOV_HU, Registrat
 from deepabdominalreg.device import network_uses_bfloat16, resolve_device, reuse_freed_memory, seed_everything
 from deepabdominalreg.geometry import (
     Grid,
-    displacement_transform,
     make_working_grid,
     physical_overlap_fraction,
     points_inside,
@@ -205,8 +204,10 @@ the direct trilinear path is cheaper than the second solve; at clinical size (ra
 
 
 def _field_transform(field_mm_zyx3: np.ndarray, grid: Grid) -> sitk.DisplacementFieldTransform:
-    """The transform ``x -> x + u(x)`` of a ``(D, H, W, 3)`` LPS mm field on ``grid``."""
-    return displacement_transform(grid.image_from_array(np.asarray(field_mm_zyx3, dtype=np.float64), is_vector=True))
+    """The transform ``x -> x + u(x)`` of a ``(D, H, W, 3)`` LPS mm field on ``grid``.  The image is made here, so
+    the transform may take over its buffer (``geometry.displacement_transform`` copies a caller's field)."""
+    image = grid.image_from_array(np.ascontiguousarray(field_mm_zyx3, dtype=np.float64), is_vector=True)
+    return sitk.DisplacementFieldTransform(image)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -348,9 +349,9 @@ class _Run:
     # deformable stages: displacement on the fixed working grid, working-grid voxels (1, 3, D, H, W)
     disp: torch.Tensor | None = None
     folding_retry: dict | None = None
+    deformable_mm: np.ndarray | None = None
+    """The deformable field on the working grid, ``(D, H, W, 3)`` LPS mm (the landmarks are mapped through it)."""
     # full resolution, on the fixed image's grid
-    transform: sitk.CompositeTransform | None = None
-    """``x -> affine(x + u(x))``, for the landmarks."""
     displacement: sitk.Image | None = None
     warped: sitk.Image | None = None
     warped_labels: sitk.Image | None = None
@@ -498,10 +499,8 @@ def _optimise_instance(run: _Run) -> None:
 
 def _compose(run: _Run) -> None:
     with run.stages("composition", "composing affine and deformable fields at full resolution"):
-        deformable_mm = disp_vox_to_mm_lps(run.disp, run.working_grid)
-        # x -> affine(x + u(x)); the ITK composite is kept for the landmarks
-        run.transform = sitk.CompositeTransform([run.affine, _field_transform(deformable_mm, run.working_grid)])
-        run.displacement = affine_field_displacement(run.inputs.fixed_grid, deformable_mm, run.working_grid,
+        run.deformable_mm = disp_vox_to_mm_lps(run.disp, run.working_grid)
+        run.displacement = affine_field_displacement(run.inputs.fixed_grid, run.deformable_mm, run.working_grid,
                                                      after=run.affine, device=run.device)
 
 
@@ -597,7 +596,10 @@ def _metrics(run: _Run) -> dict:
         metrics["dice_mean_after"] = metrics["labels"]["after"]["dice_mean"]
     if inputs.fixed_landmarks_lps is not None:
         fixed_points, moving_points = inputs.fixed_landmarks_lps, inputs.moving_landmarks_lps
-        mapped = np.array([run.transform.TransformPoint([float(c) for c in p]) for p in fixed_points])
+        # x -> affine(x + u(x)) through ITK's composite of the working-grid field: the landmarks are mapped exactly,
+        # not through the full-resolution field's interpolation
+        transform = sitk.CompositeTransform([run.affine, _field_transform(run.deformable_mm, run.working_grid)])
+        mapped = np.array([transform.TransformPoint([float(c) for c in p]) for p in fixed_points])
         metrics["landmarks"] = {
             "count": len(fixed_points),
             "before": landmark_errors(fixed_points, moving_points),

@@ -1,28 +1,19 @@
-"""Synthetic image pairs with a known deformation: realistic abdominal motion and van Eijnatten-style fields.
+"""Synthetic image pairs with a known deformation, and their files.
 
 Convention (ITK's ``DisplacementFieldTransform``): a displacement field ``u`` lives on the **fixed** grid, as
 ``sitkVectorFloat64`` vectors in LPS mm, and maps a fixed point ``x`` to the moving point ``x + u(x)``.  From a
 "moving" base image and ``u``, the fixed image is the moving image resampled through ``u``
 (:func:`deepabdominalreg.geometry.warp_with_displacement`), so ``u`` is the exact ground truth of the pair
-(fixed -> moving).
+(fixed -> moving).  The motion models that make ``u`` are in :mod:`deepabdominalreg.synthetic.motion`.
 
-* :func:`synthetic_abdominal_motion`: breathing (cranio-caudal shift of liver, spleen, kidneys and the upper
-  abdomen, fading towards the pelvis, little motion of the spine and the posterior wall), local bowel changes and a
-  small rigid patient shift and rotation; diffeomorphic (the deformable part is the exponential of a smooth
-  stationary velocity field), with its largest deformable displacement equal to ``amplitude_mm``.
-* :func:`van_eijnatten_deformation`: random vectors at points spread inside the body, Gaussian-smoothed
-  (after van Eijnatten et al., "3D deformable registration of longitudinal abdominopelvic CT images using
-  unsupervised deep learning", Comput. Methods Programs Biomed. 2021).
 * :func:`make_phantom_pair` (procedural phantom) and :func:`make_synthetic_pair` (any CT with labels, e.g. a real
-  scan segmented by TotalSegmentator) return a :class:`SyntheticPair`; :func:`write_pair` writes it to disk.
-
-Label groups use TotalSegmentator ``total`` ids, which the phantom shares (:data:`DEFAULT_LABEL_GROUPS`).
+  scan segmented by TotalSegmentator) return a :class:`SyntheticPair`; :func:`write_pair` writes it to disk;
+* :func:`anatomical_landmarks`: corresponding points from the labels (organ centres and extremes).
 """
 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,9 +23,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from deepabdominalreg.config import OUTSIDE_FOV_HU
-from deepabdominalreg.geometry import Grid, displacement_transform, warp_with_displacement
-from deepabdominalreg.io import write_displacement_field, write_image, write_landmarks
+from deepabdominalreg.config import BODY_THRESHOLD_HU, OUTSIDE_FOV_HU
+from deepabdominalreg.geometry import Grid, map_points, warp_with_displacement
+from deepabdominalreg.io import write_displacement_field, write_image, write_json, write_landmarks
 from deepabdominalreg.synthetic.anatomy import PHANTOM_LABELS, add_ct_noise, render_phantom
 from deepabdominalreg.synthetic.motion import (
     coarse_body_mask,
@@ -83,8 +74,6 @@ class SyntheticPair:
     fixed_landmarks_lps: np.ndarray
     moving_landmarks_lps: np.ndarray
     label_names: dict[int, str] = field(default_factory=dict)
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,10 +130,6 @@ def anatomical_landmarks(
     return np.asarray(points).reshape(-1, 3), point_names
 
 
-def _displace_points(points_lps: np.ndarray, displacement: sitk.Image) -> np.ndarray:
-    """``p + u(p)`` for each point (linear interpolation of ``u``), LPS mm."""
-    transform = displacement_transform(displacement)
-    return np.asarray([transform.TransformPoint(tuple(float(c) for c in p)) for p in points_lps]).reshape(-1, 3)
 
 
 def _body_points(image: sitk.Image, count: int, seed: int) -> np.ndarray:
@@ -158,9 +143,18 @@ def _body_points(image: sitk.Image, count: int, seed: int) -> np.ndarray:
     return coarse.index_to_physical(chosen[:, ::-1].astype(np.float64)) if len(chosen) else np.zeros((0, 3))
 
 
+def _outside_value(image: sitk.Image) -> float:
+    """Fill value beyond ``image`` when warping it: :data:`~deepabdominalreg.config.OUTSIDE_FOV_HU` for a CT (it
+    holds air, values below the body threshold), 0 for other images and for unsigned pixel types."""
+    unsigned = image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkUInt64)
+    if unsigned or float(sitk.GetArrayViewFromImage(image).min()) >= BODY_THRESHOLD_HU:
+        return 0.0
+    return OUTSIDE_FOV_HU
+
+
 def _pair(moving: sitk.Image, moving_labels: sitk.Image | None, u: sitk.Image, label_names: dict[int, str],
           seed: int) -> SyntheticPair:
-    fixed = warp_with_displacement(moving, u, "linear", OUTSIDE_FOV_HU)
+    fixed = warp_with_displacement(moving, u, "linear", _outside_value(moving))
     fixed_labels = None if moving_labels is None else warp_with_displacement(moving_labels, u, "nearest", 0.0)
     if fixed_labels is not None:
         fixed_points, _ = anatomical_landmarks(fixed_labels, label_names)
@@ -168,7 +162,7 @@ def _pair(moving: sitk.Image, moving_labels: sitk.Image | None, u: sitk.Image, l
         fixed_points = np.zeros((0, 3))
     if len(fixed_points) < 3:
         fixed_points = _body_points(fixed, 15, seed)
-    moving_points = _displace_points(fixed_points, u)
+    moving_points = map_points(fixed_points, u)
     return SyntheticPair(fixed, moving, fixed_labels, moving_labels, u, fixed_points, moving_points,
                          dict(label_names))
 
@@ -253,9 +247,7 @@ def write_pair(pair: SyntheticPair, out_dir: str | os.PathLike) -> dict[str, Pat
                                                           out / "true_displacement.nii.gz")
     paths["fixed_landmarks"] = write_landmarks(pair.fixed_landmarks_lps, out / "fixed_landmarks.csv")
     paths["moving_landmarks"] = write_landmarks(pair.moving_landmarks_lps, out / "moving_landmarks.csv")
-    labels_path = out / "labels.json"
-    tmp = labels_path.with_name(".labels.json.tmp")
-    tmp.write_text(json.dumps({str(k): v for k, v in sorted(pair.label_names.items())}, indent=1))
-    os.replace(tmp, labels_path)
+    # written last: a folder with labels.json holds a complete pair (evaluation.cases reuses such folders)
+    labels_path = write_json({str(k): v for k, v in sorted(pair.label_names.items())}, out / "labels.json", indent=1)
     paths["labels"] = labels_path
     return paths

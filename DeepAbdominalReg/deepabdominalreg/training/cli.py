@@ -77,17 +77,21 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> int:
     from deepabdominalreg.evaluation.cases import CaseSet
     from deepabdominalreg.evaluation.methods import method_specs
     from deepabdominalreg.evaluation.runners import run_evaluation
+    from deepabdominalreg.io import ImageValidationError
 
     _threads(args)
     out = Path(args.output_dir)
-    cases = CaseSet(
-        phantom_seeds=tuple(int(s) for s in args.phantom_seeds.split(",") if s),
-        phantom_amplitudes_mm=(args.amplitude,), phantom_spacing_mm=args.phantom_spacing,
-        ct=args.ct, ct_seg=args.ct_labels, ct_label_names=args.ct_label_names, ct_label_key=args.ct_label_key,
-        ct_seeds=tuple(int(s) for s in args.ct_seeds.split(",") if s), ct_amplitudes_mm=(args.amplitude,),
-    ).make(Path(args.cases_dir) if args.cases_dir else out / "cases", log=print)
-    # no inverse field: the runtime is the registration itself
-    methods = method_specs([m for m in args.methods.split(",") if m], model=args.model, compute_inverse=False)
+    try:  # names and the model are checked before any pair is generated; no inverse field: the runtime is the
+        # registration itself
+        methods = method_specs([m for m in args.methods.split(",") if m], model=args.model, compute_inverse=False)
+        cases = CaseSet(
+            phantom_seeds=tuple(int(s) for s in args.phantom_seeds.split(",") if s),
+            phantom_amplitudes_mm=(args.amplitude,), phantom_spacing_mm=args.phantom_spacing,
+            ct=args.ct, ct_seg=args.ct_labels, ct_label_names=args.ct_label_names, ct_label_key=args.ct_label_key,
+            ct_seeds=tuple(int(s) for s in args.ct_seeds.split(",") if s), ct_amplitudes_mm=(args.amplitude,),
+        ).make(Path(args.cases_dir) if args.cases_dir else out / "cases", log=print)
+    except ValueError as exc:
+        raise ImageValidationError(str(exc)) from exc
     rows = run_evaluation(cases, methods, out, threads=args.threads, isolate=False)
     print((out / "summary.md").read_text())
     return 0 if all(r["status"] == "ok" for r in rows) else 1

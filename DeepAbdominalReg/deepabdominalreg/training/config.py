@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deepabdominalreg.config import RegistrationConfig
 from deepabdominalreg.training.augmentation import AugmentationConfig
 
 REGULARISERS = ("diffusion", "bending", "jacobian")
@@ -30,7 +31,7 @@ class TrainingConfig:
 
     # data
     spacing_mm: float = 6.0
-    hu_window: tuple[float, float] = (-160.0, 240.0)
+    hu_window: tuple[float, float] = RegistrationConfig.hu_window
     crop_size: tuple[int, int, int] = (48, 64, 64)
     """Training crop ``(D, H, W)`` in voxels (multiples of the network's divisor); volumes are padded to it."""
     phantom_seeds: list[int] = field(default_factory=lambda: list(range(1000, 1030)))

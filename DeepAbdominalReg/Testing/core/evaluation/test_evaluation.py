@@ -30,10 +30,9 @@ from deepabdominalreg.evaluation.scoring import (
     evaluate_displacement,
     fixed_body_mask,
     inverse_consistency_error,
-    map_points,
 )
 from deepabdominalreg.evaluation.tables import markdown_table, plot_results, summarise
-from deepabdominalreg.geometry import Grid, resample_image, warp_with_displacement
+from deepabdominalreg.geometry import Grid, map_points, resample_image, warp_with_displacement
 from deepabdominalreg.io import write_image, write_landmarks
 from geometry_helpers import oblique_direction
 
@@ -550,3 +549,21 @@ def test_run_ours_keeps_the_presets_model(tmp_path):
     assert output.settings["model"]["name"] == PRESETS["network"]["model"]
     assert "network" not in run_ours(str(path), str(path), threads=1, preset="fast", io_iterations=0,
                                         compute_inverse=False).stages
+
+
+def test_evaluate_config_file_is_checked_before_any_pair_is_generated(tmp_path, capsys):
+    from deepabdominalreg.cli import main
+    from deepabdominalreg.evaluation.cli import _config_overrides
+
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"io_smoothness_weight": 1.0}))
+    assert _config_overrides(str(good)) == {"io_smoothness_weight": 1.0}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"io_smoothnes": 1.0}))
+    out = tmp_path / "out"
+    assert main(["evaluate", "--output-dir", str(out), "--ours", "fast", "--config", str(bad)]) == 2
+    assert "io_smoothnes" in capsys.readouterr().err
+    assert not (out / "cases").exists()
+    assert main(["evaluate", "--output-dir", str(out), "--ours", "fastest"]) == 2
+    assert "unknown variant" in capsys.readouterr().err
+    assert not (out / "cases").exists()
