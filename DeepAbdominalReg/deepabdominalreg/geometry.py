@@ -56,6 +56,11 @@ class Grid:
         return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
 
     @property
+    def voxel_to_mm_matrix(self) -> np.ndarray:
+        """``direction @ diag(spacing)``, 3x3 float64: a displacement in voxels (index order ``i, j, k``) -> LPS mm."""
+        return self.direction_matrix @ np.diag(self.spacing)
+
+    @property
     def shape_zyx(self) -> tuple[int, int, int]:
         """The array shape ``(z, y, x)`` of the grid's images (``sitk.GetArrayFromImage`` order)."""
         return (self.size[2], self.size[1], self.size[0])
@@ -63,7 +68,7 @@ class Grid:
     def index_to_physical_matrix(self) -> np.ndarray:
         """4x4 homogeneous matrix mapping a continuous index ``(i, j, k, 1)`` to LPS mm."""
         m = np.eye(4)
-        m[:3, :3] = self.direction_matrix @ np.diag(self.spacing)
+        m[:3, :3] = self.voxel_to_mm_matrix
         m[:3, 3] = self.origin
         return m
 
@@ -86,13 +91,13 @@ class Grid:
     def displacement_to_mm(self, displacement_vox: np.ndarray) -> np.ndarray:
         """Displacement vectors in voxels of this grid, ``(..., 3)`` in index order ``(i, j, k)`` = ``xyz`` ->
         LPS mm ``(..., 3)``, float64: ``direction @ diag(spacing) @ v`` (no origin: vectors, not points)."""
-        matrix = self.direction_matrix @ np.diag(self.spacing)
+        matrix = self.voxel_to_mm_matrix
         return np.asarray(displacement_vox, dtype=np.float64) @ matrix.T
 
     def displacement_to_voxels(self, displacement_mm: np.ndarray) -> np.ndarray:
         """Displacement vectors in LPS mm ``(..., 3)`` -> voxels of this grid, ``(..., 3)`` in index order
         ``(i, j, k)`` = ``xyz``, float64: the inverse of :meth:`displacement_to_mm`."""
-        matrix_inv = np.linalg.inv(self.direction_matrix @ np.diag(self.spacing))
+        matrix_inv = np.linalg.inv(self.voxel_to_mm_matrix)
         return np.asarray(displacement_mm, dtype=np.float64) @ matrix_inv.T
 
     def corners(self) -> np.ndarray:

@@ -90,7 +90,7 @@ def jacobian_determinant(displacement_lps: sitk.Image, chunk_slices: int | None 
     device = torch.device(device)
     # d index_a / d x_b: rows a = index axes (i, j, k), columns b = physical axes (x, y, z); the slabs' tensor
     # axes are (z, y, x) = (k, j, i): the rows reversed
-    d_index_d_x = np.linalg.inv(grid.direction_matrix @ np.diag(grid.spacing))
+    d_index_d_x = np.linalg.inv(grid.voxel_to_mm_matrix)
     axis_matrix = d_index_d_x[::-1].tolist()
     chunk = max(1, int(chunk_slices) if chunk_slices else (1 << 21) // (ny * nx))
     image = grid.apply_to(sitk.Image(displacement_lps.GetSize(), sitk.sitkFloat32))
