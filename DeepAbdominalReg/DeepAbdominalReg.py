@@ -14,10 +14,10 @@ from DeepAbdominalRegLib.parameters import (
     LOAD_MODEL_LABEL,
     NO_MODEL_LABEL,
     PRESET_NAMES,
+    applyPreset,
     configFromParameters,
     parametersFromConfig,
     presetMatching,
-    presetParameters,
     shippedModelNames,
 )
 from slicer import (
@@ -77,11 +77,12 @@ movingSegmentationNode=seg)</code>.<br>
 Research software, not for clinical use.
 """)
         self.parent.acknowledgementText = _("""
-Methods follow: DDMR, Hernandez et al. 2024, deep learning deformable image registration in abdominal CT with
-uncertainty weighting of the losses; van Eijnatten et al. 2021, 3D deformable registration of longitudinal
-abdominopelvic CT images using unsupervised deep learning; MICS, Zhang et al., inverse-consistent multi-step
-registration; DLIR, de Vos et al. 2019, A deep learning framework for unsupervised affine and deformable image
-registration (Medical Image Analysis 52); VoxelMorph, Balakrishnan et al. 2019, a learning framework for
+Methods follow: DDMR, Pérez de Frutos et al. 2023, Learning deep abdominal CT registration through adaptive loss
+weighting and synthetic data generation (PLOS ONE 18(2): e0282110); van Eijnatten et al. 2021, 3D deformable
+registration of longitudinal abdominopelvic CT images using unsupervised deep learning; MICS, Estienne et al. 2021,
+multi-steps, inverse consistency and symmetric deep learning registration network; DLIR, de Vos et al. 2019, A
+deep learning framework for unsupervised affine and deformable image registration (Medical Image Analysis 52);
+VoxelMorph, Balakrishnan et al. 2019, a learning framework for
 deformable medical image registration (IEEE TMI 38). Built on PyTorch, SimpleITK and 3D Slicer.
 """)
 
@@ -133,6 +134,26 @@ class DeepAbdominalRegParameterNode:
     ioNccWindowMm: Annotated[float, WithinRange(1.0, 60.0)] = DEFAULTS["ioNccWindowMm"]
     ioSmoothnessWeight: Annotated[float, WithinRange(0.0, 100.0)] = DEFAULTS["ioSmoothnessWeight"]
     ioJacobianWeight: Annotated[float, WithinRange(0.0, 100.0)] = DEFAULTS["ioJacobianWeight"]
+    ioTransform: Annotated[str, Choice(["bspline", "trilinear", "svf"])] = DEFAULTS["ioTransform"]
+    ioBendingWeight: Annotated[float, WithinRange(0.0, 100000.0)] = DEFAULTS["ioBendingWeight"]
+    ioSimilarity: Annotated[str, Choice(["ncc", "mind"])] = DEFAULTS["ioSimilarity"]
+    ioMindRadiusMm: Annotated[float, WithinRange(0.0, 30.0)] = DEFAULTS["ioMindRadiusMm"]
+    ioMindDilationMm: Annotated[float, WithinRange(0.1, 30.0)] = DEFAULTS["ioMindDilationMm"]
+    affineMaxScale: Annotated[float, WithinRange(1.0, 10.0)] = DEFAULTS["affineMaxScale"]
+    affineMaxShear: Annotated[float, WithinRange(0.0, 2.0)] = DEFAULTS["affineMaxShear"]
+    initialSearch: bool = DEFAULTS["initialSearch"]
+    initialSearchSpacingMm: Annotated[float, WithinRange(1.0, 50.0)] = DEFAULTS["initialSearchSpacingMm"]
+    initialSearchRangeMm: Annotated[float, WithinRange(0.0, 2000.0)] = DEFAULTS["initialSearchRangeMm"]
+    initialSearchMinOverlap: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULTS["initialSearchMinOverlap"]
+    checkAffineScaleRange: tuple[float, float] = DEFAULTS["checkAffineScaleRange"]
+    checkMaxFoldingPercent: Annotated[float, WithinRange(0.0, 100.0)] = DEFAULTS["checkMaxFoldingPercent"]
+    checkHuWindow: tuple[float, float] = DEFAULTS["checkHuWindow"]
+    checkMinNccGain: Annotated[float, WithinRange(-2.0, 2.0)] = DEFAULTS["checkMinNccGain"]
+    checkMinNcc: Annotated[float, WithinRange(-1.0, 1.0)] = DEFAULTS["checkMinNcc"]
+    checkMinBodyDice: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULTS["checkMinBodyDice"]
+    checkMaxDisplacementFraction: Annotated[float, WithinRange(0.0, 10.0)] = DEFAULTS["checkMaxDisplacementFraction"]
+    checkMirrorMargin: Annotated[float, WithinRange(0.0, 2.0)] = DEFAULTS["checkMirrorMargin"]
+    checkMaxDiceLoss: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULTS["checkMaxDiceLoss"]
     computeInverse: bool = DEFAULTS["computeInverse"]
     foldingLimitPercent: Annotated[float, WithinRange(0.0, 100.0)] = DEFAULTS["foldingLimitPercent"]
     foldingRetryFactor: Annotated[float, WithinRange(1.0, 100.0)] = DEFAULTS["foldingRetryFactor"]
@@ -165,6 +186,7 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = DeepAbdominalRegLogic()
 
         self.ui.modelComboBox.addItems([NO_MODEL_LABEL] + shippedModelNames() + [LOAD_MODEL_LABEL])
+        self.ui.presetComboBox.addItems(list(PRESET_NAMES))
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -205,10 +227,12 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.fixedVolume or not self._parameterNode.movingVolume:
-            volumes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-            if len(volumes) >= 2 and not self._parameterNode.fixedVolume and not self._parameterNode.movingVolume:
-                self._parameterNode.fixedVolume, self._parameterNode.movingVolume = volumes[0], volumes[1]
+        if not self._parameterNode.fixedVolume and not self._parameterNode.movingVolume:
+            from DeepAbdominalRegLib.nodes import unambiguousInputVolumes
+
+            pair = unambiguousInputVolumes(slicer.mrmlScene)
+            if pair is not None:
+                self._parameterNode.fixedVolume, self._parameterNode.movingVolume = pair
 
     # Optional[...], not X | None: Slicer 5.2-5.6 run Python 3.9, where this annotation is evaluated
     def setParameterNode(self, inputParameterNode: Optional[DeepAbdominalRegParameterNode]) -> None:  # noqa: FA100
@@ -217,7 +241,14 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # connectParametersToGui, not connectGui: on Slicer 5.8.1 connectGui returns None (wrapper.py
+            # _connectGui), so disconnectGui could not remove the bindings and they piled up on every enter.
+            bound = {}
+            for widget in vars(self.ui).values():
+                name = widget.property("SlicerParameterName") if hasattr(widget, "property") else None
+                if name:
+                    bound[name] = widget
+            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(bound)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
             self.updateGuiFromParameterNode()
 
@@ -231,6 +262,9 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             matching = presetMatching(p)
             if p.preset != matching:
                 p.preset = matching
+            wasBlocked = self.ui.presetComboBox.blockSignals(True)
+            self.ui.presetComboBox.currentIndex = PRESET_NAMES.index(matching)
+            self.ui.presetComboBox.blockSignals(wasBlocked)
             low, high = p.huWindow
             for spinBox, value in ((self.ui.huWindowMinSpinBox, low), (self.ui.huWindowMaxSpinBox, high)):
                 wasBlocked = spinBox.blockSignals(True)
@@ -267,12 +301,11 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceInfoLabel.text = describeDevices()
 
     def onPresetActivated(self, index: int) -> None:
-        preset = self.ui.presetComboBox.itemText(index)
-        if self._parameterNode is None or preset not in PRESET_NAMES[:-1]:
+        if self._parameterNode is None:
             return
         with slicer.util.NodeModify(self._parameterNode.parameterNode):
-            for name, value in presetParameters(preset).items():
-                setattr(self._parameterNode, name, value)
+            applyPreset(self._parameterNode, self.ui.presetComboBox.itemText(index))
+        self.updateGuiFromParameterNode()  # "custom" picked with nothing changed: show the matching preset again
 
     def onModelSelected(self, *args) -> None:
         if self._parameterNode is None or self._updatingGui:
@@ -325,6 +358,8 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.storeOutputsInParameterNode(self._parameterNode or self.logic.getParameterNode(), outputs)
             self.ui.progressBar.value = 100
             self.ui.statusLabel.text = self.logic.summary(outputs.metrics)
+            if outputs.metrics.get("status") == "suspect":
+                slicer.util.warningDisplay(self.ui.statusLabel.text, windowTitle=_("Registration result is suspect"))
         self.updateGuiFromParameterNode()
 
 
@@ -432,6 +467,10 @@ class DeepAbdominalRegLogic(ScriptedLoadableModuleLogic):
             text += " " + _("Folding {folding:.3f} %.").format(folding=float(metrics["folding_percent"]))
         for warning in metrics.get("warnings") or []:
             text += "\n" + _("Warning: {warning}").format(warning=warning)
+        if metrics.get("status") == "suspect":
+            reasons = "; ".join(str(reason) for reason in metrics.get("suspect_reasons") or []) or _("no reason given")
+            text = _("SUSPECT RESULT, check the alignment before using it: {reasons}").format(reasons=reasons) + \
+                "\n" + text
         return text
 
 

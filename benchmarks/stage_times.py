@@ -1,4 +1,4 @@
-"""Per-stage timings and Dice of one registration of a benchmark case, in this process (for tuning presets).
+"""Per-stage timings, Dice, SDlogJ, |u| and plausibility status of one registration of a benchmark case, in this process (for tuning presets).
 
     python benchmarks/stage_times.py --case-dir CASES/ct_abdominal_s0_a10 --preset balanced --threads 1 \\
         --set '{"io_fine_iterations": 20}'
@@ -48,7 +48,9 @@ def main() -> None:
         "case": case.name, "preset": args.preset, "overrides": overrides,
         "total_s": round(time.perf_counter() - start, 2), "stages_s": m["stages"],
         "dice_mean_affine": m.get("dice_mean_affine"), "dice_mean_after": m.get("dice_mean_after"),
-        "folding_percent": m["folding_percent"],
+        "folding_percent": m["folding_percent"], "sdlogj": m["sdlogj"],
+        "displacement_max_mm": m["displacement"].get("max_mm"), "displacement_p95_mm": m["displacement"].get("p95_mm"),
+        "status": m.get("status"), "suspect_reasons": m.get("suspect_reasons"),
     }))
 
 

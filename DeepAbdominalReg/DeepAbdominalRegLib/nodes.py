@@ -33,6 +33,7 @@ __all__ = [
     "labelNamesFromSegments",
     "markupsNodeToPointsLps",
     "segmentationNodeToLabelImage",
+    "unambiguousInputVolumes",
     "updateSegmentationNodeFromLabelImage",
     "updateTransformNodeFromDisplacement",
     "updateVolumeNodeFromImage",
@@ -392,3 +393,17 @@ def updateTransformNodeFromDisplacement(transformNode, displacementLps: sitk.Ima
         usage or "Apply to the moving volume (or its segmentation/markups) to align it with the fixed volume.",
     )
     return transformNode
+
+
+def unambiguousInputVolumes(scene) -> tuple | None:
+    """``(fixed, moving)`` to pre-select when the scene holds exactly two intensity volumes, else ``None``.
+
+    Label maps (``vtkMRMLLabelMapVolumeNode`` derives from ``vtkMRMLScalarVolumeNode``) are never candidates; with
+    three or more volumes the user chooses, since guessing which is fixed would be wrong half of the time.
+    """
+    volumes = []
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+        if not node.IsA("vtkMRMLLabelMapVolumeNode"):
+            volumes.append(node)
+    return (volumes[0], volumes[1]) if len(volumes) == 2 else None

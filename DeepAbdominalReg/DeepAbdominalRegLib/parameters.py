@@ -15,10 +15,12 @@ from typing import Any
 from deepabdominalreg.config import PRESETS, RegistrationConfig
 
 __all__ = [
+    "CONFIG_ONLY_PARAMETERS",
     "CONFIG_TO_PARAMETER",
     "GUI_ONLY_PARAMETERS",
     "LOAD_MODEL_LABEL",
     "NO_MODEL_LABEL",
+    "applyPreset",
     "camelCase",
     "configFromParameters",
     "formatLevels",
@@ -55,6 +57,10 @@ OUTPUT_NODE_PARAMETERS = (
     "displacementMagnitudeVolume",
     "metricsTable",
 )
+CONFIG_ONLY_PARAMETERS = frozenset(("checkAffineScaleRange", "checkHuWindow"))
+"""Config fields with no panel widget (two-number ranges of the plausibility checks): the parameter node keeps the
+config's values; set them from the Python console (``parameterNode.checkHuWindow = (-1000.0, 1000.0)``)."""
+
 GUI_ONLY_PARAMETERS = frozenset(INPUT_NODE_PARAMETERS + OUTPUT_NODE_PARAMETERS + ("preset",))
 """Parameter node members that are not RegistrationConfig fields."""
 
@@ -112,7 +118,7 @@ def _toParameterValue(field: str, value: Any) -> Any:
         return formatLevels(value)
     if field == "affine_levels_mm":
         return formatSpacings(value)
-    if field == "hu_window":
+    if isinstance(value, tuple):  # hu_window and the plausibility checks' (low, high) ranges
         return (float(value[0]), float(value[1]))
     return value
 
@@ -131,6 +137,8 @@ def _toConfigValue(field: str, value: Any, default: Any) -> Any:
         if not low < high:
             raise ValueError(f"HU window ({low:g}, {high:g}): the lower bound must be below the upper bound.")
         return (low, high)
+    if isinstance(default, tuple):  # the plausibility checks' (low, high) ranges
+        return tuple(float(v) for v in value)
     if isinstance(default, bool):
         return bool(value)
     if isinstance(default, int):
@@ -172,6 +180,19 @@ def presetParameters(preset: str) -> dict[str, Any]:
     config = RegistrationConfig(**PRESETS[preset])
     touched = set().union(*(p.keys() for p in PRESETS.values()))
     return {CONFIG_TO_PARAMETER[name]: _toParameterValue(name, getattr(config, name)) for name in sorted(touched)}
+
+
+def applyPreset(parameters: Any, preset: str) -> str:
+    """Set the values of ``preset`` on ``parameters`` (the parameter node wrapper) and return the preset to show.
+
+    Picking "custom" changes nothing (it only names edited settings). The preset combo box is deliberately not
+    bound through ``SlicerParameterName``: the connector writes ``preset`` on ``currentIndexChanged``, before
+    ``activated`` could apply the values, so the panel re-derived the old preset and snapped the combo back.
+    """
+    if preset in PRESETS:
+        for name, value in presetParameters(preset).items():
+            setattr(parameters, name, value)
+    return presetMatching(parameters)
 
 
 def presetMatching(parameters: Mapping[str, Any] | Any) -> str:

@@ -196,8 +196,11 @@ def registerCommand(paths: dict[str, Path], outputDir: Path, configPath: Path, p
         if key in paths:
             command += [flag, str(paths[key])]
     command += ["--output-dir", str(outputDir), "--config", str(configPath)]
-    # the outputs are read back into MRML nodes at once: uncompressed NRRD (exact, no gzip time)
-    return command + ["--no-report", "--progress-json", "--output-format", "nrrd"]
+    # the outputs are read back into MRML nodes at once: uncompressed NRRD (exact, no gzip time). --accept-suspect:
+    # a suspect result still loads; the panel warns from metrics.json's "status"/"suspect_reasons".
+    # --outputs: the files the Slicer side reads back (the dense field, not transform.h5; the maps for the overlays).
+    return command + ["--outputs", "dense,jacobian,magnitude,warped,labels",
+                      "--no-report", "--progress-json", "--output-format", "nrrd", "--accept-suspect"]
 
 
 def pythonExecutable() -> str:

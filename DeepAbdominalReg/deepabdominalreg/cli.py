@@ -12,7 +12,11 @@ from deepabdominalreg import __version__
 from deepabdominalreg.config import PRESETS, RegistrationConfig, config_from_preset
 from deepabdominalreg.io import (
     IMAGE_FORMATS,
+    OUTPUT_CHOICES,
     ImageValidationError,
+    check_outputs_safe,
+    output_file_names,
+    parse_outputs,
     read_image,
     read_labels,
     read_landmarks,
@@ -26,6 +30,9 @@ from deepabdominalreg.registration.pipeline import (
 )
 
 EXIT_INPUT_ERROR = 2
+EXIT_SUSPECT = 3
+"""``register``: the outputs were written but the plausibility checks found the result suspect
+(``metrics.json``: ``status``, ``suspect_reasons``; the reasons are printed on stderr); ``--accept-suspect`` exits 0."""
 EXIT_CANCELLED = 130
 
 
@@ -103,6 +110,15 @@ def _cmd_register(args: argparse.Namespace) -> int:
     fixed_points = read_landmarks(args.fixed_landmarks, "fixed landmarks") if args.fixed_landmarks else None
     moving_points = read_landmarks(args.moving_landmarks, "moving landmarks") if args.moving_landmarks else None
     names = _read_label_names(args.label_names, args.fixed_seg or args.moving_seg)
+    outputs = parse_outputs(getattr(args, "outputs", None))
+    inputs = {"fixed image": args.fixed, "moving image": args.moving, "moving segmentation": args.moving_seg,
+              "fixed segmentation": args.fixed_seg, "fixed landmarks": args.fixed_landmarks,
+              "moving landmarks": args.moving_landmarks, "label names": args.label_names, "config": args.config}
+    # refused before the registration, so that nothing runs (or is written) for an unusable output folder
+    planned = output_file_names(outputs, args.output_format, labels=moving_labels is not None,
+                                inverse=config.compute_inverse, landmarks=moving_points is not None,
+                                report=not args.no_report)
+    check_outputs_safe(args.output_dir, list(planned.values()), inputs)
     result = register_pair(
         fixed,
         moving,
@@ -118,14 +134,32 @@ def _cmd_register(args: argparse.Namespace) -> int:
     paths = write_result(
         result, args.output_dir, fixed=fixed, moving=moving, fixed_labels=fixed_labels,
         moving_labels=moving_labels, report=not args.no_report, image_format=args.output_format,
+        outputs=outputs, inputs=inputs, threads=config.threads or 2,
     )
     _print_summary(result.metrics, paths, as_json=args.progress_json)
-    return 0
+    return _report_status(result.metrics, accept_suspect=getattr(args, "accept_suspect", False))
+
+
+def _report_status(metrics: dict, accept_suspect: bool) -> int:
+    """A suspect result: one line per reason on stderr, and :data:`EXIT_SUSPECT` unless ``accept_suspect``."""
+    if metrics.get("status", "ok") == "ok":
+        return 0
+    reasons = metrics.get("suspect_reasons") or ["(no reason recorded)"]
+    print(f"SUSPECT RESULT: the registration may have failed ({len(reasons)} check(s) failed; outputs were "
+          "written, inspect report.png before use):", file=sys.stderr)
+    for reason in reasons:
+        print(f"  - {reason}", file=sys.stderr)
+    if accept_suspect:
+        print("--accept-suspect given: exit code 0.", file=sys.stderr)
+        return 0
+    print(f"exit code {EXIT_SUSPECT} (give --accept-suspect to exit 0 anyway).", file=sys.stderr)
+    return EXIT_SUSPECT
 
 
 def _print_summary(metrics: dict, paths: dict[str, Path], as_json: bool = False) -> None:
     if as_json:
-        print(json.dumps({"stage": "finished", "fraction": 1.0, "outputs": {k: str(v) for k, v in paths.items()}}))
+        print(json.dumps({"stage": "finished", "fraction": 1.0, "outputs": {k: str(v) for k, v in paths.items()},
+                          "status": metrics.get("status"), "suspect_reasons": metrics.get("suspect_reasons", [])}))
         return
     lines = [f"runtime {metrics['runtime_s']:.1f} s on {metrics['device']}"]
     if "dice_mean_after" in metrics:
@@ -138,6 +172,8 @@ def _print_summary(metrics: dict, paths: dict[str, Path], as_json: bool = False)
     lines.append(f"folding {metrics['folding_percent']:.3f} % of body voxels, SDlogJ {metrics['sdlogj']:.3f}")
     for warning in metrics.get("warnings", []):
         lines.append(f"warning: {warning}")
+    if "status" in metrics:
+        lines.append(f"plausibility checks: {metrics['status']}")
     lines.append("outputs: " + ", ".join(str(p) for p in paths.values()))
     print("\n".join(lines))
 
@@ -174,7 +210,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     argv = ["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]),
             "--fixed-seg", str(paths["fixed_seg"]), "--moving-seg", str(paths["moving_seg"]),
             "--fixed-landmarks", str(paths["fixed_landmarks"]), "--moving-landmarks", str(paths["moving_landmarks"]),
-            "--label-names", str(paths["labels"]), "--output-dir", str(out)]
+            "--label-names", str(paths["labels"]), "--output-dir", str(out), "--outputs", "all"]
     for flag, value in (("--device", args.device), ("--model", args.model), ("--preset", args.preset),
                         ("--seed", args.seed)):
         if value is not None:
@@ -224,7 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--no-report", action="store_true", help="skip report.png")
     reg.add_argument("--output-format", choices=IMAGE_FORMATS, default="nii.gz",
                      help="image files: nii.gz (compressed, default) or uncompressed nii/nrrd/mha (faster to write)")
+    reg.add_argument("--outputs", default=None,
+                     help="comma-separated files to write: " + ", ".join(OUTPUT_CHOICES) + "; 'all' (every one), "
+                          "'default' (transform,warped,labels) or '+NAME' (the default and NAME); metrics.json is "
+                          "always written, report.png unless --no-report")
     reg.add_argument("--progress-json", action="store_true", help="print progress as JSON lines on stdout")
+    reg.add_argument("--accept-suspect", action="store_true",
+                     help=f"exit 0 even when the plausibility checks flag the result as suspect (default: exit "
+                          f"{EXIT_SUSPECT}; the reasons are printed and in metrics.json either way)")
     reg.set_defaults(func=_cmd_register)
 
     demo = sub.add_parser("demo", help="generate a phantom pair, register it, write outputs and report.png")
@@ -239,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--spacing", default="2.0", help="mm: one value or x,y,z (e.g. 0.8,0.8,2.5)")
     ph.add_argument("--amplitude", type=float, default=10.0, help="deformation amplitude (mm)")
     ph.set_defaults(func=_cmd_phantom)
+    from deepabdominalreg.apply import add_commands as add_apply_commands
+    add_apply_commands(sub)
     from deepabdominalreg.evaluation.cli import add_commands as add_evaluation_commands
     add_evaluation_commands(sub)
     from deepabdominalreg.training.cli import add_commands

@@ -68,6 +68,27 @@ class RegistrationConfig:
     affine_levels_mm: tuple[float, ...] = (12.0, 6.0)
     """Isotropic spacing (mm) of the affine pyramid levels, coarse to fine.  Precision is about a tenth of the
     finest level (the deformable stages absorb the rest); a finer level is more precise and slower."""
+    affine_max_scale: float = 1.5
+    """Bound on each of the affine's three scale factors: within ``[1 / affine_max_scale, affine_max_scale]``
+    (the linear part is ``R exp(S)``: a rotation and a symmetric log-stretch whose diagonal holds the log-scales;
+    its determinant is the product of the scales, so it never reflects or collapses).  A scale of 1.5 is 3.4 times
+    the volume; a larger value lets an inter-patient pair of very different sizes scale further."""
+    affine_max_shear: float = 0.3
+    """Bound on each of the affine's three shears (the off-diagonal entries of ``S``, dimensionless).  With the
+    scale bound, the principal stretches lie within ``exp(+-(ln affine_max_scale + 2 affine_max_shear))``.  0 allows
+    none."""
+    initial_search: bool = False
+    """Before the affine, search the translation between the scans exhaustively on a coarse lattice (masked NCC by
+    FFT over the overlap of the two fields of view: ``registration/initialisation.py``) instead of starting from the
+    centres of mass: origins hundreds of mm apart and scans covering different parts of the body."""
+    initial_search_spacing_mm: float = 8.0
+    """Lattice spacing (mm) of the translation search (and of the images it compares); the affine refines it."""
+    initial_search_range_mm: float = 300.0
+    """Largest distance (mm, along each of the fixed image's axes) of a searched translation from the
+    centre-of-mass translation."""
+    initial_search_min_overlap: float = 0.3
+    """Smallest overlap of the two fields of view for a translation to count, as a fraction (0..1] of the smaller
+    field of view's volume."""
 
     # deformable stage 1: network
     model: str | None = None
@@ -101,6 +122,30 @@ class RegistrationConfig:
     that gave the best Dice and field error at both 10 and 20 mm of motion."""
     io_jacobian_weight: float = 0.1
     """Weight of the negative-Jacobian penalty (folding)."""
+    io_transform: str = "trilinear"
+    """Parameterisation of the instance optimisation's displacement: ``trilinear`` (control points
+    ``io_control_spacing_mm`` apart, rounded to working voxels, interpolated trilinearly; regularised by
+    ``io_smoothness_weight``), ``bspline`` (a cubic B-spline, C² with a continuous Jacobian, knots exactly
+    ``io_control_spacing_mm`` apart in mm (not rounded), times the level factor at coarser levels; regularised by
+    its bending energy, ``io_bending_weight``) or ``svf`` (that B-spline as a stationary velocity field integrated by
+    scaling and squaring: diffeomorphic).  ``io_jacobian_weight`` applies to all three."""
+    io_bending_weight: float = 100.0
+    """Weight of the B-spline's bending energy (``io_transform`` ``bspline`` or ``svf``; unused by ``trilinear``):
+    the mean over the level's grid of the squared second derivatives of the displacement in mm per mm², so mm²
+    (independent of the working spacing).  100 with NCC: the best Dice and field error of 10-1000 on the real CT at
+    10 and 20 mm and the phantom, with SDlogJ about half of trilinear's (``benchmarks/README.md``, "B-spline
+    instance optimisation"); MIND's smaller loss scale wants about 10-30.  Not yet the default transform: on the
+    test suite's small 6 mm phantoms it folded (2 %) and moved an image registered to itself more than trilinear."""
+    io_similarity: str = "ncc"
+    """Similarity of the instance optimisation: ``ncc`` (local NCC, ``io_ncc_window_mm``) or ``mind`` (squared
+    difference of MIND-SSC descriptors, Heinrich et al. 2013, ``io_mind_radius_mm`` and ``io_mind_dilation_mm``;
+    robust to contrast changes).  The two have different scales: the regularisation weights depend on it."""
+    io_mind_radius_mm: float = 3.0
+    """MIND-SSC patch radius in mm at the working resolution, rounded to whole working voxels (>= 0; 1 voxel at
+    3 mm: a 3-voxel patch), the same voxel count at every level."""
+    io_mind_dilation_mm: float = 6.0
+    """MIND-SSC neighbour distance in mm at the working resolution, rounded to whole working voxels (>= 1; 2 voxels
+    at 3 mm), the same voxel count at every level."""
 
     # outputs
     compute_inverse: bool = True
@@ -112,6 +157,35 @@ class RegistrationConfig:
     """The folding retry's regularisation: ``io_smoothness_weight`` times this and the Jacobian penalty's weight
     ``max(io_jacobian_weight, 0.1)`` times this (the floor of 0.1 gives the retry a folding penalty even when
     ``io_jacobian_weight`` is 0)."""
+
+    # plausibility checks after every run (registration/checks.py): a failed check makes metrics["status"]
+    # "suspect" with a reason, and the register command exit with code 3 unless --accept-suspect
+    check_affine_scale_range: tuple[float, float] = (0.5, 2.0)
+    """Plausible scale factors (singular values of the affine's linear part; dimensionless): outside them the
+    result is suspect (an affine determinant <= 0, a reflection, always is)."""
+    check_max_folding_percent: float = 1.0
+    """Suspect above this folding (% of the fixed body's voxels with det J <= 0, at full resolution)."""
+    check_hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    """HU clip (low, high) of the images before the checks' similarity (NCC inside the fixed body): keeps lungs,
+    soft tissue and bone while metal and air outside the field of view do not dominate."""
+    check_min_ncc_gain: float = -0.02
+    """Suspect when the NCC inside the fixed body after registration minus the NCC before (the scans as they lie)
+    is below this (a negative value: the registration made the images match worse by more than its size)."""
+    check_min_ncc: float = 0.5
+    """Suspect when the NCC inside the fixed body after registration is below this (-1..1): unrelated images
+    (another body part, noise, a constant image, MR against CT)."""
+    check_min_body_dice: float = 0.5
+    """Suspect when the Dice (0..1) of the fixed body mask and the registered moving body mask is below this:
+    fields of view that hardly overlap."""
+    check_max_displacement_fraction: float = 0.3
+    """Suspect when the 95th percentile of the deformable displacement's length (mm, inside the fixed body; the
+    affine is not counted) exceeds this fraction of the fixed body's largest extent (mm)."""
+    check_mirror_margin: float = 0.05
+    """Suspect when the affinely aligned moving image mirrored left-right matches the fixed image better, by more
+    than this NCC, than the image itself (a scan or header flipped left-right)."""
+    check_max_dice_loss: float = 0.02
+    """With both label maps: suspect when the mean Dice after registration is below the one before by more than
+    this (0..1)."""
 
     # execution
     device: str = "auto"
@@ -138,17 +212,31 @@ class RegistrationConfig:
         for name, low in (("working_spacing_mm", 0.0), ("io_learning_rate_mm", 0.0), ("io_control_spacing_mm", 0.0),
                           ("io_ncc_window_mm", 0.0)):
             _check_number(name, getattr(self, name), low, inclusive=False)
-        for name in ("io_smoothness_weight", "io_jacobian_weight"):
+        for name in ("io_smoothness_weight", "io_jacobian_weight", "io_bending_weight", "io_mind_radius_mm"):
             _check_number(name, getattr(self, name), 0.0)
+        _check_number("io_mind_dilation_mm", self.io_mind_dilation_mm, 0.0, inclusive=False)
+        if self.io_transform not in ("trilinear", "bspline", "svf"):
+            raise ValueError(f"io_transform must be 'trilinear', 'bspline' or 'svf', got {self.io_transform!r}")
+        if self.io_similarity not in ("ncc", "mind"):
+            raise ValueError(f"io_similarity must be 'ncc' or 'mind', got {self.io_similarity!r}")
         _check_number("folding_limit_percent", self.folding_limit_percent)
         _check_number("folding_retry_factor", self.folding_retry_factor, 1.0)
+        _check_number("affine_max_scale", self.affine_max_scale, 1.0)
+        _check_number("affine_max_shear", self.affine_max_shear, 0.0)
+        _check_number("initial_search_spacing_mm", self.initial_search_spacing_mm, 0.0, inclusive=False)
+        _check_number("initial_search_range_mm", self.initial_search_range_mm, 0.0)
+        _check_number("initial_search_min_overlap", self.initial_search_min_overlap, 0.0, inclusive=False)
+        if self.initial_search_min_overlap > 1:
+            raise ValueError(f"initial_search_min_overlap must be a fraction in (0, 1], got "
+                             f"{self.initial_search_min_overlap!r}")
         for name, low in (("max_working_voxels", 2), ("affine_iterations", 0), ("io_iterations", 0),
                           ("io_fine_iterations", 0)):
             _check_integer(name, getattr(self, name), low)
         _check_integer("seed", self.seed)
+        self._check_plausibility_thresholds()
         if self.threads is not None:
             _check_integer("threads", self.threads, 0)
-        for name in ("body_mask", "affine", "compute_inverse"):
+        for name in ("body_mask", "affine", "initial_search", "compute_inverse"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")  # noqa: TRY004
         if self.model is not None and not isinstance(self.model, str):
@@ -157,6 +245,25 @@ class RegistrationConfig:
             raise ValueError(f"network_precision must be 'auto', 'fp32' or 'bf16', got {self.network_precision!r}")
         if not isinstance(self.device, str) or self.device.lower() not in ("auto", "cpu", "cuda", "gpu"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+
+    def _check_plausibility_thresholds(self) -> None:
+        """The ``check_*`` fields (:mod:`deepabdominalreg.registration.checks`): ranges as tuples, numbers in range."""
+        for name in ("check_affine_scale_range", "check_hu_window"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2 \
+                    or not all(_is_real(v) for v in value) or not value[0] < value[1]:
+                raise ValueError(f"{name} must be two numbers (low, high) with low < high, got {value!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        if not 0 < self.check_affine_scale_range[0] <= 1 <= self.check_affine_scale_range[1]:
+            raise ValueError(f"check_affine_scale_range must contain 1 and be positive, got "
+                             f"{self.check_affine_scale_range}")
+        _check_number("check_max_folding_percent", self.check_max_folding_percent, 0.0)
+        _check_number("check_min_ncc_gain", self.check_min_ncc_gain)
+        _check_number("check_min_ncc", self.check_min_ncc, -1.0)
+        _check_number("check_min_body_dice", self.check_min_body_dice, 0.0)
+        _check_number("check_max_displacement_fraction", self.check_max_displacement_fraction, 0.0, inclusive=False)
+        _check_number("check_mirror_margin", self.check_mirror_margin, 0.0)
+        _check_number("check_max_dice_loss", self.check_max_dice_loss, 0.0)
 
     def replace(self, **changes) -> RegistrationConfig:
         """This config with ``changes`` (checked as :meth:`from_dict` checks them)."""

@@ -235,45 +235,70 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     return path
 
 
-def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Write ``image`` atomically (:func:`write_atomically`)."""
-    return write_atomically(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=compress))
+#: The gzip level of ``.nii.gz`` outputs: level 1 writes several times faster than ITK's default for float maps, for
+#: files a little larger (``benchmarks/README.md``, "Transforms and outputs").
+GZIP_LEVEL = 1
 
 
-def write_displacement_field(field_lps: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
+def _write_nifti_gz(image: sitk.Image, path: Path, level: int,
+                    patch: Callable[[bytearray], None] | None = None) -> None:
+    """``image`` as uncompressed NIfTI (SimpleITK), header patched by ``patch``, gzip'd at ``level`` into ``path``
+    (ITK's NIfTI writer ignores a compression level)."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".nii-") as tmpdir:
+        raw = Path(tmpdir) / "image.nii"
+        sitk.WriteImage(image, str(raw), False)
+        if patch is not None:
+            data = bytearray(raw.read_bytes())
+            patch(data)
+            raw.write_bytes(data)
+        with open(raw, "rb") as source, gzip.open(path, "wb", compresslevel=level) as target:
+            shutil.copyfileobj(source, target, 1 << 24)
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True, level: int = GZIP_LEVEL) -> Path:
+    """Write ``image`` atomically (:func:`write_atomically`); ``.nii.gz`` gzip'd at ``level``, other formats
+    compressed (at ``level``) when ``compress``."""
+    path = Path(path)
+    if path.name.endswith(".nii.gz"):
+        return write_atomically(path, lambda tmp: _write_nifti_gz(image, tmp, level))
+    return write_atomically(path, lambda tmp: sitk.WriteImage(image, str(tmp), compress, level if compress else -1))
+
+
+def _displacement_intent(data: bytearray) -> None:
+    if struct.unpack("<i", data[0:4])[0] != 348:
+        raise RuntimeError("unexpected NIfTI header written by SimpleITK")
+    data[68:70] = struct.pack("<h", 1006)  # NIFTI_INTENT_DISPVECT
+
+
+def write_displacement_field(field_lps: sitk.Image, path: str | os.PathLike, compress: bool = True,
+                             level: int = GZIP_LEVEL) -> Path:
     """Write a displacement field (3-component vectors in LPS mm) that ITK, SimpleITK and Slicer read as such.
 
     For NIfTI the file follows the NIfTI displacement convention (intent code 1006, vectors stored in RAS); ITK
     readers, SimpleITK and Slicer convert them back to LPS on reading; the extension decides the compression
-    (``.nii.gz`` or ``.nii``).  Other formats (``.mha``, ``.nrrd``) store LPS vectors as they are, compressed when
-    ``compress``.
+    (``.nii.gz``, at gzip ``level``, or ``.nii``).  Other formats (``.mha``, ``.nrrd``) store LPS vectors as they
+    are, compressed when ``compress``.  Written atomically.
     """
     path = Path(path)
     check_displacement(field_lps)
     field32 = sitk.Cast(field_lps, sitk.sitkVectorFloat32)
     if not path.name.endswith((".nii", ".nii.gz")):
-        return write_image(field32, path, compress)
+        return write_image(field32, path, compress, level)
     array = sitk.GetArrayFromImage(field32)
     array[..., :2] *= -1.0  # LPS -> RAS
     ras = sitk.GetImageFromArray(array, isVector=True)
     ras.CopyInformation(field32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".disp-") as tmpdir:
-        raw = Path(tmpdir) / "field.nii"
-        sitk.WriteImage(ras, str(raw))
-        data = bytearray(raw.read_bytes())
-        sizeof_hdr = struct.unpack("<i", data[0:4])[0]
-        if sizeof_hdr != 348:
-            raise RuntimeError("unexpected NIfTI header written by SimpleITK")
-        data[68:70] = struct.pack("<h", 1006)  # NIFTI_INTENT_DISPVECT
-        tmp_out = Path(tmpdir) / "out"
-        if path.name.endswith(".gz"):
-            with gzip.open(tmp_out, "wb", compresslevel=4) as handle:
-                handle.write(data)
-        else:
-            tmp_out.write_bytes(data)
-        os.replace(tmp_out, path)
-    return path
+    del array
+    if path.name.endswith(".gz"):
+        return write_atomically(path, lambda tmp: _write_nifti_gz(ras, tmp, level, _displacement_intent))
+
+    def write_raw(tmp: Path) -> None:
+        sitk.WriteImage(ras, str(tmp), False)
+        data = bytearray(tmp.read_bytes())
+        _displacement_intent(data)
+        tmp.write_bytes(data)
+
+    return write_atomically(path, write_raw)
 
 
 def read_displacement_field(path: str | os.PathLike) -> sitk.Image:
@@ -376,6 +401,110 @@ def _nan_to_none(value):
     return value
 
 
+#: Output image formats of ``register`` (``--output-format``); ``nii.gz`` is gzip-compressed, the others are not.
+IMAGE_FORMATS = ("nii.gz", "nii", "nrrd", "mha")
+
+#: What ``register --outputs`` can ask for.  ``transform``: ``transform.h5`` + ``inverse_transform.h5`` (ITK
+#: composites on the working grid); ``warped``: the warped moving image; ``labels``: the warped moving labels (when
+#: given); ``jacobian``, ``magnitude``: ``det J`` and ``|u|`` on the working grid (``full-size``: on the fixed grid);
+#: ``dense``: ``displacement`` and ``inverse_displacement`` at full resolution; ``body_mask``: the fixed body mask.
+#: ``metrics.json`` is always written, ``report.png`` unless ``report=False``, the warped landmarks when given.
+OUTPUT_CHOICES = ("transform", "warped", "labels", "jacobian", "magnitude", "dense", "body_mask", "full-size")
+DEFAULT_OUTPUTS = frozenset({"transform", "warped", "labels"})
+ALL_OUTPUTS = frozenset(OUTPUT_CHOICES)
+
+
+def parse_outputs(text: str | None) -> frozenset[str]:
+    """``register --outputs``: a comma-separated list of :data:`OUTPUT_CHOICES`, ``default`` (``transform,warped,
+    labels``) or ``all``; ``+`` before the list adds to the default (``+jacobian``)."""
+    if text is None or not str(text).strip():
+        return DEFAULT_OUTPUTS
+    text = str(text).strip()
+    chosen = set(DEFAULT_OUTPUTS) if text.startswith("+") else set()
+    for word in (w.strip().lower() for w in text.lstrip("+").split(",")):
+        if not word:
+            continue
+        if word == "all":
+            chosen |= ALL_OUTPUTS
+        elif word == "default":
+            chosen |= DEFAULT_OUTPUTS
+        elif word in OUTPUT_CHOICES:
+            chosen.add(word)
+        else:
+            raise ImageValidationError(
+                f"unknown output '{word}' in --outputs '{text}'; choose from {', '.join(OUTPUT_CHOICES)}, "
+                "'default' or 'all' (comma-separated)."
+            )
+    return frozenset(chosen)
+
+
+def output_file_names(outputs: frozenset[str], ext: str = "nii.gz", *, labels: bool = True, inverse: bool = True,
+                      landmarks: bool = False, report: bool = True) -> dict[str, str]:
+    """The files ``write_result`` writes for ``outputs`` (name -> file name), in the order it writes them."""
+    names: dict[str, str] = {}
+    if "transform" in outputs:
+        names["transform"] = "transform.h5"
+        if inverse:
+            names["inverse_transform"] = "inverse_transform.h5"
+    if "warped" in outputs:
+        names["warped"] = f"warped.{ext}"
+    if "labels" in outputs and labels:
+        names["warped_seg"] = f"warped_seg.{ext}"
+    if "dense" in outputs:
+        names["displacement"] = f"displacement.{ext}"
+        if inverse:
+            names["inverse_displacement"] = f"inverse_displacement.{ext}"
+    if "jacobian" in outputs:
+        names["jacobian"] = f"jacobian.{ext}"
+    if "magnitude" in outputs:
+        names["displacement_magnitude"] = f"displacement_magnitude.{ext}"
+    if "body_mask" in outputs:
+        names["body_mask"] = f"body_mask.{ext}"
+    if landmarks:
+        names["warped_moving_landmarks"] = "warped_moving_landmarks.csv"
+    if report:
+        names["report"] = "report.png"
+    names["metrics"] = "metrics.json"
+    return names
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_outputs_safe(out_dir: str | os.PathLike, file_names: list[str] | tuple[str, ...],
+                       inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse (:class:`ImageValidationError`, before anything is written) an output folder that is an existing file,
+    an output file that is an existing folder, and an output file that is one of the ``inputs`` (role -> path; a
+    DICOM folder or ``folder::UID`` counts as its folder).  Other files in ``out_dir`` are left alone; files with the
+    output names are replaced."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ImageValidationError(
+            f"output folder '{out}' is an existing file; give a folder (new or existing) with --output-dir."
+        )
+    given = {role: Path(str(path).split("::", 1)[0]) for role, path in inputs.items() if path}
+    for role, path in given.items():
+        if _same_file(path, out):
+            raise ImageValidationError(
+                f"the output folder '{out}' is the {role}; choose another --output-dir so no input is overwritten."
+            )
+    for name in file_names:
+        target = out / name
+        if target.is_dir():
+            raise ImageValidationError(f"output '{target}' is an existing folder; remove it or choose another "
+                                       "--output-dir.")
+        for role, path in given.items():
+            if _same_file(path, target):
+                raise ImageValidationError(
+                    f"output '{target}' would overwrite the {role} '{path}'; choose another --output-dir "
+                    "(nothing was written)."
+                )
+
+
 def write_result(
     result: RegistrationResult,
     out_dir: str | os.PathLike,
@@ -386,27 +515,41 @@ def write_result(
     moving_labels: sitk.Image | None = None,
     report: bool = True,
     image_format: str = "nii.gz",
+    outputs: frozenset[str] | set[str] | None = None,
+    inputs: dict[str, str | os.PathLike | None] | None = None,
+    threads: int = 2,
 ) -> dict[str, Path]:
-    """Write every output of a registration into ``out_dir``; returns name -> path.
+    """Write the outputs of a registration into ``out_dir``; returns name -> path.
 
-    ``fixed``, ``moving`` and their label maps: the inputs of the registration, for ``report.png``.
-    ``image_format``: one of :data:`IMAGE_FORMATS` (``nii.gz`` is gzip-compressed NIfTI; the others are written
-    uncompressed: larger files, several times faster to write for a full-size CT).  ``metrics.json`` holds
-    ``result.metrics`` plus the time spent writing (the ``writing`` and ``report`` stages); ``result`` itself is not
-    changed.
+    ``outputs``: a subset of :data:`OUTPUT_CHOICES` (default :data:`DEFAULT_OUTPUTS`: the transform files, the
+    warped image and labels; :func:`output_file_names` lists the files).  ``metrics.json`` is always written: it
+    holds ``result.metrics`` plus the time spent writing (the ``writing`` and ``report`` stages) and ``outputs``
+    (name -> file name of every file written); ``report.png`` when ``report``.  ``fixed``, ``moving`` and their label
+    maps: the inputs of the registration, for ``report.png``.  ``image_format``: one of :data:`IMAGE_FORMATS`.
+    ``inputs``: role -> path of the input files, refused as outputs (:func:`check_outputs_safe`).  Images are written
+    ``threads`` at a time (SimpleITK and zlib release the GIL).  ``result`` itself is not changed.
     Files are first written into a hidden staging folder inside ``out_dir`` and moved into place only when all of
-    them exist, so an interruption (Ctrl-C, a full disk) leaves ``out_dir`` as it was.
+    them exist (``metrics.json`` last), so an interruption (Ctrl-C, a full disk) leaves ``out_dir`` as it was.
     """
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"unknown image format {image_format!r}; choose one of {', '.join(IMAGE_FORMATS)}")
+    outputs = DEFAULT_OUTPUTS if outputs is None else frozenset(outputs)
+    unknown = sorted(set(outputs) - ALL_OUTPUTS)
+    if unknown:
+        raise ValueError(f"unknown outputs {unknown}; choose from {', '.join(OUTPUT_CHOICES)}")
+    names = output_file_names(outputs, image_format, labels=result.warped_labels is not None,
+                              inverse=result.inverse_transform is not None,
+                              landmarks=result.warped_moving_landmarks_lps is not None, report=report)
+    check_outputs_safe(out_dir, list(names.values()), inputs or {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
-        if image_format not in IMAGE_FORMATS:
-            raise ValueError(f"unknown image format {image_format!r}; choose one of {', '.join(IMAGE_FORMATS)}")
-        staged = _write_outputs(result, staging, fixed=fixed, moving=moving, fixed_labels=fixed_labels,
-                                moving_labels=moving_labels, report=report, ext=image_format)
+        staged = _write_outputs(result, staging, names, outputs, fixed=fixed, moving=moving,
+                                fixed_labels=fixed_labels, moving_labels=moving_labels, threads=threads,
+                                compress=image_format.endswith(".gz"))
         paths = {}
-        for name, path in staged.items():
+        for name, path in staged.items():  # metrics.json last: its presence means the folder is complete
             target = out / path.name
             os.replace(path, target)
             paths[name] = target
@@ -415,40 +558,74 @@ def write_result(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-#: Output image formats of ``register`` (``--output-format``); only ``nii.gz`` is compressed.
-IMAGE_FORMATS = ("nii.gz", "nii", "nrrd", "mha")
+def _write_outputs(result, out: Path, names: dict[str, str], outputs: frozenset[str], *, fixed, moving, fixed_labels,
+                   moving_labels, threads: int, compress: bool) -> dict[str, Path]:
+    from concurrent.futures import ThreadPoolExecutor
 
+    from deepabdominalreg.transforms import write_transform
 
-def _write_outputs(result, out: Path, *, fixed, moving, fixed_labels, moving_labels, report, ext):
     t0 = time.perf_counter()
-    compress = ext.endswith(".gz")
-    paths = {
-        "warped": write_image(result.warped_image, out / f"warped.{ext}", compress),
-        "displacement": write_displacement_field(result.displacement_lps, out / f"displacement.{ext}", compress),
-        "jacobian": write_image(result.jacobian, out / f"jacobian.{ext}", compress),
-        "displacement_magnitude": write_image(result.displacement_magnitude, out / f"displacement_magnitude.{ext}",
-                                              compress),
+    full_size = "full-size" in outputs
+    # name -> what writes it; each makes its image when it runs (full-size maps and the dense inverse are computed on
+    # first use), and the writers run in parallel
+    jobs: dict[str, Callable[[], Path]] = {
+        "transform": lambda: write_transform(result.transform, out / names["transform"]),
+        "inverse_transform": lambda: write_transform(result.inverse_transform, out / names["inverse_transform"]),
+        "warped": lambda: write_image(result.warped_image, out / names["warped"], compress),
+        "warped_seg": lambda: write_image(result.warped_labels, out / names["warped_seg"], compress),
+        "displacement": lambda: write_displacement_field(result.displacement_lps, out / names["displacement"],
+                                                         compress),
+        "inverse_displacement": lambda: write_displacement_field(result.inverse_displacement_lps,
+                                                                 out / names["inverse_displacement"], compress),
+        "jacobian": lambda: write_image(result.jacobian_full_size() if full_size else result.jacobian,
+                                        out / names["jacobian"], compress),
+        "displacement_magnitude": lambda: write_image(
+            result.displacement_magnitude_full_size() if full_size else result.displacement_magnitude,
+            out / names["displacement_magnitude"], compress),
+        "body_mask": lambda: write_image(result.body_mask, out / names["body_mask"], compress),
+        "warped_moving_landmarks": lambda: write_landmarks(result.warped_moving_landmarks_lps,
+                                                           out / names["warped_moving_landmarks"]),
     }
-    if result.body_mask is not None:
-        paths["body_mask"] = write_image(result.body_mask, out / f"body_mask.{ext}", compress)
-    if result.warped_labels is not None:
-        paths["warped_seg"] = write_image(result.warped_labels, out / f"warped_seg.{ext}", compress)
-    if result.inverse_displacement_lps is not None:
-        paths["inverse_displacement"] = write_displacement_field(
-            result.inverse_displacement_lps, out / f"inverse_displacement.{ext}", compress
-        )
-    if result.warped_moving_landmarks_lps is not None:
-        paths["warped_moving_landmarks"] = write_landmarks(
-            result.warped_moving_landmarks_lps, out / "warped_moving_landmarks.csv"
-        )
+    if "inverse_displacement" in names:  # computed once, before the writers share it
+        result.inverse_displacement_lps  # noqa: B018
+    if full_size:
+        for name, make in (("jacobian", result.jacobian_full_size),
+                           ("displacement_magnitude", result.displacement_magnitude_full_size)):
+            if name in names:
+                make()
+    # HDF5 is not thread-safe: the transform files one after the other, the images in parallel
+    serial = [name for name in names if name in ("transform", "inverse_transform")]
+    parallel = [name for name in names if name in jobs and name not in serial]
+    paths = {name: jobs[name]() for name in serial}
+    with ThreadPoolExecutor(max_workers=max(1, int(threads))) as pool:
+        futures = {name: pool.submit(jobs[name]) for name in parallel}
+        paths.update({name: futures[name].result() for name in parallel})
     stages = dict(result.metrics.get("stages", {}))
-    if report:
+    if "report" in names:
         from deepabdominalreg.metrics.report import write_report
 
         t_report = time.perf_counter()
-        paths["report"] = write_report(out / "report.png", result, fixed=fixed, moving=moving,
+        paths["report"] = write_report(out / names["report"], result, fixed=fixed, moving=moving,
                                        fixed_labels=fixed_labels, moving_labels=moving_labels)
         stages["report"] = round(time.perf_counter() - t_report, 3)
     stages["writing"] = round(time.perf_counter() - t0, 3)
-    paths["metrics"] = write_json({**result.metrics, "stages": stages}, out / "metrics.json")
+    listing = {name: names[name] for name in names}
+    paths["metrics"] = write_json({**result.metrics, "stages": stages, "outputs": listing}, out / names["metrics"])
     return paths
+
+
+def write_markups(points_lps: np.ndarray, path: str | os.PathLike, label: str = "F") -> Path:
+    """Write points (LPS mm) as a Slicer markups file (``.mrk.json``, a fiducial list in LPS), atomically."""
+    control_points = [{"id": str(n + 1), "label": f"{label}-{n + 1}", "position": [float(v) for v in p]}
+                      for n, p in enumerate(np.asarray(points_lps, dtype=np.float64).reshape(-1, 3))]
+    data = {"@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/"
+                       "Schema/markups-schema-v1.0.3.json#",
+            "markups": [{"type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm",
+                         "controlPoints": control_points}]}
+    return write_json(data, path)
+
+
+def write_points(points_lps: np.ndarray, path: str | os.PathLike) -> Path:
+    """Points (LPS mm) as CSV, or Slicer markups for a ``.json`` name (:func:`write_landmarks`,
+    :func:`write_markups`)."""
+    return write_markups(points_lps, path) if str(path).endswith(".json") else write_landmarks(points_lps, path)

@@ -14,6 +14,7 @@ fields through the grid (:meth:`deepabdominalreg.geometry.Grid.displacement_to_m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "box_filter",
+    "bspline_basis_matrix",
+    "bspline_control_size",
+    "bspline_gram_matrix",
     "compose",
     "disp_vox_to_mm_lps",
     "identity_grid",
@@ -430,3 +434,75 @@ def _twice_gradient(volume: torch.Tensor, dim: int) -> torch.Tensor:
     for edge, (hi, lo) in ((0, (1, 0)), (n - 1, (n - 1, n - 2))):
         torch.sub(volume.select(dim, hi), volume.select(dim, lo), out=out.select(dim, edge)).mul_(2.0)
     return out
+
+
+def bspline_control_size(n: int, knot_spacing: float) -> int:
+    """Number of control points along an axis of ``n`` voxels for a uniform cubic B-spline whose knots lie
+    ``knot_spacing`` voxels apart, the first one a knot before voxel 0 (knot ``j`` at voxel ``(j - 1) *
+    knot_spacing``): every voxel ``0 .. n - 1`` then has its four control points (one border point before the first
+    voxel, up to two after the last)."""
+    if not knot_spacing > 0:
+        raise ValueError(f"knot spacing must be > 0 voxels, got {knot_spacing!r}")
+    return math.floor((n - 1) / knot_spacing + 1e-9) + 4
+
+
+def _cubic_bspline(t: torch.Tensor, derivative: int) -> torch.Tensor:
+    """The centred uniform cubic B-spline ``beta3(t)`` (support ``|t| < 2``, knots at the integers) or its first or
+    second derivative with respect to ``t``."""
+    a = t.abs()
+    inner, outer = a < 1, (a >= 1) & (a < 2)
+    if derivative == 0:
+        values = torch.where(inner, 2.0 / 3.0 - a ** 2 + 0.5 * a ** 3, (2.0 - a).clamp_min(0) ** 3 / 6.0)
+    elif derivative == 1:
+        values = torch.where(inner, -2.0 * t + 1.5 * t * a, -torch.sign(t) * (2.0 - a).clamp_min(0) ** 2 / 2.0)
+    elif derivative == 2:
+        values = torch.where(inner, -2.0 + 3.0 * a, (2.0 - a).clamp_min(0))
+    else:
+        raise ValueError(f"derivative must be 0, 1 or 2, got {derivative!r}")
+    return torch.where(inner | outer, values, torch.zeros_like(values))
+
+
+def bspline_basis_matrix(positions: torch.Tensor | int, knot_spacing: float, n_control: int | None = None,
+                         derivative: int = 0, dtype: torch.dtype = torch.float64,
+                         device: torch.device | str | None = None) -> torch.Tensor:
+    """``(len(positions), n_control)`` weights of a uniform cubic B-spline (C²; knots ``knot_spacing`` voxels apart,
+    knot ``j`` at voxel ``(j - 1) * knot_spacing``: :func:`bspline_control_size`) at ``positions`` (voxels; an int
+    ``n`` means ``0 .. n - 1``), or of its ``derivative``-th derivative with respect to the voxel coordinate.
+
+    A field on a control grid ``c`` of shape ``(nz, ny, nx)`` is ``sum_ijk c_ijk Mz[:, i] My[:, j] Mx[:, k]``:
+    three small matrix products, one per axis.  ``n_control`` defaults to :func:`bspline_control_size` of the
+    positions' span.  The weights of every position inside the span sum to 1 (and the derivatives' to 0): a
+    constant field is reproduced exactly, and so is any polynomial of degree <= 3.
+    """
+    if isinstance(positions, int):
+        n = positions
+        positions = torch.arange(positions, dtype=torch.float64, device=device)
+    else:
+        positions = positions.to(device=device, dtype=torch.float64)
+        n = math.floor(float(positions.max())) + 1 if positions.numel() else 1
+    if n_control is None:
+        n_control = bspline_control_size(n, knot_spacing)
+    knots = torch.arange(n_control, dtype=torch.float64, device=positions.device) - 1.0
+    t = positions[:, None] / knot_spacing - knots[None, :]
+    return (_cubic_bspline(t, derivative) / knot_spacing ** derivative).to(dtype)
+
+
+def bspline_gram_matrix(n: int, knot_spacing: float, derivative: int, n_control: int | None = None,
+                        dtype: torch.dtype = torch.float64,
+                        device: torch.device | str | None = None) -> torch.Tensor:
+    """``G[i, j] = integral over [0, n - 1] of B_i^(k)(x) B_j^(k)(x) dx`` (voxel units; ``k = derivative``) of
+    :func:`bspline_basis_matrix`'s basis: the exact quadratic form of the field's squared ``k``-th derivative along
+    one axis (Gauss-Legendre quadrature with 4 nodes between consecutive knots or domain ends: exact for the
+    degree-6 products).  For bending energy on a control grid, axis by axis."""
+    if n_control is None:
+        n_control = bspline_control_size(n, knot_spacing)
+    end = float(n - 1)
+    breaks = torch.arange(0, math.floor(end / knot_spacing + 1e-9) + 1, dtype=torch.float64) * knot_spacing
+    breaks = torch.unique(torch.cat([breaks[breaks < end], torch.tensor([0.0, end], dtype=torch.float64)]))
+    nodes, weights = np.polynomial.legendre.leggauss(4)
+    nodes, weights = torch.as_tensor(nodes), torch.as_tensor(weights)
+    lo, hi = breaks[:-1, None], breaks[1:, None]
+    x = (0.5 * (lo + hi) + 0.5 * (hi - lo) * nodes[None]).reshape(-1)
+    w = (0.5 * (hi - lo) * weights[None]).reshape(-1)
+    basis = bspline_basis_matrix(x, knot_spacing, n_control, derivative, device=device)
+    return (basis.T @ (basis * w.to(basis.device)[:, None])).to(dtype)

@@ -11,7 +11,8 @@ from deepabdominalreg.cli import main
 from deepabdominalreg.io import read_displacement_field, read_landmarks
 
 EXPECTED = ["warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "displacement_magnitude.nii.gz",
-            "warped_seg.nii.gz", "metrics.json", "report.png", "inverse_displacement.nii.gz"]
+            "warped_seg.nii.gz", "metrics.json", "report.png", "inverse_displacement.nii.gz", "transform.h5",
+            "inverse_transform.h5", "body_mask.nii.gz", "warped_moving_landmarks.csv"]
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,7 @@ def registered(pair_dir, tmp_path_factory):
         "--fixed-landmarks", str(pair_dir / "fixed_landmarks.csv"),
         "--moving-landmarks", str(pair_dir / "moving_landmarks.csv"),
         "--output-dir", str(out), "--preset", "fast", "--working-spacing", "5", "--device", "cpu",
+        "--outputs", "all",  # every output, the full-resolution ones included
     ])
     assert code == 0
     return out
@@ -48,7 +50,7 @@ def test_register_writes_every_output_on_the_fixed_grid(pair_dir, registered):
 
 
 def test_metrics_json_contract(registered):
-    metrics = json.loads((registered / "metrics.json").read_text())
+    metrics = json.loads((registered / "metrics.json").read_text(encoding="utf-8"))
     for key in ("dice_mean_before", "dice_mean_after", "folding_percent", "sdlogj", "runtime_s", "device"):
         assert key in metrics, key
     assert 0.0 <= metrics["dice_mean_before"] <= 1.0 and 0.0 <= metrics["dice_mean_after"] <= 1.0
@@ -108,12 +110,12 @@ def test_uncompressed_output_formats_hold_the_same_field(pair_dir, registered, t
     code = main([
         "register", "--fixed", str(pair_dir / "fixed.nii.gz"), "--moving", str(pair_dir / "moving.nii.gz"),
         "--output-dir", str(tmp_path), "--preset", "fast", "--working-spacing", "5", "--device", "cpu",
-        "--no-report", "--no-inverse", "--output-format", image_format,
+        "--no-report", "--no-inverse", "--output-format", image_format, "--outputs", "all",
     ])
     assert code == 0
     names = {p.name for p in tmp_path.iterdir()}
     assert names == {f"{n}.{image_format}" for n in ("warped", "displacement", "jacobian", "displacement_magnitude",
-                                                      "body_mask")} | {"metrics.json"}
+                                                      "body_mask")} | {"metrics.json", "transform.h5"}
     # same seed and settings as the fixture: the field read back in LPS equals the compressed NIfTI's
     # (different output flags, so compare with the tolerance of float32 storage)
     field = sitk.GetArrayFromImage(read_displacement_field(tmp_path / f"displacement.{image_format}"))
@@ -142,7 +144,7 @@ def test_progress_json_lines(pair_dir, tmp_path, capsys):
     ])
     assert code == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert events[-1]["stage"] == "finished" and "displacement" in events[-1]["outputs"]
+    assert events[-1]["stage"] == "finished" and "transform" in events[-1]["outputs"]
     fractions = [e["fraction"] for e in events]
     assert fractions == sorted(fractions)
 
@@ -155,7 +157,7 @@ def test_demo_generates_registers_and_writes_every_output(tmp_path, capsys):
     for name in EXPECTED:
         assert (out / name).is_file(), name
     assert (out / "input" / "fixed.nii.gz").is_file()
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["dice_mean_after"] > metrics["dice_mean_before"]
     assert metrics["config"]["seed"] == 3 and metrics["config"]["io_levels"] == [4, 2]  # the fast preset
     assert "report:" in capsys.readouterr().out
@@ -198,6 +200,81 @@ def test_write_result_leaves_the_result_unchanged(pair_dir, tmp_path):
     before = copy.deepcopy(result.metrics)
     write_result(result, tmp_path, fixed=fixed, moving=moving, report=True, image_format="nii")
     assert result.metrics == before
-    written = json.loads((tmp_path / "metrics.json").read_text())
+    written = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert set(written["stages"]) == set(before["stages"]) | {"writing", "report"}
     assert written["config"] == config.to_dict()
+
+
+def test_default_outputs_are_the_transform_warped_images_metrics_and_report(pair_dir, registered, tmp_path):
+    code = main([
+        "register", "--fixed", str(pair_dir / "fixed.nii.gz"), "--moving", str(pair_dir / "moving.nii.gz"),
+        "--moving-seg", str(pair_dir / "moving_seg.nii.gz"), "--output-dir", str(tmp_path), "--preset", "fast",
+        "--working-spacing", "5", "--device", "cpu",
+    ])
+    assert code == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"transform.h5", "inverse_transform.h5", "warped.nii.gz", "warped_seg.nii.gz", "metrics.json",
+                     "report.png"}
+    metrics = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+    assert set(metrics["outputs"].values()) == names
+    # the same registration as the fixture's: its transform file reproduces the fixture's dense field and warp
+    transform = sitk.ReadTransform(str(tmp_path / "transform.h5"))
+    dense = read_displacement_field(registered / "displacement.nii.gz")
+    fixed = sitk.ReadImage(str(pair_dir / "fixed.nii.gz"))
+    rng = np.random.default_rng(1)
+    index = rng.integers(0, np.asarray(fixed.GetSize()), (20, 3))
+    points = [fixed.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in index]
+    field = sitk.DisplacementFieldTransform(dense)
+    for p in points:
+        np.testing.assert_allclose(transform.TransformPoint(p), field.TransformPoint(p), atol=0.01)
+    moving = sitk.ReadImage(str(pair_dir / "moving.nii.gz"), sitk.sitkFloat32)
+    again = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, -1024.0)
+    warped = sitk.ReadImage(str(tmp_path / "warped.nii.gz"), sitk.sitkFloat32)
+    assert np.median(np.abs(sitk.GetArrayFromImage(again) - sitk.GetArrayFromImage(warped))) < 1.0
+
+
+def test_outputs_never_overwrite_inputs(pair_dir, tmp_path, capsys):
+    import shutil
+
+    shutil.copy(pair_dir / "moving.nii.gz", tmp_path / "warped.nii.gz")
+    before = (tmp_path / "warped.nii.gz").read_bytes()
+    code = main(["register", "--fixed", str(pair_dir / "fixed.nii.gz"), "--moving", str(tmp_path / "warped.nii.gz"),
+                 "--output-dir", str(tmp_path)])
+    assert code == 2 and "would overwrite the moving image" in capsys.readouterr().err
+    assert (tmp_path / "warped.nii.gz").read_bytes() == before
+    (tmp_path / "file").write_text("x")
+    code = main(["register", "--fixed", str(pair_dir / "fixed.nii.gz"), "--moving", str(pair_dir / "moving.nii.gz"),
+                 "--output-dir", str(tmp_path / "file")])
+    assert code == 2 and "is an existing file" in capsys.readouterr().err
+    code = main(["register", "--fixed", str(pair_dir / "fixed.nii.gz"), "--moving", str(pair_dir / "moving.nii.gz"),
+                 "--output-dir", str(tmp_path / "o"), "--outputs", "warped,bogus"])
+    assert code == 2 and "unknown output 'bogus'" in capsys.readouterr().err
+
+
+def test_apply_reproduces_warped_outputs_and_maps_landmarks(pair_dir, registered, tmp_path):
+    transform = str(registered / "transform.h5")
+    assert main(["apply", "--transform", transform, "--image", str(pair_dir / "moving.nii.gz"),
+                 "--reference", str(pair_dir / "fixed.nii.gz"), "--output", str(tmp_path / "w.nii.gz")]) == 0
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "w.nii.gz")))
+    np.testing.assert_array_equal(ours, sitk.GetArrayFromImage(sitk.ReadImage(str(registered / "warped.nii.gz"))))
+    assert main(["apply", "--transform", transform, "--labels", str(pair_dir / "moving_seg.nii.gz"),
+                 "--reference", str(pair_dir / "fixed.nii.gz"), "--output", str(tmp_path / "s.nii.gz")]) == 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "s.nii.gz"))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(registered / "warped_seg.nii.gz"))))
+    for name in ("p.csv", "p.mrk.json"):  # moving landmarks into fixed space, through inverse_transform.h5
+        assert main(["apply", "--transform", transform, "--landmarks", str(pair_dir / "moving_landmarks.csv"),
+                     "--output", str(tmp_path / name)]) == 0
+        np.testing.assert_allclose(read_landmarks(tmp_path / name),
+                                   read_landmarks(registered / "warped_moving_landmarks.csv"), atol=1e-3)
+
+
+def test_apply_errors_are_clear(pair_dir, registered, tmp_path, capsys):
+    code = main(["apply", "--transform", str(tmp_path / "none.h5"), "--image", str(pair_dir / "moving.nii.gz"),
+                 "--reference", str(pair_dir / "fixed.nii.gz"), "--output", str(tmp_path / "w.nii.gz")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    code = main(["apply", "--transform", str(registered / "transform.h5"), "--image", str(pair_dir / "moving.nii.gz"),
+                 "--output", str(tmp_path / "w.nii.gz")])
+    assert code == 2 and "--reference" in capsys.readouterr().err
+    code = main(["apply", "--transform", str(registered / "transform.h5"), "--image", str(pair_dir / "moving.nii.gz"),
+                 "--reference", str(pair_dir / "fixed.nii.gz"), "--output", str(pair_dir / "moving.nii.gz")])
+    assert code == 2 and "would overwrite" in capsys.readouterr().err

@@ -103,7 +103,12 @@ def _unusual() -> RegistrationConfig:
         io_control_spacing_mm=7.5, io_ncc_window_mm=20.0, io_smoothness_weight=2.0, io_jacobian_weight=0.3,
         compute_inverse=False, folding_limit_percent=1.5, folding_retry_factor=2.0, device="cpu", seed=9, threads=3,
         affine_iterations=11, io_fine_iterations=3, io_iterations=5, working_spacing_mm=3.5,
-        affine_levels_mm=(10.0, 5.0),
+        affine_levels_mm=(10.0, 5.0), io_transform="svf", io_bending_weight=30.0, io_similarity="mind",
+        io_mind_radius_mm=6.0, io_mind_dilation_mm=9.0, affine_max_scale=1.3, affine_max_shear=0.2,
+        initial_search=True, initial_search_spacing_mm=10.0, initial_search_range_mm=200.0,
+        initial_search_min_overlap=0.4, check_affine_scale_range=(0.6, 1.8), check_max_folding_percent=2.0,
+        check_hu_window=(-900.0, 900.0), check_min_ncc_gain=-0.05, check_min_ncc=0.4, check_min_body_dice=0.6,
+        check_max_displacement_fraction=0.25, check_mirror_margin=0.1, check_max_dice_loss=0.05,
     )
 
 
@@ -155,13 +160,16 @@ def test_lengths_in_mm_become_voxels_of_the_working_grid(spacing, learning_rate,
 def test_instance_optimisation_settings_follow_every_io_field():
     config = RegistrationConfig(io_levels=(8, 2), io_iterations=13, io_fine_iterations=7, io_learning_rate_mm=2.25,
                                 io_control_spacing_mm=9.0, io_ncc_window_mm=21.0, io_smoothness_weight=1.5,
-                                io_jacobian_weight=0.0)
+                                io_jacobian_weight=0.0, io_transform="svf", io_bending_weight=30.0,
+                                io_similarity="mind", io_mind_radius_mm=6.0, io_mind_dilation_mm=9.0)
     assert InstanceOptimisationSettings.from_config(config, 3.0) == InstanceOptimisationSettings(
         levels=(8, 2), iterations=13, fine_iterations=7, learning_rate=0.75, control_spacing=3, ncc_window=7,
-        smoothness_weight=1.5, jacobian_weight=0.0)
+        smoothness_weight=1.5, jacobian_weight=0.0, transform="svf", similarity="mind", working_spacing_mm=3.0,
+        control_spacing_mm=9.0, bending_weight=30.0, mind_radius=2, mind_dilation=3)
     retry = InstanceOptimisationSettings.from_config(config, 3.0).strengthened(2.5)
     assert (retry.smoothness_weight, retry.jacobian_weight) == (3.75, 0.25)  # the Jacobian weight from 0.1 up
-    assert dataclasses.replace(retry, smoothness_weight=1.5, jacobian_weight=0.0) == \
+    assert retry.bending_weight == 75.0
+    assert dataclasses.replace(retry, smoothness_weight=1.5, jacobian_weight=0.0, bending_weight=30.0) == \
         InstanceOptimisationSettings.from_config(config, 3.0)  # nothing else changes
 
 

@@ -17,7 +17,7 @@ def _setuptools_table() -> dict:
         pytest.skip("tomllib needs Python 3.11")
     import tomllib
 
-    return tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]
+    return tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["tool"]["setuptools"]
 
 
 def test_every_folder_of_the_core_with_python_files_is_a_package_the_wheel_includes():

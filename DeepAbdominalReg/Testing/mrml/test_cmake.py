@@ -12,7 +12,7 @@ REPO_DIR = MODULE_DIR.parent
 
 
 def test_extension_metadata():
-    text = (REPO_DIR / "CMakeLists.txt").read_text()
+    text = (REPO_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
                 "EXTENSION_SCREENSHOTURLS"):
         assert re.search(rf'set\({key} "[^"]+"\)', text), key
@@ -29,7 +29,7 @@ def _module_python_files() -> set[str]:
 
 def test_module_python_scripts_list_names_every_python_file():
     """Without cmake: the MODULE_PYTHON_SCRIPTS block names exactly the module's Python files."""
-    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     block = re.search(r"set\(MODULE_PYTHON_SCRIPTS\s+(.*?)\)", text, re.DOTALL)
     assert block, "no set(MODULE_PYTHON_SCRIPTS ...) block"
     assert set(block.group(1).split()) == _module_python_files()
@@ -57,12 +57,12 @@ add_subdirectory({MODULE_DIR} module)
     result = subprocess.run(["cmake", "-S", str(source), "-B", str(tmp_path / "build")],
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
-    scripts = set((tmp_path / "scripts.txt").read_text().split(";"))
+    scripts = set((tmp_path / "scripts.txt").read_text(encoding="utf-8").split(";"))
     assert scripts == _module_python_files()
-    for resource in (tmp_path / "resources.txt").read_text().split(";"):
+    for resource in (tmp_path / "resources.txt").read_text(encoding="utf-8").split(";"):
         assert (MODULE_DIR / resource).is_file(), resource
-    resources = (tmp_path / "resources.txt").read_text()
+    resources = (tmp_path / "resources.txt").read_text(encoding="utf-8")
     assert "Resources/UI/DeepAbdominalReg.ui" in resources
     weights = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "deepabdominalreg/nn/weights").glob("*.pt")}
     assert weights and weights <= set(resources.split(";")), "the shipped weights are installed with the module"
-    assert (tmp_path / "unittest.txt").read_text() == "SCRIPT;DeepAbdominalReg.py"
+    assert (tmp_path / "unittest.txt").read_text(encoding="utf-8") == "SCRIPT;DeepAbdominalReg.py"

@@ -27,8 +27,11 @@ def test_module_metadata(module):
     parent = type("Parent", (), {})()
     module.DeepAbdominalReg(parent)
     assert parent.categories == ["Registration"]
-    for citation in ("DDMR", "Hernandez", "van Eijnatten", "MICS", "DLIR", "de Vos", "VoxelMorph", "Balakrishnan"):
+    for citation in ("DDMR, Pérez de Frutos et al. 2023", "PLOS ONE", "van Eijnatten", "MICS, Estienne et al.", "DLIR",
+                     "de Vos", "VoxelMorph", "Balakrishnan"):
         assert citation in parent.acknowledgementText
+    for wrong in ("Hernandez", "Zhang"):
+        assert wrong not in parent.acknowledgementText
     assert "register(" in parent.helpText
 
 
@@ -56,6 +59,39 @@ def test_store_outputs_and_summary(module, scene):
     text = logic.summary({"runtime_s": 3.25, "device": "cpu", "dice_mean_before": 0.5, "dice_mean_after": 0.8,
                           "folding_percent": 0.0})
     assert "3.2 s on cpu" in text and "0.500 -> 0.800" in text
+    assert "SUSPECT" not in text  # metrics.json without "status" (older core) reads as a normal result
+    suspect = logic.summary({"runtime_s": 1.0, "device": "cpu", "status": "suspect",
+                             "suspect_reasons": ["NCC got worse", "folding 4 %"]})
+    assert suspect.startswith("SUSPECT RESULT") and "NCC got worse; folding 4 %" in suspect
+    assert "SUSPECT" not in logic.summary({"runtime_s": 1.0, "status": "ok", "suspect_reasons": []})
+
+
+def test_presets_apply_when_picked_and_edits_read_custom(module, scene):
+    """The sequence the panel runs when a preset is picked: Qt emits currentIndexChanged, then activated (the combo
+    is unbound, so only activated acts); onPresetActivated applies the values; updateGuiFromParameterNode shows
+    presetMatching. Each preset must stick, and an edited setting must read "custom"."""
+    p = module.DeepAbdominalRegLogic().getParameterNode()
+    for preset in ("fast", "network", "accurate", "balanced", "fast"):
+        assert module.applyPreset(p, preset) == preset
+        assert module.presetMatching(p) == preset
+        assert module.configFromParameters(p) == module.config_from_preset(preset)
+    p.workingSpacingMm = p.workingSpacingMm + 0.5
+    assert module.presetMatching(p) == "custom"
+    before = module.configFromParameters(p)
+    assert module.applyPreset(p, "custom") == "custom" and module.configFromParameters(p) == before
+
+
+def test_preset_combo_is_driven_by_the_widget_not_the_connector():
+    """Static: the connector must not own presetComboBox (it would write the old preset back before activated)."""
+    import xml.etree.ElementTree as ET
+
+    ui = ET.parse(MODULE_FILE.parent / "Resources" / "UI" / "DeepAbdominalReg.ui")
+    combo = next(w for w in ui.iter("widget") if w.get("name") == "presetComboBox")
+    assert all(prop.get("name") != "SlicerParameterName" for prop in combo.findall("property"))
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    assert 'presetComboBox.connect("activated(int)", self.onPresetActivated)' in source
+    assert "presetComboBox.addItems(list(PRESET_NAMES))" in source
+    assert "connectParametersToGui(" in source and ".connectGui(" not in source
 
 
 def test_register_using_parameter_node_runs_in_background(module, scene):
@@ -63,8 +99,7 @@ def test_register_using_parameter_node_runs_in_background(module, scene):
     p = logic.getParameterNode()
     p.fixedVolume = addVolumeNode(scene, _blob(), "fixed")
     p.movingVolume = addVolumeNode(scene, _blob((5.0, 5.0, 0.0)), "moving")
-    for name, value in module.presetParameters("fast").items():
-        setattr(p, name, value)
+    module.applyPreset(p, "fast")
     p.workingSpacingMm, p.device, p.computeInverse = 5.0, "cpu", False
     outputs = logic.registerUsingParameterNode(p, waitForCompletion=True, show=False)
     assert outputs.inverseTransform is None and outputs.outputTransform is not None
@@ -87,14 +122,14 @@ def test_the_subprocess_gets_the_config_the_panel_built(module, scene, fakeInter
     with pytest.raises(process.RegistrationFailed, match="recorded the command line"):
         logic.registerUsingParameterNode(p, waitForCompletion=True, show=False)
     assert scene.GetNumberOfNodes() == count
-    record = json.loads(capture.read_text())
+    record = json.loads(capture.read_text(encoding="utf-8"))
     assert record["configFile"] == panelConfig.to_dict()
     assert RegistrationConfig.from_dict(record["parsed"]) == panelConfig
     assert {a for a in record["argv"] if a.startswith("--")} <= NON_CONFIG_OPTIONS
 
 
 def _widgetMethod(name: str) -> ast.FunctionDef:
-    tree = ast.parse(MODULE_FILE.read_text())
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DeepAbdominalRegWidget")
     return next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == name)
 

@@ -297,3 +297,16 @@ def test_markups_are_read_in_lps_world_coordinates(scene):
     transformNode.SetMatrixTransformToParent(nodes.vtkMatrixFromArray(shift))
     markups.SetAndObserveTransformNodeID(transformNode.GetID())
     np.testing.assert_allclose(nodes.markupsNodeToPointsLps(markups), [[-9.0, 2.0, 3.0], [-14.0, 5.0, -6.0]])
+
+
+def test_unambiguous_input_volumes_skip_label_maps(scene):
+    from DeepAbdominalRegLib.nodes import unambiguousInputVolumes
+
+    assert unambiguousInputVolumes(scene) is None
+    fixed = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed")
+    scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    assert unambiguousInputVolumes(scene) is None  # one CT and a label map: nothing to pair
+    moving = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "moving")
+    assert unambiguousInputVolumes(scene) == (fixed, moving)
+    scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "third")
+    assert unambiguousInputVolumes(scene) is None  # three CTs: the user chooses

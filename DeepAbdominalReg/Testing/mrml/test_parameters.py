@@ -13,7 +13,7 @@ MODULE_FILE = Path(__file__).resolve().parents[2] / "DeepAbdominalReg.py"
 
 def parameterNodeMembers() -> dict[str, ast.AnnAssign]:
     """Annotated members of the @parameterNodeWrapper class in DeepAbdominalReg.py (read, not imported)."""
-    tree = ast.parse(MODULE_FILE.read_text())
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     classes = [
         node for node in tree.body if isinstance(node, ast.ClassDef)
         and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list)
@@ -42,7 +42,7 @@ def test_parameter_node_defaults_come_from_the_config():
 
 
 def test_five_template_classes_only():
-    tree = ast.parse(MODULE_FILE.read_text())
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     names = [node.name for node in tree.body if isinstance(node, ast.ClassDef)]
     assert names == ["DeepAbdominalReg", "DeepAbdominalRegParameterNode", "DeepAbdominalRegWidget",
                      "DeepAbdominalRegLogic", "DeepAbdominalRegTest"]

@@ -17,7 +17,7 @@ from DeepAbdominalRegLib import process
 # options of 'deepabdominalreg register' that are not registration settings: the only flags the module passes
 NON_CONFIG_OPTIONS = {"--fixed", "--moving", "--moving-seg", "--fixed-seg", "--label-names", "--fixed-landmarks",
                       "--moving-landmarks", "--output-dir", "--config", "--no-report", "--progress-json",
-                      "--output-format"}
+                      "--output-format", "--accept-suspect", "--outputs"}
 
 
 def unusualConfig() -> RegistrationConfig:
@@ -59,7 +59,7 @@ def test_the_command_line_carries_the_config_as_a_file(config, tmp_path):
     configPath = process.writeConfig(config, tmp_path / "config.json")
     command = process.registerCommand(paths, tmp_path / "out", configPath, python="python")
     assert {a for a in command if a.startswith("--")} <= NON_CONFIG_OPTIONS
-    assert json.loads(configPath.read_text()) == config.to_dict()
+    assert json.loads(configPath.read_text(encoding="utf-8")) == config.to_dict()
     args, parsed = _parseRegisterCommand(command)
     assert args.config == str(configPath)
     assert parsed == config
@@ -135,10 +135,10 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
     """))
     runningProcess.start()
     deadline = time.monotonic() + 30
-    while not (pidFile.exists() and pidFile.read_text()):
+    while not (pidFile.exists() and pidFile.read_text(encoding="utf-8")):
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    child = int(pidFile.read_text())
+    child = int(pidFile.read_text(encoding="utf-8"))
     assert _alive(child)
     runningProcess.cancel()
     assert not runningProcess.isRunning() and runningProcess.cancelled
@@ -171,13 +171,13 @@ def test_core_inputs_are_written_for_the_command_line(tmp_path):
 
     core = _core()
     paths = process.writeCoreInputs(core, tmp_path)
-    assert json.loads(paths["label_names"].read_text()) == {"1": "liver", "2": "spleen"}
+    assert json.loads(paths["label_names"].read_text(encoding="utf-8")) == {"1": "liver", "2": "spleen"}
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read_labels(paths["moving_seg"])),
                                   sitk.GetArrayFromImage(core.movingLabels))
     np.testing.assert_allclose(read_landmarks(paths["moving_landmarks"]), core.movingLandmarksLps)
     command = process.registerCommand(paths, tmp_path / "out", tmp_path / "config.json", python="python")
     assert command[:4] == ["python", "-m", "deepabdominalreg", "register"]
-    assert command[-4:] == ["--no-report", "--progress-json", "--output-format", "nrrd"]
+    assert command[-5:] == ["--no-report", "--progress-json", "--output-format", "nrrd", "--accept-suspect"]
     for flag, key in (("--moving-seg", "moving_seg"), ("--label-names", "label_names"),
                       ("--fixed-landmarks", "fixed_landmarks"), ("--moving-landmarks", "moving_landmarks")):
         assert command[command.index(flag) + 1] == str(paths[key])
@@ -197,7 +197,7 @@ def test_background_registration_runs_the_command_and_cleans_up(tmp_path, fakeIn
         run.wait(timeoutSeconds=120)
     assert not tempDir.exists() and run.done
     assert len(finished) == 1 and finished[0][0] is None and finished[0][1] is run.error
-    record = json.loads(capture.read_text())
+    record = json.loads(capture.read_text(encoding="utf-8"))
     assert record["configFile"] == config.to_dict()
     assert RegistrationConfig.from_dict(record["parsed"]) == config
     assert {a for a in record["argv"] if a.startswith("--")} <= NON_CONFIG_OPTIONS

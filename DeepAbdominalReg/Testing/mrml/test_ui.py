@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from DeepAbdominalRegLib import parameters
 from test_parameters import parameterNodeMembers
 
 MODULE_DIR = Path(__file__).resolve().parents[2]
@@ -57,7 +58,7 @@ def _expectedClasses(name: str):
 
 
 def test_every_widget_the_code_uses_exists_with_the_right_class(uiWidgets):
-    used = sorted(set(re.findall(r"self\.ui\.([A-Za-z_][A-Za-z0-9_]*)", MODULE_FILE.read_text())))
+    used = sorted(set(re.findall(r"self\.ui\.([A-Za-z_][A-Za-z0-9_]*)", MODULE_FILE.read_text(encoding="utf-8"))))
     assert used, "the widget code uses no self.ui.X?"
     for name in used:
         assert name in uiWidgets, f"self.ui.{name} is used in DeepAbdominalReg.py but missing from the .ui"
@@ -111,5 +112,5 @@ def test_slicer_parameter_names_bind_to_compatible_widgets(uiWidgets):
             f"{widgetName} ({uiWidgets[widgetName].get('class')}) cannot bind '{parameter}' ({kind})"
         )
     # every parameter is reachable from the panel: bound, or synchronised by hand in the widget code
-    byHand = {"huWindow", "model"}
-    assert set(members) == set(bound.values()) | byHand
+    byHand = {"huWindow", "model", "preset"}
+    assert set(members) == set(bound.values()) | byHand | set(parameters.CONFIG_ONLY_PARAMETERS)

@@ -160,8 +160,9 @@ def test_inputs_are_never_modified_by_a_run(tmp_path, ct_file):
     moving = write_image(sitk.Cast(_body(seed=1), sitk.sitkInt16), tmp_path / "moving.nii.gz")
     labels = write_image(sitk.Cast(sitk.BinaryThreshold(_body(), 0, 5000), sitk.sitkUInt8), tmp_path / "seg.nii.gz")
     before = {p: _sha(p) for p in (ct_file, moving, labels)}
+    # the toy noise bodies are a pair the plausibility checks may call suspect (exit 3): this test is about the files
     assert _register_cli(ct_file, moving, tmp_path / "out", "--fixed-seg", str(labels),
-                         "--moving-seg", str(labels)) == 0
+                         "--moving-seg", str(labels), "--accept-suspect") == 0
     assert {p: _sha(p) for p in before} == before
 
 
@@ -184,7 +185,9 @@ def test_same_inputs_and_seed_give_bit_identical_output_on_cpu():
 
 def test_metrics_json_has_no_nan_tokens(tmp_path, ct_file):
     out = tmp_path / "out"
-    assert _register_cli(ct_file, ct_file, out) == 0
-    text = (out / "metrics.json").read_text()
+    # 5 iterations on a 6 mm grid move a noisy image registered to itself (NCC 1.00 -> 0.92): flagged suspect, and
+    # metrics.json is written either way
+    assert _register_cli(ct_file, ct_file, out, "--accept-suspect") == 0
+    text = (out / "metrics.json").read_text(encoding="utf-8")
     assert "NaN" not in text and "Infinity" not in text
     json.loads(text)

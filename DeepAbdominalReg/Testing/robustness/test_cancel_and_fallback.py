@@ -49,7 +49,7 @@ def test_ctrl_c_stops_the_cli_and_writes_nothing(tmp_path):
         )
         # wait until the affine optimisation is running, then interrupt
         deadline = time.monotonic() + 300
-        while '"affine"' not in log.read_text() and time.monotonic() < deadline:
+        while '"affine"' not in log.read_text(encoding="utf-8") and time.monotonic() < deadline:
             assert process.poll() is None, "the run ended before it could be interrupted"
             time.sleep(0.2)
         started = time.monotonic()

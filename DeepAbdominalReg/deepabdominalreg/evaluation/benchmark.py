@@ -82,7 +82,7 @@ def targets_markdown(rows: list[dict], memory: dict | None) -> str:
     this run (ratios within the run)."""
     ok = [r for r in rows if r.get("status") == "ok"]
     timed = [r for r in ok if as_number(r.get("nice")) <= 0 or r.get("nice") in (None, "")]  # comparable clocks
-    peers = [m for m in ("elastix-bspline", "ants-syn", "ants-synra", "sitk-demons")
+    peers = [m for m in ("elastix-bspline", "ants-syn", "ants-synra", "convexadam", "sitk-demons")
              if any(r["method"] == m for r in ok)]
     lines = ["| target | result | met? |", "|---|---|---|"]
 
@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                         "each run as 'ours-<variant>'")
     parser.add_argument("--model", default=None, help="model of the network variants (default: the network preset's)")
     parser.add_argument("--devices", default=None, help="cpu,cuda (default: cpu, plus cuda when available)")
-    parser.add_argument("--peers", default="elastix-bspline,ants-syn,sitk-demons",
-                        help="comma list from: elastix-bspline, ants-syn, ants-synra, sitk-demons")
+    parser.add_argument("--peers", default="elastix-bspline,ants-syn,convexadam,sitk-demons",
+                        help="comma list from: elastix-bspline, ants-syn, ants-synra, convexadam, sitk-demons")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per method and pair")
     parser.add_argument("--no-isolate", action="store_true", help="run methods in this process (no fresh process)")
@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         methods = [NONE, our_method("fast", device="cpu", working_spacing_mm=6.0, io_iterations=20,
                                     affine_iterations=20)]
         quick = {"elastix-bspline": {"resolutions": 2, "max_iterations": 30},
-                 "ants-syn": {}, "sitk-demons": {}}  # ANTs' defaults take seconds at 6 mm
+                 "ants-syn": {}, "sitk-demons": {},  # ANTs' defaults take seconds at 6 mm
+                 "convexadam": {"grid_sp": 2, "disp_hw": 3, "grid_sp_adam": 1, "selected_niter": 20}}
         for spec in available_peers(peers):
             if spec.name in quick:
                 methods.append(dataclasses.replace(spec, options={**spec.options, **quick[spec.name]}))

@@ -1,4 +1,5 @@
-"""Peer registration methods for the side-by-side benchmark: elastix, ANTs SyN and a SimpleITK classical method.
+"""Peer registration methods for the side-by-side benchmark: elastix, ANTs SyN, ConvexAdam and a SimpleITK
+classical method.
 
 Every peer has the signature of :data:`deepabdominalreg.evaluation.methods.MethodFunction`::
 
@@ -9,9 +10,10 @@ fixed, and returns the displacement in the project's convention: a ``sitkVectorF
 grid, LPS mm, mapping a fixed point ``x`` to the moving point ``x + u(x)`` (what ``sitk.DisplacementFieldTransform``
 needs to resample moving onto fixed).  The evaluation code then computes the same metrics for every method.
 
-Peers are optional (``pip install -e ".[bench]"``: ``itk-elastix``, ``antspyx``); :func:`available_peers` tells
-which can run here.  Settings are the packages' published defaults, written down in :func:`elastix_parameter_maps`,
-:data:`ANTS_SETTINGS` and :data:`SITK_DEMONS_SETTINGS` and copied into the benchmark's results.
+Peers are optional (``pip install -e ".[bench]"``: ``itk-elastix``, ``antspyx``, ``convexadam``);
+:func:`available_peers` tells which can run here.  Settings are the packages' published defaults, written down in
+:func:`elastix_parameter_maps`, :data:`ANTS_SETTINGS`, :data:`CONVEXADAM_SETTINGS` and :data:`SITK_DEMONS_SETTINGS`
+and copied into the benchmark's results.
 """
 
 
@@ -28,7 +30,7 @@ import SimpleITK as sitk
 
 from deepabdominalreg.config import OUTSIDE_FOV_HU, RegistrationConfig
 from deepabdominalreg.evaluation.methods import MethodOutput, MethodSpec
-from deepabdominalreg.geometry import Grid, displacement_transform, resample_image
+from deepabdominalreg.geometry import Grid, displacement_transform, make_working_grid, resample_image
 from deepabdominalreg.io import writable_array_view
 
 #: The demons' intensity window (HU): the pipeline's soft-tissue window (``RegistrationConfig.hu_window``'s default).
@@ -225,6 +227,103 @@ def _ants_field_to_sitk(field) -> sitk.Image:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# ConvexAdam (PyPI convexadam; Siebert, Hansen & Heinrich 2021, Learn2Reg winner): MIND-SSC features, a coupled
+# convex discrete search, then Adam instance optimisation
+# --------------------------------------------------------------------------------------------------------------
+
+CONVEXADAM_SETTINGS: dict = {
+    "function": "convexAdam.convex_adam_MIND.convex_adam_pt",
+    "parameters": {"mind_r": 1, "mind_d": 2, "lambda_weight": 1.25, "grid_sp": 6, "disp_hw": 4,
+                   "selected_niter": 80, "selected_smooth": 0, "grid_sp_adam": 2, "ic": True},
+    "note": (
+        "the package's defaults (CPU, float32).  ConvexAdam expects pre-aligned scans on one voxel grid: the "
+        "moving image is first translated so that the two body centroids coincide (body masks by the pipeline's "
+        "rule on a 6 mm grid) and resampled onto the fixed grid (HU, -1024 outside its field of view), whose size is "
+        "padded to a multiple of grid_sp; its field (voxels, array order z, y, x: warped(p) = moving(p + d(p))) is "
+        "converted to LPS mm and composed with that translation.  spacing_mm (optional) runs it on an isotropic "
+        "grid of that spacing instead of the fixed grid."
+    ),
+}
+
+
+def _body_centroid_lps(image: sitk.Image, spacing_mm: float = 6.0) -> np.ndarray:
+    """The centroid (LPS mm) of ``image``'s body mask (the pipeline's rule, on a ``spacing_mm`` grid); the centre of
+    the image when no body is found."""
+    from deepabdominalreg.registration.preprocessing import body_mask
+
+    grid = make_working_grid(image, spacing_mm)
+    hu = sitk.GetArrayFromImage(resample_image(image, grid, None, "linear", OUTSIDE_FOV_HU, sitk.sitkFloat32))
+    mask = body_mask(hu, tuple(reversed(grid.spacing)))
+    if not mask.any():
+        return grid.index_to_physical((np.asarray(grid.size, dtype=np.float64) - 1) / 2)[0]
+    return grid.index_to_physical(np.argwhere(mask)[:, ::-1].mean(0))[0]
+
+
+def run_convexadam(
+    fixed_path: str,
+    moving_path: str,
+    *,
+    threads: int = 2,
+    seed: int = 0,
+    prealign: bool = True,
+    spacing_mm: float | None = None,
+    **convexadam_options,
+) -> MethodOutput:
+    """ConvexAdam (``convex_adam_pt``, the package defaults of :data:`CONVEXADAM_SETTINGS`) on the CPU, after a
+    body-centroid translation (``prealign``); ``convexadam_options`` override its parameters (e.g.
+    ``selected_niter`` for quick tests).  Returns the field on the fixed grid (LPS mm, fixed -> moving)."""
+    import torch
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+
+    torch.set_num_threads(int(threads))
+    torch.manual_seed(int(seed))
+    stages: dict[str, float] = {}
+    t = time.perf_counter()
+    fixed = sitk.ReadImage(str(fixed_path), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(moving_path), sitk.sitkFloat32)
+    stages["read"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    fixed_grid = Grid.from_image(fixed)
+    translation = (_body_centroid_lps(moving) - _body_centroid_lps(fixed)) if prealign else np.zeros(3)
+    base = make_working_grid(fixed_grid, float(spacing_mm)) if spacing_mm else fixed_grid
+    grid_sp = int(convexadam_options.get("grid_sp", CONVEXADAM_SETTINGS["parameters"]["grid_sp"]))
+    # a whole number of ConvexAdam's control cells along every axis (padded beyond the far end of the grid)
+    size = tuple(int(-(-n // grid_sp) * grid_sp) for n in base.size)
+    grid = Grid(size=size, spacing=base.spacing, origin=base.origin, direction=base.direction)
+    shift = sitk.TranslationTransform(3, [float(v) for v in translation])  # fixed point x -> moving point x + t
+    fixed_on_grid = resample_image(fixed, grid, None, "linear", OUTSIDE_FOV_HU, sitk.sitkFloat32)
+    moving_on_grid = resample_image(moving, grid, shift, "linear", OUTSIDE_FOV_HU, sitk.sitkFloat32)
+    stages["prealign"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    parameters = {**CONVEXADAM_SETTINGS["parameters"], **convexadam_options}
+    disp_zyx = convex_adam_pt(fixed_on_grid, moving_on_grid, device=torch.device("cpu"), dtype=torch.float32,
+                              **parameters)
+    stages["registration"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    # array-order voxel components (z, y, x) -> index order (i, j, k) -> LPS mm; then the translation
+    u_mm = grid.displacement_to_mm(np.asarray(disp_zyx, dtype=np.float64)[..., ::-1]) + translation
+    field = _field_image(u_mm, grid)
+    displacement = resample_image(field, fixed_grid, None, "linear", 0.0, sitk.sitkVectorFloat32)
+    stages["field"] = time.perf_counter() - t
+    settings = dict(CONVEXADAM_SETTINGS, parameters=parameters, prealign=prealign, spacing_mm=spacing_mm,
+                    prealign_translation_mm=[float(v) for v in translation])
+    return MethodOutput(displacement_lps=displacement, stages=stages, settings=settings)
+
+
+def warm_up_convexadam() -> None:
+    """Import ConvexAdam and torch (with ``torch._dynamo``, which the first ``torch.optim`` optimiser imports)
+    before the clock starts."""
+    import convexAdam.convex_adam_MIND  # noqa: F401
+    import torch
+    import torch._dynamo
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+
+# --------------------------------------------------------------------------------------------------------------
 # SimpleITK classical: affine (Mattes MI) + multi-resolution fast symmetric-forces demons
 # --------------------------------------------------------------------------------------------------------------
 
@@ -346,6 +445,8 @@ PEERS: dict[str, tuple[MethodSpec, str | None]] = {
                             f"{__name__}:warm_up_ants"), "ants"),
     "ants-synra": (MethodSpec("ants-synra", f"{__name__}:run_ants", {"type_of_transform": "SyNRA"},
                               f"{__name__}:warm_up_ants"), "ants"),
+    "convexadam": (MethodSpec("convexadam", f"{__name__}:run_convexadam", {}, f"{__name__}:warm_up_convexadam"),
+                   "convexAdam"),
     "sitk-demons": (MethodSpec("sitk-demons", f"{__name__}:run_sitk_demons", {}), None),
 }
 

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from deepabdominalreg.spatial import box_filter, compose, jacobian_determinant
+from deepabdominalreg.spatial import box_filter, bspline_gram_matrix, compose, jacobian_determinant
 
 __all__ = [
+    "BSplineBendingEnergy",
     "UncertaintyWeighting",
     "bending_energy",
     "dice_loss",
@@ -25,6 +26,8 @@ __all__ = [
     "inverse_consistency_loss",
     "local_ncc_loss",
     "local_statistics",
+    "mind_loss",
+    "mind_ssc",
     "mse_loss",
     "negative_jacobian_penalty",
     "one_hot",
@@ -182,6 +185,107 @@ def bending_energy(disp: torch.Tensor) -> torch.Tensor:
             term = d(da, b).pow(2).mean()
             total = total + (term if a == b else 2 * term)
     return total
+
+
+class BSplineBendingEnergy:
+    """Bending energy of a cubic B-spline displacement on a control grid, exactly and in physical units (mm⁻²).
+
+    ``mean over the grid's box of sum_c sum_ab (d² u_c / dx_a dx_b)²`` with ``u`` in mm and ``x`` in mm (mixed
+    derivatives counted twice; Rueckert et al., IEEE TMI 1999, as elastix's ``TransformBendingEnergyPenalty``),
+    for the field ``sum_ijk c_ijk B_i(z) B_j(y) B_k(x)`` of :func:`deepabdominalreg.spatial.bspline_basis_matrix`
+    on a grid of ``shape`` voxels with knots ``knot_spacing`` voxels apart and voxels ``spacing_mm`` apart (per axis
+    ``(d, h, w)``).  The integral is a quadratic form in the control values, evaluated with the per-axis Gram
+    matrices of the basis and its derivatives (:func:`deepabdominalreg.spatial.bspline_gram_matrix`): three small
+    matrix products per term on the control grid, never the dense field.  ``0`` for any affine field; independent
+    of the grid's resolution for the same physical field (a length² weight makes it comparable to a similarity).
+    """
+
+    def __init__(self, shape: tuple[int, int, int], knot_spacing: tuple[float, float, float],
+                 spacing_mm: tuple[float, float, float], device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.spacing = torch.tensor([float(s) for s in spacing_mm], dtype=dtype, device=device).view(1, 3, 1, 1, 1)
+        grams = []
+        for n, k, h in zip(shape, knot_spacing, spacing_mm):
+            # Gram matrices in mm: d/dx_mm = (1 / h) d/dx_vox and dx_mm = h dx_vox
+            grams.append([bspline_gram_matrix(n, k, order, device=device) * h ** (1 - 2 * order)
+                          for order in range(3)])
+        volume = math.prod((n - 1) * h for n, h in zip(shape, spacing_mm))
+        self.scale = 1.0 / max(volume, 1e-12)
+        self.grams = [[g.to(dtype) for g in axis] for axis in grams]
+        # (order along d, h, w; multiplicity): the three pure and three mixed second derivatives
+        self.terms = [((2, 0, 0), 1.0), ((0, 2, 0), 1.0), ((0, 0, 2), 1.0),
+                      ((1, 1, 0), 2.0), ((1, 0, 1), 2.0), ((0, 1, 1), 2.0)]
+
+    def __call__(self, control_vox: torch.Tensor) -> torch.Tensor:
+        """``control_vox`` ``(B, 3, nz, ny, nx)``: control values in voxels of the grid (channels ``(d, h, w)``)."""
+        c = control_vox * self.spacing  # mm
+        b, ch, nz, ny, nx = c.shape
+        gz, gy, gx = self.grams
+        total = c.new_zeros(())
+        for (oz, oy, ox), weight in self.terms:
+            y = c.reshape(-1, nx) @ gx[ox]  # Gram matrices are symmetric
+            y = torch.matmul(gy[oy], y.reshape(b * ch * nz, ny, nx))
+            y = torch.matmul(gz[oz], y.reshape(b * ch, nz, ny * nx))
+            total = total + weight * (y.reshape(c.shape) * c).sum()
+        return total * self.scale / b
+
+
+_MIND_OFFSETS = ((-1, 0, 0), (0, 0, -1), (0, -1, 0), (0, 0, 1), (1, 0, 0), (0, 1, 0))
+
+
+def _mind_pairs() -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """The 12 pairs of the six-neighbourhood at distance sqrt(2), in the channel order of the reference (C++ and
+    ConvexAdam's ``MINDSSC``)."""
+    pairs = [(_MIND_OFFSETS[i], _MIND_OFFSETS[j]) for i in range(6) for j in range(6)
+             if i > j and sum((a - b) ** 2 for a, b in zip(_MIND_OFFSETS[i], _MIND_OFFSETS[j])) == 2]
+    return [pairs[k] for k in (6, 8, 1, 11, 2, 10, 0, 7, 9, 4, 5, 3)]
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 2, dilation: int = 2) -> torch.Tensor:
+    """MIND-SSC descriptor (Heinrich et al., MICCAI 2013; the self-similarity context of MIND, Heinrich et al.,
+    Med. Image Anal. 2012) of ``(B, 1, D, H, W)``: ``(B, 12, D, H, W)`` in ``(0, 1]``.
+
+    Channel ``k``: the patch distance between the two voxels ``p + dilation * o1`` and ``p + dilation * o2`` of the
+    ``k``-th pair of six-neighbours at distance sqrt(2) (squared differences averaged over a ``(2 radius + 1)``³
+    box), minus its minimum over the channels, divided by the channels' mean (the local variance estimate, clamped
+    to [0.001, 1000] times its mean over the image), through ``exp(-x)``.  ``radius`` and ``dilation`` in voxels;
+    replicated borders.  Invariant to a linear change of intensity (away from the clamp): a structural
+    descriptor that survives contrast changes.  The same values, in the same channel order, as ConvexAdam's
+    ``convex_adam_utils.MINDSSC`` (Siebert, Hansen & Heinrich 2021).
+    """
+    if image.ndim != 5 or image.shape[1] != 1:
+        raise ValueError(f"image must be (B, 1, D, H, W), got {tuple(image.shape)}")
+    if int(radius) != radius or radius < 0 or int(dilation) != dilation or dilation < 1:
+        raise ValueError(f"MIND radius must be a whole number >= 0 and dilation >= 1 (voxels), got {radius}, "
+                         f"{dilation}")
+    radius, dilation = int(radius), int(dilation)
+    d, h, w = image.shape[2:]
+    padded = F.pad(image, (dilation,) * 6, mode="replicate")
+
+    def shifted(offset: tuple[int, int, int]) -> torch.Tensor:
+        z, y, x = (dilation + dilation * o for o in offset)
+        return padded[:, :, z:z + d, y:y + h, x:x + w]
+
+    ssd = torch.cat([(shifted(a) - shifted(b)).pow(2) for a, b in _mind_pairs()], dim=1)
+    if radius:
+        # the box's mean over replicated borders: the box filter of the padded map, cut back to the grid
+        ssd = box_filter(F.pad(ssd, (radius,) * 6, mode="replicate"), 2 * radius + 1)
+        ssd = ssd[:, :, radius:radius + d, radius:radius + h, radius:radius + w]
+    mind = ssd - ssd.min(dim=1, keepdim=True)[0]
+    variance = mind.mean(dim=1, keepdim=True)
+    level = variance.mean().detach()
+    variance = torch.maximum(torch.minimum(variance, level * 1000.0), level * 0.001)
+    return torch.exp(-mind / variance)
+
+
+def mind_loss(fixed: torch.Tensor, warped: torch.Tensor, radius: int = 2, dilation: int = 2,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared difference of the MIND-SSC descriptors (:func:`mind_ssc`) of two ``(B, 1, D, H, W)`` images,
+    over the 12 channels and the voxels of ``mask`` (as :func:`mse_loss`); in ``[0, 1]``, ``0`` for identical
+    structure (minimised), whatever the intensities' linear scaling.  Differentiable with respect to both."""
+    if fixed.shape != warped.shape:
+        raise ValueError(f"shapes differ: {tuple(fixed.shape)} vs {tuple(warped.shape)}")
+    return mse_loss(mind_ssc(fixed, radius, dilation), mind_ssc(warped, radius, dilation), mask)
 
 
 def negative_jacobian_penalty(disp: torch.Tensor, margin: float = 0.01) -> torch.Tensor:

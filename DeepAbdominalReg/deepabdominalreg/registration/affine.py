@@ -1,7 +1,11 @@
 """Affine pre-alignment: centre-of-mass initialisation, then a multi-level affine optimisation in torch (local NCC).
 
 The result is an ITK affine transform in LPS mm that maps **fixed** points to **moving** points:
-``y = L (x - c) + c + t`` (``sitk.AffineTransform`` with matrix ``L``, translation ``t`` and centre ``c``).
+``y = L (x - c) + c + t`` (``sitk.AffineTransform`` with matrix ``L``, translation ``t`` and centre ``c``).  The
+linear part is parameterised as ``L = R exp(S)`` (rotation ``R = exp([w]x)``, symmetric log-stretch ``S``: its
+diagonal the log-scales, its off-diagonal entries the shears) with box bounds on the scales and shears, so that
+``det L = exp(trace S)`` stays positive and bounded: the affine can neither reflect nor collapse, whatever the
+images (a mirrored scan, an empty overlap, another body part).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from deepabdominalreg.geometry import Grid, make_working_grid, mask_bounding_box
 from deepabdominalreg.nn.losses import local_ncc_loss, local_statistics
 from deepabdominalreg.spatial import normalising_scale
 
-__all__ = ["NCC_WINDOW_VOXELS", "AffineSettings", "centre_of_mass_lps", "downsample_working", "optimise_affine"]
+__all__ = ["NCC_WINDOW_VOXELS", "AffineSettings", "centre_of_mass_lps", "downsample_working", "linear_part",
+           "optimise_affine"]
 
 
 def centre_of_mass_lps(grid: Grid, weights_zyx: np.ndarray) -> np.ndarray:
@@ -127,16 +132,48 @@ class AffineSettings:
     """L-BFGS iterations, one count per level (0 at every level: the centre-of-mass translation alone)."""
     ncc_window: int
     """Local NCC window (odd), in voxels of each level's grid."""
+    max_scale: float = 1.5
+    """Each scale factor ``exp(S_ii)`` of the linear part lies in ``[1 / max_scale, max_scale]``."""
+    max_shear: float = 0.3
+    """Each shear ``S_ij`` (i != j) of the linear part lies in ``[-max_shear, max_shear]``."""
 
     def __post_init__(self) -> None:
         if len(self.iterations) != len(self.levels_mm):
             raise ValueError(f"one iteration count per affine level: {self.iterations} for {self.levels_mm}")
+        if not self.max_scale >= 1.0 or not self.max_shear >= 0.0:
+            raise ValueError(f"affine bounds need max_scale >= 1 and max_shear >= 0, got {self.max_scale}, "
+                             f"{self.max_shear}")
 
     @classmethod
     def from_config(cls, config: RegistrationConfig) -> AffineSettings:
         levels = tuple(float(level) for level in config.affine_levels_mm)
         return cls(levels_mm=levels, iterations=(int(config.affine_iterations),) * len(levels),
-                   ncc_window=NCC_WINDOW_VOXELS)
+                   ncc_window=NCC_WINDOW_VOXELS, max_scale=float(config.affine_max_scale),
+                   max_shear=float(config.affine_max_shear))
+
+    def bounds(self) -> list[tuple[float | None, float | None]]:
+        """L-BFGS-B bounds of the 12 parameters (shift, rotation vector, log-scales, shears: :func:`linear_part`)."""
+        log_scale, shear = float(np.log(self.max_scale)), float(self.max_shear) * _SQRT2
+        return [(None, None)] * 6 + [(-log_scale, log_scale)] * 3 + [(-shear, shear)] * 3
+
+
+_SQRT2 = float(np.sqrt(2.0))
+
+
+def linear_part(parameters: torch.Tensor) -> torch.Tensor:
+    """The affine's linear part ``R exp(S)`` from its 9 parameters ``(a, sigma, b)`` (each 3; differentiable):
+    ``R = exp([w]x)`` with rotation vector ``w = a / sqrt(2)`` (radians) and the symmetric ``S`` with diagonal
+    ``sigma`` (log-scales) and off-diagonal ``(S01, S02, S12) = b / sqrt(2)`` (shears).  ``det = exp(sum(sigma))
+    > 0``; all zeros give the identity.  The ``1 / sqrt(2)`` makes the map from the parameters to the matrix
+    orthonormal to first order (``I + [w]x + S``: skew and symmetric parts are orthogonal), as the plain entries
+    of ``L - I`` are: L-BFGS sees the same problem near the identity as with a free matrix."""
+    w, sigma, h = parameters[0:3] / _SQRT2, parameters[3:6], parameters[6:9] / _SQRT2
+    zero = torch.zeros((), dtype=parameters.dtype, device=parameters.device)
+    skew = torch.stack([torch.stack([zero, -w[2], w[1]]), torch.stack([w[2], zero, -w[0]]),
+                        torch.stack([-w[1], w[0], zero])])
+    stretch = torch.stack([torch.stack([sigma[0], h[0], h[1]]), torch.stack([h[0], sigma[1], h[2]]),
+                           torch.stack([h[1], h[2], sigma[2]])])
+    return torch.linalg.matrix_exp(skew) @ torch.linalg.matrix_exp(stretch)
 
 
 def optimise_affine(
@@ -149,12 +186,15 @@ def optimise_affine(
     device: torch.device | str = "cpu",
     fixed_field_of_view: np.ndarray | None = None,
     moving_field_of_view: np.ndarray | None = None,
+    initial_translation_mm: np.ndarray | None = None,
     callback: Callable[[int, int, float], None] | None = None,
 ) -> sitk.AffineTransform:
     """Affine transform (fixed -> moving, LPS mm) aligning two working images (``zyx`` intensities in [0, 1]).
 
-    Starts from the centre-of-mass translation, then refines a translation (coarsest level) and a full affine
-    (12 parameters, finer levels) with L-BFGS on local NCC at each pyramid level, of isotropic spacing
+    Starts from ``initial_translation_mm`` (fixed -> moving, LPS mm; e.g. :func:`initialisation.search_offset`'s)
+    or else the centre-of-mass translation, then refines a translation (coarsest level) and a full affine
+    (12 parameters: :func:`linear_part`, scales and shears within ``settings``' bounds, finer levels) with
+    L-BFGS-B on local NCC at each pyramid level, of isotropic spacing
     ``settings.levels_mm`` (mm; a level finer than the
     working grids runs at the working spacing).  The level spacing, not the working spacing, sets the precision:
     about a tenth of a level voxel.  The similarity counts only voxels inside both fields of view
@@ -165,9 +205,13 @@ def optimise_affine(
     levels_mm, ncc_window = settings.levels_mm, settings.ncc_window
     device = torch.device(device)
     centre = centre_of_mass_lps(fixed_grid, fixed_intensity)
-    translation0 = centre_of_mass_lps(moving_grid, moving_intensity) - centre
-    # parameters: shift (3, in units of translation_scale mm) then the linear part's offset from identity (9)
+    if initial_translation_mm is None:
+        translation0 = centre_of_mass_lps(moving_grid, moving_intensity) - centre
+    else:
+        translation0 = np.asarray(initial_translation_mm, dtype=np.float64).reshape(3)
+    # parameters: shift (3, in units of translation_scale mm) then the linear part's (9: linear_part), bounded
     x = np.zeros(12, dtype=np.float64)
+    bounds = settings.bounds()
     c = torch.as_tensor(centre, dtype=torch.float32, device=device)
     t0 = torch.as_tensor(translation0, dtype=torch.float32, device=device)
     translation_scale = 10.0  # mm per unit of the shift parameter: comparable scales for shift and linear part
@@ -215,8 +259,7 @@ def optimise_affine(
                 params = torch.zeros(12, dtype=torch.float32, device=device)
                 params[:n_free] = torch.as_tensor(free, dtype=torch.float32, device=device)
                 params.requires_grad_(True)
-                shift, linear = params[:3], params[3:].reshape(3, 3)
-                matrix = torch.eye(3, device=device) + linear
+                shift, matrix = params[:3], linear_part(params[3:])
                 # fixed voxel (i, j, k) -> LPS x = P (i, j, k) + p -> moving LPS y = matrix (x - c) + c + t0 + scale
                 # shift -> sampling coordinates R y + r: one affine map of the voxel index, evaluated as a sum of
                 # per-axis terms broadcast over the box (no per-voxel matrix product)
@@ -251,14 +294,14 @@ def optimise_affine(
             # jittering by ~lr around it, which for a 12-parameter problem costs millimetres at the image corners.
             # scipy's L-BFGS-B rather than torch.optim.LBFGS: the latter's first step imports torch._dynamo, a slow
             # import paid by every fresh process
-            result = minimize(objective, x[:n_free], jac=True, method="L-BFGS-B",
+            result = minimize(objective, x[:n_free], jac=True, method="L-BFGS-B", bounds=bounds[:n_free],
                               options={"maxiter": per_level[level_index],
                                        "maxfun": int(per_level[level_index] * 1.5),
                                        "maxcor": 10, "ftol": 1e-6, "gtol": 1e-5,
                                        "maxls": _LINE_SEARCH_STEPS})
             x[:n_free] = result.x
             step = sum(per_level[: level_index + 1])
-    matrix = np.eye(3) + x[3:].reshape(3, 3)
+    matrix = linear_part(torch.as_tensor(x[3:], dtype=torch.float64)).numpy()
     translation = translation0 + translation_scale * x[:3]
     transform = sitk.AffineTransform(3)
     transform.SetCenter([float(v) for v in centre])

@@ -1,10 +1,21 @@
 """Instance optimisation: refine a displacement on one image pair with Adam (multi-level, smooth by construction).
 
-The displacement of each level is parameterised on a control grid ``control_spacing`` voxels apart and
-interpolated trilinearly to the level's grid; the loss is local NCC on the level's grid + diffusion regularisation
-and a negative-Jacobian penalty on the control grid.  Displacements are in voxels (see
-:mod:`deepabdominalreg.spatial`): the input and output in voxels of the working grid, each level's in voxels of that
-level's grid, where the settings' lengths apply (:class:`InstanceOptimisationSettings`).
+The displacement of each level is parameterised on a control grid and evaluated on the level's grid by three small
+matrix products (one per axis), with one of three transforms (``RegistrationConfig.io_transform``):
+
+* ``trilinear``: control points ``control_spacing`` voxels apart, interpolated trilinearly (the field's derivatives
+  are constant inside each control cell); diffusion regularisation and a negative-Jacobian penalty on the control
+  grid;
+* ``bspline``: a uniform cubic B-spline (C²: a continuous Jacobian) with knots ``control_spacing_mm`` apart (times
+  the level's factor) and a border of control points, regularised by its exact bending energy in mm⁻²
+  (:class:`~deepabdominalreg.nn.losses.BSplineBendingEnergy`) and the negative-Jacobian penalty on the control grid;
+* ``svf``: the same B-spline as a stationary velocity field, integrated by scaling and squaring
+  (:func:`~deepabdominalreg.spatial.integrate_velocity`): diffeomorphic by construction.
+
+The similarity is local NCC or the squared difference of MIND-SSC descriptors
+(:func:`~deepabdominalreg.nn.losses.mind_ssc`).  Displacements are in voxels (see :mod:`deepabdominalreg.spatial`):
+the input and output in voxels of the working grid, each level's in voxels of that level's grid, where the
+settings' lengths apply (:class:`InstanceOptimisationSettings`).
 """
 
 from __future__ import annotations
@@ -21,13 +32,18 @@ from deepabdominalreg import spatial
 from deepabdominalreg.config import RegistrationConfig
 from deepabdominalreg.geometry import mask_bounding_box
 from deepabdominalreg.nn.losses import (
+    BSplineBendingEnergy,
     diffusion_regulariser,
     local_ncc_loss,
     local_statistics,
+    mind_ssc,
     negative_jacobian_penalty,
 )
 
-__all__ = ["InstanceOptimisationSettings", "instance_optimise", "level_shape"]
+__all__ = ["IO_SIMILARITIES", "IO_TRANSFORMS", "InstanceOptimisationSettings", "instance_optimise", "level_shape"]
+
+IO_TRANSFORMS = ("trilinear", "bspline", "svf")
+IO_SIMILARITIES = ("ncc", "mind")
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,23 @@ class InstanceOptimisationSettings:
     """Weight of the diffusion regulariser (on the control grid, in control-grid voxels)."""
     jacobian_weight: float
     """Weight of the negative-Jacobian penalty (on the control grid)."""
+    transform: str = "trilinear"
+    """``trilinear``, ``bspline`` or ``svf`` (see the module's docstring)."""
+    similarity: str = "ncc"
+    """``ncc`` (local NCC, ``ncc_window``) or ``mind`` (MIND-SSC, ``mind_radius`` and ``mind_dilation``)."""
+    working_spacing_mm: float = 1.0
+    """Spacing of the working grid (mm): the B-spline's knots and bending energy are in mm."""
+    control_spacing_mm: float = 6.0
+    """Knot spacing of the B-spline (``bspline``, ``svf``) at the working resolution, in mm (``f`` times it at level
+    factor ``f``); not rounded to voxels."""
+    bending_weight: float = 0.0
+    """Weight of the B-spline's bending energy (mm², the energy being in mm⁻²)."""
+    mind_radius: int = 1
+    """MIND-SSC patch radius, in voxels of the level's grid."""
+    mind_dilation: int = 2
+    """MIND-SSC neighbour distance, in voxels of the level's grid."""
+    svf_steps: int = 6
+    """Scaling-and-squaring steps of the ``svf`` transform."""
 
     @classmethod
     def from_config(cls, config: RegistrationConfig, working_spacing_mm: float) -> InstanceOptimisationSettings:
@@ -69,6 +102,13 @@ class InstanceOptimisationSettings:
             ncc_window=max(3, 2 * math.floor(config.io_ncc_window_mm / spacing / 2) + 1),
             smoothness_weight=float(config.io_smoothness_weight),
             jacobian_weight=float(config.io_jacobian_weight),
+            transform=config.io_transform,
+            similarity=config.io_similarity,
+            working_spacing_mm=spacing,
+            control_spacing_mm=float(config.io_control_spacing_mm),
+            bending_weight=float(config.io_bending_weight),
+            mind_radius=max(0, math.floor(config.io_mind_radius_mm / spacing + 0.5)),
+            mind_dilation=max(1, math.floor(config.io_mind_dilation_mm / spacing + 0.5)),
         )
 
     def strengthened(self, factor: float) -> InstanceOptimisationSettings:
@@ -76,6 +116,7 @@ class InstanceOptimisationSettings:
         times ``factor``, the Jacobian weight from at least 0.1 so that the retry penalises folding even when the
         first run did not."""
         return dataclasses.replace(self, smoothness_weight=self.smoothness_weight * factor,
+                                   bending_weight=self.bending_weight * factor,
                                    jacobian_weight=max(self.jacobian_weight, 0.1) * factor)
 
 
@@ -124,13 +165,18 @@ class _ControlUpsampler:
     """``F.interpolate(x, size, mode="trilinear", align_corners=True)`` of a ``(B, C, d, h, w)`` control grid, as
     three small matrix products (one per axis).  Same values to float rounding; cheaper forward and backward on a
     CPU than ``F.interpolate``, and it runs every instance-optimisation iteration.  With ``box`` (one slice per axis
-    of ``shape``) it returns only that part of the upsampled grid, at that part's cost."""
+    of ``shape``) it returns only that part of the upsampled grid, at that part's cost.  ``matrices`` (one
+    ``(shape[a], control_shape[a])`` matrix per axis) replaces the linear weights by another separable basis (the
+    cubic B-spline's: :func:`deepabdominalreg.spatial.bspline_basis_matrix`)."""
 
     def __init__(self, control_shape: tuple[int, ...], shape: tuple[int, ...], device: torch.device,
-                 dtype: torch.dtype, box: tuple[slice, slice, slice] | None = None) -> None:
+                 dtype: torch.dtype, box: tuple[slice, slice, slice] | None = None,
+                 matrices: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         box = box or tuple(slice(0, n) for n in shape)
-        self.mz, self.my, self.mx = (_linear_matrix(n_in, n_out, device, dtype)[rows].contiguous()
-                                     for n_in, n_out, rows in zip(control_shape, shape, box))
+        if matrices is None:
+            matrices = tuple(_linear_matrix(n_in, n_out, device, dtype) for n_in, n_out in zip(control_shape, shape))
+        self.mz, self.my, self.mx = (m.to(device=device, dtype=dtype)[rows].contiguous()
+                                     for m, rows in zip(matrices, box))
         self.shape = (self.mz.shape[0], self.my.shape[0], self.mx.shape[0])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +185,16 @@ class _ControlUpsampler:
         y = torch.matmul(self.my, y.reshape(b * c * d, h, -1))  # (b c d, H, W)
         y = torch.matmul(self.mz, y.reshape(b * c, d, -1))  # (b c, D, H W)
         return y.reshape(b, c, *self.shape)
+
+
+def _box_coordinates(box: tuple[slice, slice, slice], shape: tuple[int, ...], device: torch.device,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``grid_sample``'s normalised coordinates ``(1, d, h, w, 3)`` (order ``x, y, z``) of the box's voxels on a
+    grid of ``shape``, and the per-axis scale (same order) that turns voxel displacements into them."""
+    axes = [torch.arange(sl.start, sl.stop, device=device, dtype=dtype) for sl in box]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).flip(-1)  # (d, h, w, 3): x, y, z
+    scale = spatial.normalising_scale(reversed(shape), device, dtype)
+    return (coords * scale - 1.0).unsqueeze(0), scale
 
 
 class _CroppedNcc:
@@ -173,10 +229,7 @@ class _CroppedNcc:
         # The mean's weights are computed once: the loss is their weighted sum
         self.weight = weight / weight.sum().clamp_min(1.0)
         # normalised sampling coordinates of the box's voxels, in grid_sample's order (x, y, z) = (w, h, d)
-        axes = [torch.arange(sl.start, sl.stop, device=f.device, dtype=f.dtype) for sl in self.box]
-        coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).flip(-1)  # (d, h, w, 3): x, y, z
-        self.scale = spatial.normalising_scale(reversed(shape), f.device, f.dtype)
-        self.base = (coords * self.scale - 1.0).unsqueeze(0)
+        self.base, self.scale = _box_coordinates(self.box, shape, f.device, f.dtype)
 
     def __call__(self, disp_box_whd: torch.Tensor) -> torch.Tensor:
         """Negative mean local NCC inside the mask for a displacement ``(1, 3, *box)`` (voxels of the level, channels
@@ -185,6 +238,35 @@ class _CroppedNcc:
         w = F.grid_sample(self.moving, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         return local_ncc_loss(self.fixed, w, self.window, mask=self.weight, eps=self.eps, reduction="sum",
                               fixed_statistics=(self.mu_f, self.var_f))
+
+
+class _CroppedMind:
+    """Mean squared difference of MIND-SSC descriptors (:func:`~deepabdominalreg.nn.losses.mind_ssc`) between the
+    fixed image and ``moving`` warped by a level displacement, inside the mask, on the mask's bounding box.
+
+    Both descriptors are computed once per level; each iteration warps the moving image's 12 descriptor channels
+    (trilinear), as ConvexAdam does, instead of recomputing the descriptor of the warped image.  The call has
+    :class:`_CroppedNcc`'s interface."""
+
+    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None, radius: int,
+                 dilation: int) -> None:
+        shape = tuple(fixed.shape[2:])
+        with torch.no_grad():
+            mind_f, self.moving = mind_ssc(fixed, radius, dilation), mind_ssc(moving, radius, dilation)
+        if mask is None:
+            self.box = tuple(slice(0, s) for s in shape)
+        else:
+            self.box = mask_bounding_box(mask[0, 0].cpu().numpy(), 0, whole_if_empty=True)
+        box = (slice(None), slice(None), *self.box)
+        self.fixed = mind_f[box].contiguous()
+        weight = torch.ones_like(self.fixed[:, :1]) if mask is None else mask[box].to(fixed.dtype)
+        self.weight = weight / (weight.sum().clamp_min(1.0) * self.fixed.shape[1])
+        self.base, self.scale = _box_coordinates(self.box, shape, fixed.device, fixed.dtype)
+
+    def __call__(self, disp_box_whd: torch.Tensor) -> torch.Tensor:
+        grid = torch.addcmul(self.base, disp_box_whd.permute(0, 2, 3, 4, 1), self.scale)
+        w = F.grid_sample(self.moving, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        return ((w - self.fixed).square() * self.weight).sum()
 
 
 class _Adam:
@@ -209,6 +291,63 @@ class _Adam:
         self.param.addcdiv_(self.m, denom, value=-self.lr / (1 - b1 ** self.t))
 
 
+class _BSplineBasis:
+    """The cubic B-spline of one level: knots ``knot_mm`` apart on a grid of ``shape`` voxels ``spacing_mm`` apart
+    (per axis), knot 1 on voxel 0 (:func:`deepabdominalreg.spatial.bspline_basis_matrix`).  The knots are placed in
+    mm, so the same physical field results whatever the working spacing."""
+
+    def __init__(self, shape: tuple[int, int, int], spacing_mm: tuple[float, float, float], knot_mm: float,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.shape, self.spacing_mm = shape, spacing_mm
+        self.knots = tuple(knot_mm / h for h in spacing_mm)  # voxels of the level
+        self.matrices = tuple(spatial.bspline_basis_matrix(n, k, device=device) for n, k in zip(shape, self.knots))
+        self.cshape = tuple(m.shape[1] for m in self.matrices)
+        # least-squares control values of a dense field, axis by axis (the pseudo-inverse of a Kronecker product is
+        # the Kronecker product of the pseudo-inverses)
+        self.fit = _ControlUpsampler(shape, self.cshape, device, dtype,
+                                     matrices=tuple(torch.linalg.pinv(m) for m in self.matrices))
+        self.knots_t = torch.tensor(self.knots, device=device, dtype=dtype).view(1, 3, 1, 1, 1)
+        self.bending = BSplineBendingEnergy(shape, self.knots, spacing_mm, device=device, dtype=dtype)
+
+    def upsampler(self, box: tuple[slice, slice, slice] | None = None) -> _ControlUpsampler:
+        return _ControlUpsampler(self.cshape, self.shape, self.knots_t.device, self.knots_t.dtype, box=box,
+                                 matrices=self.matrices)
+
+
+class _LevelField:
+    """A level's displacement (voxels of the level) from its control grid: the upsampled control grid plus a fixed
+    residual (the part of the start that the control grid cannot represent), or for ``svf`` the integrated
+    upsampled velocity, composed before ``outer`` when given."""
+
+    def __init__(self, upsample: _ControlUpsampler, upsample_box: _ControlUpsampler, box: tuple[slice, ...],
+                 residual: torch.Tensor | None = None, svf_steps: int | None = None,
+                 outer: torch.Tensor | None = None) -> None:
+        self.upsample, self.upsample_box, self.box = upsample, upsample_box, box
+        self.residual, self.svf_steps, self.outer = residual, svf_steps, outer
+        # the iterations see the field on the similarity's box only, channels in (w, h, d) order (grid_sample's):
+        # the control grid is flipped instead of the level's field (8x fewer values)
+        self.residual_box_whd = None if residual is None else residual[box].flip(1)
+
+    def __call__(self, control: torch.Tensor) -> torch.Tensor:
+        if self.svf_steps is None:
+            return self.upsample(control) + self.residual
+        disp = spatial.integrate_velocity(self.upsample(control), self.svf_steps)
+        return disp if self.outer is None else spatial.compose(self.outer, disp)
+
+    def on_box_whd(self, control: torch.Tensor) -> torch.Tensor:
+        """The field on the similarity's box, channels ``(w, h, d)``."""
+        if self.svf_steps is None:
+            return self.upsample_box(control.flip(1)) + self.residual_box_whd
+        # the integration needs the whole level (points move between voxels)
+        return self(control)[self.box].flip(1)
+
+
+def _level_spacing_mm(shape: tuple[int, ...], lshape: tuple[int, ...], spacing_mm: float) -> tuple[float, ...]:
+    """Voxel spacing (mm, per axis) of a pyramid level of ``lshape`` voxels spanning the working grid of ``shape``
+    voxels ``spacing_mm`` apart (corner voxels aligned)."""
+    return tuple(spacing_mm * max(n - 1, 1) / max(m - 1, 1) for n, m in zip(shape, lshape))
+
+
 def instance_optimise(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -220,39 +359,59 @@ def instance_optimise(
 ) -> torch.Tensor:
     """Displacement ``(1, 3, D, H, W)`` (voxels) aligning ``moving`` to ``fixed`` (both ``(1, 1, D, H, W)``).
 
-    ``initial_disp`` (e.g. the network's prediction) is the starting point; ``mask`` restricts the similarity term
-    (which is then computed on the mask's bounding box only).
-    ``callback(iteration, total, loss)`` runs after every iteration; it may raise to cancel.
+    ``initial_disp`` (e.g. the network's prediction) is the starting point (for ``svf``: the field composed after
+    the integrated velocity); ``mask`` restricts the similarity term (which is then computed on the mask's bounding
+    box only).  ``callback(iteration, total, loss)`` runs after every iteration; it may raise to cancel.
     """
+    if settings.transform not in IO_TRANSFORMS:
+        raise ValueError(f"io_transform must be one of {IO_TRANSFORMS}, got {settings.transform!r}")
+    if settings.similarity not in IO_SIMILARITIES:
+        raise ValueError(f"io_similarity must be one of {IO_SIMILARITIES}, got {settings.similarity!r}")
     shape = tuple(fixed.shape[2:])
+    device, dtype = fixed.device, fixed.dtype
     disp = (
-        torch.zeros(1, 3, *shape, dtype=fixed.dtype, device=fixed.device)
+        torch.zeros(1, 3, *shape, dtype=dtype, device=device)
         if initial_disp is None
-        else initial_disp.detach().to(fixed.dtype)
+        else initial_disp.detach().to(dtype)
     )
+    outer = None if initial_disp is None else disp  # svf: the start, composed after the integrated velocity
+    velocity = torch.zeros(1, 3, *shape, dtype=dtype, device=device)  # svf: dense velocity (working voxels)
     per_level = [settings.fine_iterations if f <= 1 else settings.iterations for f in settings.levels]
     total = sum(per_level)
     step = 0
     for factor, iterations in zip(settings.levels, per_level):
+        if iterations <= 0:
+            continue
         lshape = level_shape(shape, factor)
         fixed_l = _downsample_image(fixed, factor)
         moving_l = _downsample_image(moving, factor)
         mask_l = None
         if mask is not None:
-            mask_l = _downsample_image(mask.to(fixed.dtype), factor) > 0.5
-        cshape = level_shape(lshape, settings.control_spacing)
+            mask_l = _downsample_image(mask.to(dtype), factor) > 0.5
+        if settings.similarity == "ncc":
+            similarity = _CroppedNcc(fixed_l, moving_l, mask_l, settings.ncc_window)
+        else:
+            similarity = _CroppedMind(fixed_l, moving_l, mask_l, settings.mind_radius, settings.mind_dilation)
+        box = (slice(None), slice(None), *similarity.box)
         start = spatial.resize_displacement(disp, lshape)
-        control = F.interpolate(start, size=cshape, mode="trilinear", align_corners=True)
-        upsample = _ControlUpsampler(cshape, lshape, fixed.device, fixed.dtype)
-        residual_start = start - upsample(control)
+        if settings.transform == "trilinear":
+            cshape = level_shape(lshape, settings.control_spacing)
+            control = F.interpolate(start, size=cshape, mode="trilinear", align_corners=True)
+            upsample = _ControlUpsampler(cshape, lshape, device, dtype)
+            upsample_box = _ControlUpsampler(cshape, lshape, device, dtype, box=similarity.box)
+            basis = None
+        else:
+            basis = _BSplineBasis(lshape, _level_spacing_mm(shape, lshape, settings.working_spacing_mm),
+                                  settings.control_spacing_mm * factor, device, dtype)
+            upsample, upsample_box = basis.upsampler(), basis.upsampler(similarity.box)
+            control = basis.fit(start if settings.transform == "bspline" else
+                                spatial.resize_displacement(velocity, lshape))
+        if settings.transform == "svf":
+            outer_l = None if outer is None else spatial.resize_displacement(outer, lshape)
+            level_field = _LevelField(upsample, upsample_box, box, svf_steps=settings.svf_steps, outer=outer_l)
+        else:
+            level_field = _LevelField(upsample, upsample_box, box, residual=start - upsample(control))
         control = control.clone().requires_grad_(True)
-        if iterations <= 0:
-            continue
-        similarity = _CroppedNcc(fixed_l, moving_l, mask_l, settings.ncc_window)
-        # the iterations see the field on the similarity's box only, channels in (w, h, d) order (grid_sample's):
-        # the control grid is flipped instead of the level's field (8x fewer values)
-        upsample_box = _ControlUpsampler(cshape, lshape, fixed.device, fixed.dtype, box=similarity.box)
-        residual_box_whd = residual_start[(slice(None), slice(None), *similarity.box)].flip(1)
         optimiser = _Adam(control, lr=settings.learning_rate)
         # Adam's steps are ~lr whatever the gradient's size: decay lr to 10% over the level so that the field
         # settles instead of jittering by ~lr voxels where the similarity gives little signal
@@ -260,12 +419,18 @@ def instance_optimise(
         plateau = Plateau(patience=15, tolerance=1e-4)
         for i in range(iterations):
             control.grad = None
-            loss = similarity(upsample_box(control.flip(1)) + residual_box_whd)
-            # regularisers on the control grid (in control-grid voxels): the level field is its trilinear
-            # interpolation, so it inherits smoothness and positive Jacobians, at 1/cs^3 of the cost
-            control_vox = control / settings.control_spacing
-            if settings.smoothness_weight:
-                loss = loss + settings.smoothness_weight * diffusion_regulariser(control_vox)
+            loss = similarity(level_field.on_box_whd(control))
+            if basis is None:
+                # regularisers on the control grid (in control-grid voxels): the level field is its trilinear
+                # interpolation, so it inherits smoothness and positive Jacobians, at 1/cs^3 of the cost
+                control_vox = control / settings.control_spacing
+                if settings.smoothness_weight:
+                    loss = loss + settings.smoothness_weight * diffusion_regulariser(control_vox)
+            else:
+                # the B-spline's exact bending energy (mm^-2) and the control grid's Jacobian (control-grid voxels)
+                control_vox = control / basis.knots_t
+                if settings.bending_weight:
+                    loss = loss + settings.bending_weight * basis.bending(control)
             if settings.jacobian_weight:
                 loss = loss + settings.jacobian_weight * negative_jacobian_penalty(control_vox)
             if not torch.isfinite(loss):
@@ -280,6 +445,7 @@ def instance_optimise(
                 step += iterations - i - 1
                 break
         with torch.no_grad():
-            disp_l = upsample(control) + residual_start
-            disp = spatial.resize_displacement(disp_l, shape)
+            disp = spatial.resize_displacement(level_field(control), shape)
+            if settings.transform == "svf":
+                velocity = spatial.resize_displacement(upsample(control), shape)
     return disp.detach()

@@ -37,11 +37,14 @@ from deepabdominalreg.metrics.labels import label_overlap_report
 from deepabdominalreg.metrics.landmarks import landmark_errors
 from deepabdominalreg.nn.models import ModelCard, load_model
 from deepabdominalreg.registration.affine import AffineSettings, optimise_affine
+from deepabdominalreg.registration.checks import judge, measure
 from deepabdominalreg.registration.fields import affine_field_displacement, inverse_field_on_grid, warp_image
+from deepabdominalreg.registration.initialisation import OffsetSearchSettings, search_offset
 from deepabdominalreg.registration.instance_optimisation import InstanceOptimisationSettings, instance_optimise
 from deepabdominalreg.registration.network import network_displacement
 from deepabdominalreg.registration.preprocessing import WorkingImage, looks_like_ct, prepare_working_image
 from deepabdominalreg.spatial import disp_vox_to_mm_lps
+from deepabdominalreg.transforms import forward_transform, inverse_transform, map_points
 
 
 class RegistrationCancelled(RuntimeError):
@@ -70,9 +73,17 @@ StopCallback = Callable[[], bool]
 class RegistrationResult:
     """Everything :func:`register_pair` produces; all images are on the **fixed** image's grid unless stated.
 
-    ``displacement_lps``: ``sitkVectorFloat32``, mm, LPS; maps a fixed point ``x`` to the moving point ``x + u(x)``
-    (the ITK/Slicer displacement-field convention: ``sitk.DisplacementFieldTransform`` of it resamples moving onto
-    fixed).  ``inverse_displacement_lps``: same convention from moving to fixed, on the **moving** grid.
+    ``transform``: fixed -> moving as an ITK composite, ``x -> affine(x + u(x))`` with ``u`` on the working grid
+    (what ``transform.h5`` holds; :mod:`deepabdominalreg.transforms`); ``inverse_transform``: moving -> fixed
+    (``None`` with ``compute_inverse=False``).
+    ``displacement_lps``: the transform sampled at every fixed voxel, ``sitkVectorFloat32``, mm, LPS; maps a fixed
+    point ``x`` to the moving point ``x + d(x)`` (the ITK/Slicer displacement-field convention:
+    ``sitk.DisplacementFieldTransform`` of it resamples moving onto fixed).
+    ``jacobian`` and ``displacement_magnitude``: ``det J`` and ``|d|`` (mm) of the transform on the **working grid**,
+    where its displacement lives and where ``metrics`` computes their statistics; on the fixed grid:
+    :meth:`jacobian_full_size`, :meth:`displacement_magnitude_full_size`.
+    ``body_mask`` (fixed grid) and ``inverse_displacement_lps`` (the inverse's field, same convention from moving to
+    fixed, on the **moving** grid) are computed on first use, from ``body_mask_working`` and ``inverse_transform``.
     """
 
     warped_image: sitk.Image
@@ -83,10 +94,47 @@ class RegistrationResult:
     affine_fixed_to_moving: sitk.AffineTransform
     config: RegistrationConfig
     """The settings of the run (``metrics["config"]`` is their :meth:`RegistrationConfig.to_dict`)."""
-    body_mask: sitk.Image | None = None
     warped_labels: sitk.Image | None = None
-    inverse_displacement_lps: sitk.Image | None = None
     warped_moving_landmarks_lps: np.ndarray | None = None
+    transform: sitk.CompositeTransform | None = None
+    inverse_transform: sitk.CompositeTransform | None = None
+    body_mask_working: sitk.Image | None = None
+    """The fixed body mask (uint8) on the working grid."""
+    moving_grid: Grid | None = None
+    device: str = "cpu"
+    """Where the full-size fields computed on first use are computed."""
+    _computed: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def _once(self, name: str, make: Callable[[], sitk.Image | None]) -> sitk.Image | None:
+        if name not in self._computed:
+            self._computed[name] = make()
+        return self._computed[name]
+
+    @property
+    def body_mask(self) -> sitk.Image | None:
+        """The fixed body mask (uint8) on the fixed grid (nearest neighbour from the working grid's)."""
+        if self.body_mask_working is None:
+            return None
+        return self._once("body_mask", lambda: sitk.Cast(resample_image(
+            self.body_mask_working, self.displacement_lps, interpolator="nearest"), sitk.sitkUInt8))
+
+    @property
+    def inverse_displacement_lps(self) -> sitk.Image | None:
+        """The inverse transform sampled at every voxel of the moving grid (``sitkVectorFloat32``, LPS mm)."""
+        if self.inverse_transform is None or self.moving_grid is None:
+            return None
+        from deepabdominalreg.transforms import dense_displacement
+
+        return self._once("inverse_displacement",
+                          lambda: dense_displacement(self.inverse_transform, self.moving_grid, self.device))
+
+    def jacobian_full_size(self) -> sitk.Image:
+        """``det J`` of ``displacement_lps`` on the fixed grid (``sitkFloat32``)."""
+        return self._once("jacobian", lambda: jacobian_determinant(self.displacement_lps, device=self.device))
+
+    def displacement_magnitude_full_size(self) -> sitk.Image:
+        """``|d|`` (mm) of ``displacement_lps`` on the fixed grid (``sitkFloat32``)."""
+        return self._once("magnitude", lambda: displacement_magnitude(self.displacement_lps))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -351,14 +399,17 @@ class _Run:
     folding_retry: dict | None = None
     deformable_mm: np.ndarray | None = None
     """The deformable field on the working grid, ``(D, H, W, 3)`` LPS mm (the landmarks are mapped through it)."""
+    # the transform (fixed -> moving) and its inverse as ITK composites of the working-grid fields
+    transform: sitk.CompositeTransform | None = None
+    inverse_transform: sitk.CompositeTransform | None = None
     # full resolution, on the fixed image's grid
     displacement: sitk.Image | None = None
     warped: sitk.Image | None = None
     warped_labels: sitk.Image | None = None
+    # on the working grid: the transform's Jacobian, |displacement| and the fixed body mask (for the metrics)
     jacobian: sitk.Image | None = None
     magnitude: sitk.Image | None = None
     body_mask: sitk.Image | None = None
-    inverse_displacement: sitk.Image | None = None
     warped_moving_landmarks_lps: np.ndarray | None = None
     inverse_stats: dict = field(default_factory=dict)
 
@@ -394,10 +445,13 @@ def _run_stages(inputs: _Inputs, config: RegistrationConfig, stages: _Stages) ->
         metrics=metrics,
         affine_fixed_to_moving=run.affine,
         config=config,
-        body_mask=run.body_mask,
         warped_labels=run.warped_labels,
-        inverse_displacement_lps=run.inverse_displacement,
         warped_moving_landmarks_lps=run.warped_moving_landmarks_lps,
+        transform=run.transform,
+        inverse_transform=run.inverse_transform,
+        body_mask_working=run.body_mask,
+        moving_grid=run.inputs.moving_grid,
+        device=str(run.device),
     )
 
 
@@ -443,10 +497,16 @@ def _align_affine(run: _Run) -> None:
     config, w_fixed, w_moving = run.config, run.w_fixed, run.w_moving
     with run.stages("affine", "affine pre-alignment"):
         if config.affine:
+            start = None
+            if config.initial_search:  # the translation searched over every overlap, not the centres of mass
+                start = search_offset(w_fixed.grid, w_fixed.intensity, w_moving.grid, w_moving.intensity,
+                                      OffsetSearchSettings.from_config(config),
+                                      fixed_field_of_view=w_fixed.field_of_view,
+                                      moving_field_of_view=w_moving.field_of_view).translation_mm
             run.affine = optimise_affine(
                 w_fixed.grid, w_fixed.intensity, w_moving.grid, w_moving.intensity, AffineSettings.from_config(config),
                 device=run.device, fixed_field_of_view=w_fixed.field_of_view,
-                moving_field_of_view=w_moving.field_of_view,
+                moving_field_of_view=w_moving.field_of_view, initial_translation_mm=start,
                 callback=run.stages.iteration_callback("affine", "affine"),
             )
         else:
@@ -500,6 +560,7 @@ def _optimise_instance(run: _Run) -> None:
 def _compose(run: _Run) -> None:
     with run.stages("composition", "composing affine and deformable fields at full resolution"):
         run.deformable_mm = disp_vox_to_mm_lps(run.disp, run.working_grid)
+        run.transform = forward_transform(run.affine, run.deformable_mm, run.working_grid)
         run.displacement = affine_field_displacement(run.inputs.fixed_grid, run.deformable_mm, run.working_grid,
                                                      after=run.affine, device=run.device)
 
@@ -516,15 +577,17 @@ def _warp(run: _Run) -> None:
 
 def _jacobian_and_magnitude(run: _Run) -> None:
     with run.stages("jacobian", "Jacobian determinant and displacement magnitude"):
-        run.jacobian = jacobian_determinant(run.displacement, device=run.device)
-        run.magnitude = displacement_magnitude(run.displacement)
-        body = resample_image(run.working_grid.image_from_array(run.w_fixed.mask.astype(np.uint8)), run.inputs.fixed,
-                              interpolator="nearest")
-        run.body_mask = sitk.Cast(body, sitk.sitkUInt8)
+        # on the working grid, where the transform's displacement lives: the same field as the full-resolution one
+        # at a fraction of the voxels (a clinical CT has ~20-80x more), and the grid the folding check runs on
+        working = affine_field_displacement(run.working_grid, run.deformable_mm, run.working_grid, after=run.affine,
+                                            device=run.device)
+        run.jacobian = jacobian_determinant(working, device=run.device)
+        run.magnitude = displacement_magnitude(working)
+        run.body_mask = run.working_grid.image_from_array(run.w_fixed.mask.astype(np.uint8))
 
 
 def _invert(run: _Run) -> None:
-    disp, affine, working_grid, device = run.disp, run.affine, run.working_grid, run.device
+    disp, affine, working_grid = run.disp, run.affine, run.working_grid
     moving_grid, w_moving_grid = run.inputs.moving_grid, run.w_moving.grid
     with run.stages("inverse", "inverse field (moving -> fixed)"):
         # coarse-to-fine fixed point, each voxel until it moves by < 0.01 voxel (~0.03 mm): the same consistency
@@ -539,24 +602,18 @@ def _invert(run: _Run) -> None:
             "inverse_consistency_max_mm": float(ic_mm.max()) if ic_mm.size else 0.0,
         }
         # y -> q + v(q), q = affine^-1(y).  A moving image much finer than the working grid (clinical CT):
-        # as affine^-1(y + u(y)) with u solved on a working grid with the moving image's axes, then separable
-        # interpolation.  Otherwise one trilinear sample of v per moving voxel costs less than that second
-        # solve.
+        # as affine^-1(y + u(y)) with u solved on a working grid with the moving image's axes, so that the
+        # full-resolution inverse (RegistrationResult.inverse_displacement_lps, on request) is a separable
+        # interpolation.  Otherwise one trilinear sample of v per moving voxel costs less than that second solve.
         if np.prod(moving_grid.size) > _SEPARABLE_INVERSE_RATIO * np.prod(w_moving_grid.size):
-            inverse_grid, before, after = w_moving_grid, None, affine.GetInverse()
+            inverse_grid, affine_first = w_moving_grid, False
             inverse_u = inverse_field_on_grid(disp, inverse_vox, working_grid, affine, inverse_grid)
         else:
-            inverse_grid, before, after = working_grid, affine.GetInverse(), None
+            inverse_grid, affine_first = working_grid, True
             inverse_u = disp_vox_to_mm_lps(inverse_vox, working_grid)
-        run.inverse_displacement = affine_field_displacement(moving_grid, inverse_u, inverse_grid, before=before,
-                                                             after=after, device=device)
+        run.inverse_transform = inverse_transform(affine, inverse_u, inverse_grid, affine_first=affine_first)
         if run.inputs.moving_landmarks_lps is not None:
-            inverse_field = _field_transform(np.asarray(torch.as_tensor(inverse_u).cpu()), inverse_grid)
-            parts = [affine.GetInverse(), inverse_field] if after is not None else [inverse_field, affine.GetInverse()]
-            inverse_transform = sitk.CompositeTransform(parts)
-            run.warped_moving_landmarks_lps = np.array(
-                [inverse_transform.TransformPoint([float(c) for c in p]) for p in run.inputs.moving_landmarks_lps]
-            )
+            run.warped_moving_landmarks_lps = map_points(run.inverse_transform, run.inputs.moving_landmarks_lps)
 
 
 def _metrics(run: _Run) -> dict:
@@ -607,7 +664,20 @@ def _metrics(run: _Run) -> dict:
         }
         metrics["tre_mean_before_mm"] = metrics["landmarks"]["before"]["mean"]
         metrics["tre_mean_after_mm"] = metrics["landmarks"]["after"]["mean"]
+    _plausibility(run, metrics)
     return metrics
+
+
+def _plausibility(run: _Run, metrics: dict) -> None:
+    """``metrics["status"]`` (``"ok"`` or ``"suspect"``), ``metrics["suspect_reasons"]`` and the measured
+    ``metrics["checks"]``: the plausibility checks of :mod:`deepabdominalreg.registration.checks`."""
+    values = measure(run.w_fixed, run.w_moving, run.moved, run.disp, run.deformable_mm, run.affine,
+                     run.config.check_hu_window)
+    status, reasons = judge(values, run.config, folding_percent=metrics["folding_percent"],
+                            dice_before=metrics.get("dice_mean_before"), dice_after=metrics.get("dice_mean_after"))
+    metrics["checks"] = values
+    metrics["status"] = status
+    metrics["suspect_reasons"] = reasons
 
 
 def _folding_percent(disp: torch.Tensor, mask: torch.Tensor) -> float:

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+from skimage.morphology import convex_hull_image
 
 from deepabdominalreg.config import BODY_THRESHOLD_HU, OUTSIDE_FOV_HU
-from deepabdominalreg.geometry import Grid, affine_matrix, resample_image
+from deepabdominalreg.geometry import Grid, affine_matrix, mask_bounding_box, resample_image
 
 __all__ = [
     "WorkingImage",
@@ -45,13 +46,30 @@ def body_mask(
     spacing_zyx: tuple[float, float, float],
     threshold_hu: float = BODY_THRESHOLD_HU,
     opening_radius_mm: float = 6.0,
+    field_of_view: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Boolean mask of the patient's body, without the CT table, air and clothing (``zyx`` array in, same out).
+    """Boolean mask of the patient's body, without the CT table, air and clothing (``zyx`` array in, same out), with
+    every internal air space (lungs, trachea, bowel gas) inside, also where the scan's field of view cuts the body.
 
-    Threshold + morphological opening (cuts thin bridges such as the table pad) + largest connected component +
-    closing and hole filling (2D per axial slice and 3D, so bowel gas and lungs stay inside).  After van Eijnatten
-    et al. 2021, who showed table removal helps deep and classical registration of abdominal CT.
+    Threshold + morphological opening (cuts thin bridges such as the table pad) + largest connected component (the
+    table goes) + closing, then hole filling per axial slice and in 3D.  After van Eijnatten et al. 2021, who showed
+    table removal helps deep and classical registration of abdominal CT.  Where the body reaches the edge of the
+    field of view, air inside it (a lung cut by a narrow in-plane field of view, the trachea leaving the top slice)
+    touches the edge and is no hole in the ordinary sense: each axial slice's edge is closed between the first and
+    last place where the body touches it (:func:`_fill_cut_slices`), so that air enclosed by the body and the cut
+    is filled while the air around the patient, which reaches the edge beyond the body, is not.
+
+    ``field_of_view``: ``zyx`` bool, the voxels that hold image data (:func:`field_of_view`); the mask is computed on
+    their bounding box (its edges are the scan's cut) and is empty outside it.  Default: the whole array.
     """
+    if field_of_view is not None:
+        if field_of_view.shape != hu.shape:
+            raise ValueError(f"field_of_view has shape {field_of_view.shape}, the image {hu.shape}")
+        box = mask_bounding_box(field_of_view)
+        mask = np.zeros(hu.shape, dtype=bool)
+        if box is not None:
+            mask[box] = body_mask(hu[box], spacing_zyx, threshold_hu, opening_radius_mm) & field_of_view[box]
+        return mask
     spacing = np.asarray(spacing_zyx, dtype=np.float64)
     radius_vox = np.maximum(np.round(opening_radius_mm / spacing).astype(int), 0)
     # a scan usually cuts through the body at its first and last slices: replicate the border voxels so that the
@@ -74,8 +92,50 @@ def body_mask(
     body = _dilate(body, structure) & foreground
     closing = _ellipsoid(np.maximum(radius_vox // 2, 1))
     body = _erode(_dilate(body, closing), closing)
-    body = _fill_holes(_fill_holes(body, in_plane=True), in_plane=False)
-    return body[tuple(slice(p0, body.shape[i] - p1) for i, (p0, p1) in enumerate(pad))]
+    # holes are filled on the scan's own extent: in the padding, replicated air inside the body would reach the
+    # padded array's edge and no longer count as enclosed
+    body = body[tuple(slice(p0, body.shape[i] - p1) for i, (p0, p1) in enumerate(pad))]
+    return _fill_holes(_fill_cut_slices(body), in_plane=False)
+
+
+def _fill_cut_slices(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with the holes of every axial slice ``mask[z]`` filled, the slice's edge counting as part of the
+    outline between the first and last pixel where the mask touches that edge (and a corner where both of its
+    edges do): a region of background enclosed by the mask and the cut (a lung where the field of view cuts the
+    chest) is a hole, background that reaches the edge beyond the mask's contacts (the air around the patient) is
+    not.  Without contacts with the edge, the same as ``ndimage.binary_fill_holes`` of each slice."""
+    nz, ny, nx = mask.shape
+    padded = np.zeros((nz, ny + 2, nx + 2), dtype=bool)
+    padded[:, 1:-1, 1:-1] = mask
+    padded[:, 0, 1:-1] = _between_first_and_last(mask[:, 0, :])
+    padded[:, -1, 1:-1] = _between_first_and_last(mask[:, -1, :])
+    padded[:, 1:-1, 0] = _between_first_and_last(mask[:, :, 0])
+    padded[:, 1:-1, -1] = _between_first_and_last(mask[:, :, -1])
+    for y, x, dy, dx in ((0, 0, 1, 1), (0, -1, 1, -2), (-1, 0, -2, 1), (-1, -1, -2, -2)):
+        padded[:, y, x] = padded[:, y, dx] & padded[:, dy, x]
+    filled = _fill_holes(padded, in_plane=True)[:, 1:-1, 1:-1]
+    # where the cut crosses a corner of the slice inside the body (a lung cut laterally and posteriorly), the air
+    # there reaches the edge beyond the contacts: a region still open to the edge is filled when most of it lies
+    # inside the convex hull of the slice's body (the air around a patient lies outside it)
+    cut = mask[:, 0].any(axis=1) | mask[:, -1].any(axis=1) | mask[:, :, 0].any(axis=1) | mask[:, :, -1].any(axis=1)
+    for z in np.flatnonzero(cut):
+        regions, count = ndimage.label(~filled[z])
+        if count == 0:
+            continue
+        index = np.arange(1, count + 1)
+        inside = ndimage.sum_labels(convex_hull_image(filled[z]), regions, index)
+        share = inside / ndimage.sum_labels(np.ones(regions.shape), regions, index)
+        filled[z] |= np.isin(regions, index[share > 0.5])
+    return filled
+
+
+def _between_first_and_last(rows: np.ndarray) -> np.ndarray:
+    """``(n, m)`` bool: True from the first to the last True of each row of ``rows`` (all False for an empty row)."""
+    m = rows.shape[1]
+    first = np.argmax(rows, axis=1)
+    last = m - 1 - np.argmax(rows[:, ::-1], axis=1)
+    index = np.arange(m)
+    return rows.any(axis=1)[:, None] & (index >= first[:, None]) & (index <= last[:, None])
 
 
 def _fill_holes(mask: np.ndarray, in_plane: bool) -> np.ndarray:
@@ -240,7 +300,7 @@ def prepare_working_image(
             resample_image(source, grid, transform=transform, interpolator="nearest", default_value=0)
         ).astype(bool)
     else:
-        mask = body_mask(hu, spacing_zyx)
+        mask = body_mask(hu, spacing_zyx, field_of_view=inside)
     mask &= inside
     intensity = window_and_scale(hu, hu_window)
     if use_body_mask:

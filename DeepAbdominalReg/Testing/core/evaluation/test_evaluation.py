@@ -300,7 +300,7 @@ def test_run_evaluation_writes_tables_and_plots(case_on_disk, tmp_path):
         table = list(csv.DictReader(handle))
     assert [r["method"] for r in table] == ["none", "true-shift"]
     assert float(table[1]["dice_mean"]) == 1.0 and float(table[0]["dice_mean"]) < 0.9
-    text = (out / "summary.md").read_text()
+    text = (out / "summary.md").read_text(encoding="utf-8")
     assert "| true-shift |" in text and "| none |" in text
     # resume: the successful runs are kept, not redone (a method that would fail proves it)
     again = run_evaluation(cases, [MethodSpec("none", f"{__name__}:failing_method"),
@@ -381,6 +381,10 @@ def test_evaluate_command_needs_cases(tmp_path, capsys):
     ("sitk-demons", None, {}),
     ("elastix-bspline", "itk", {"resolutions": 2, "max_iterations": 40}),
     ("ants-syn", "ants", {"reg_iterations": (10, 0, 0)}),
+    # the 6 mm test grid is coarse for ConvexAdam's 6-voxel cells: 2-voxel cells, 1-voxel Adam grid
+    ("convexadam", "convexAdam", {"grid_sp": 2, "disp_hw": 3, "grid_sp_adam": 1, "selected_niter": 40}),
+    ("convexadam", "convexAdam", {"grid_sp": 2, "disp_hw": 3, "grid_sp_adam": 1, "selected_niter": 40,
+                                  "prealign": False}),
 ])
 def test_peer_recovers_a_translation_in_our_convention(blob_pair, tmp_path, peer, package, options):
     """Each peer's field must be fixed -> moving in LPS mm on the fixed grid: a pure translation checks the sign
@@ -442,7 +446,7 @@ def test_benchmark_smoke_run(tmp_path):
         assert row["status"] == "ok", (method, row["error"])
         if method != "none":  # every method moves the field towards the truth (Dice is noisy at 6 mm)
             assert float(row["field_error_mean_mm"]) < float(rows["none"]["field_error_mean_mm"]), method
-    text = (out / "summary.md").read_text()
+    text = (out / "summary.md").read_text(encoding="utf-8")
     assert "## Targets (this run)" in text and "## Environment" in text
     assert (out / "boxplots.png").is_file() and (out / "runtime.png").is_file()
 

@@ -65,7 +65,7 @@ def test_tampered_weights_are_refused(tmp_path):
 def test_card_that_does_not_describe_the_weights_is_refused(tmp_path):
     _save_tiny(tmp_path)
     card_path = tmp_path / "tiny.json"
-    card = json.loads(card_path.read_text())
+    card = json.loads(card_path.read_text(encoding="utf-8"))
     card["input_spacing_mm"] = 2.0
     card_path.write_text(json.dumps(card))
     with pytest.raises(ModelError, match="input_spacing_mm"):

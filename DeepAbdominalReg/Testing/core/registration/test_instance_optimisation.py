@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from deepabdominalreg import spatial
 from deepabdominalreg.config import RegistrationConfig
@@ -43,7 +44,10 @@ def test_cropped_ncc_equals_local_ncc_on_the_whole_grid_value_and_gradient():
     torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=1e-12)
 
 
-def test_instance_optimisation_recovers_a_smooth_displacement_and_keeps_its_inputs():
+@pytest.mark.parametrize(("transform", "bending_weight"), [("trilinear", 0.0), ("bspline", 10.0)])
+def test_instance_optimisation_recovers_a_smooth_displacement_and_keeps_its_inputs(transform, bending_weight):
+    """Both parameterisations recover a smooth field on a textured 1 mm pair (the B-spline with a bending weight
+    suited to this field's small scale: the default's 100 mm^2 is chosen on 3 mm abdominal CT)."""
     shape = (24, 26, 28)
     g = torch.Generator().manual_seed(1)
     fixed = spatial.box_filter(spatial.box_filter(torch.rand(1, 1, *shape, generator=g), 3), 3)  # smooth texture
@@ -57,7 +61,8 @@ def test_instance_optimisation_recovers_a_smooth_displacement_and_keeps_its_inpu
     inputs = [t.clone() for t in (fixed, moving, mask)]
     # 1 mm voxels: 0.5 voxel steps, control points 2 voxels apart, a 5-voxel NCC window
     config = RegistrationConfig(io_levels=(2, 1), io_iterations=60, io_fine_iterations=60, io_learning_rate_mm=0.5,
-                                io_control_spacing_mm=2.0, io_ncc_window_mm=5.0)
+                                io_control_spacing_mm=2.0, io_ncc_window_mm=5.0, io_transform=transform,
+                                io_bending_weight=bending_weight)
     settings = InstanceOptimisationSettings.from_config(config, working_spacing_mm=1.0)
     found = instance_optimise(fixed, moving, None, mask, settings=settings)
     inner = (slice(None), slice(None), slice(5, -5), slice(5, -5), slice(5, -5))

@@ -102,7 +102,8 @@ def test_oblique_anisotropic_geometry_end_to_end():
     t = np.array([-5.0, 4.0, 6.0])  # physical LPS mm, whatever the direction
     fixed = _translated(moving, t)
     result = register_pair(fixed, moving, config=PRECISE)
-    for output in (result.warped_image, result.displacement_lps, result.jacobian, result.displacement_magnitude):
+    for output in (result.warped_image, result.displacement_lps, result.jacobian_full_size(),
+                   result.displacement_magnitude_full_size(), result.body_mask):
         assert output.GetSize() == fixed.GetSize()
         np.testing.assert_allclose(output.GetDirection(), fixed.GetDirection(), atol=1e-9)
         np.testing.assert_allclose(output.GetOrigin(), fixed.GetOrigin(), atol=1e-9)

@@ -66,7 +66,8 @@ def test_labels_are_documented_and_total_compatible(phantom_4mm):
     assert any(PHANTOM_LABELS[v].startswith("rib_") for v in present)
     data = shared_data_dir()
     if data is not None:  # the ids are TotalSegmentator's "total" ids
-        total = json.loads((data / "totalsegmentator" / "label_map_total_and_total_mr.json").read_text())["total"]
+        label_map = data / "totalsegmentator" / "label_map_total_and_total_mr.json"
+        total = json.loads(label_map.read_text(encoding="utf-8"))["total"]
         for key, name in PHANTOM_LABELS.items():
             if key:
                 assert total[str(key)] == name

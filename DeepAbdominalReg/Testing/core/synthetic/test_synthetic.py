@@ -240,7 +240,7 @@ def test_write_pair(pair_5mm, tmp_path):
         rows = list(csv.reader(handle))
     assert rows[0] == ["x", "y", "z"]
     np.testing.assert_allclose(np.asarray(rows[1:], dtype=float), pair_5mm.moving_landmarks_lps, atol=1e-3)
-    names = json.loads(paths["labels"].read_text())
+    names = json.loads(paths["labels"].read_text(encoding="utf-8"))
     assert names[str(ID["liver"])] == "liver"
 
 
@@ -248,7 +248,7 @@ def test_real_ct_pairs(shared_data):
     folder = shared_data / "totalsegmentator"
     image = sitk.ReadImage(str(folder / "example_ct.nii.gz"))
     labels = sitk.ReadImage(str(folder / "example_seg_fast_force_split.nii.gz"))
-    label_map = json.loads((folder / "label_map_total_and_total_mr.json").read_text())["total"]
+    label_map = json.loads((folder / "label_map_total_and_total_mr.json").read_text(encoding="utf-8"))["total"]
     names = {int(k): v for k, v in label_map.items()}
     present = set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist())
     for generator in ("abdominal", "van_eijnatten"):
