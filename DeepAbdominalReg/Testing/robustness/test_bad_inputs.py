@@ -168,8 +168,12 @@ def test_inputs_are_never_modified_by_a_run(tmp_path, ct_file):
 
 def test_folding_above_the_limit_triggers_a_stronger_rerun():
     image = _body()
-    result = register_pair(image, _body(seed=3), config=TINY.replace(folding_limit_percent=-1.0))
+    events = []
+    result = register_pair(image, _body(seed=3), config=TINY.replace(folding_limit_percent=-1.0),
+                           progress=events.append)
     assert "folding_retry" in result.metrics
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions), "the retry's iterations must not move the progress bar back"
     assert any("rerun with 4x regularisation" in w for w in result.metrics["warnings"])
 
 

@@ -68,20 +68,20 @@ class InstanceOptimisationSettings:
     """Weight of the diffusion regulariser (on the control grid, in control-grid voxels)."""
     jacobian_weight: float
     """Weight of the negative-Jacobian penalty (on the control grid)."""
-    transform: str = "trilinear"
+    transform: str
     """``trilinear``, ``bspline`` or ``svf`` (see the module's docstring)."""
-    similarity: str = "ncc"
+    similarity: str
     """``ncc`` (local NCC, ``ncc_window``) or ``mind`` (MIND-SSC, ``mind_radius`` and ``mind_dilation``)."""
-    working_spacing_mm: float = 1.0
+    working_spacing_mm: float
     """Spacing of the working grid (mm): the B-spline's knots and bending energy are in mm."""
-    control_spacing_mm: float = 6.0
+    control_spacing_mm: float
     """Knot spacing of the B-spline (``bspline``, ``svf``) at the working resolution, in mm (``f`` times it at level
     factor ``f``); not rounded to voxels."""
-    bending_weight: float = 0.0
+    bending_weight: float
     """Weight of the B-spline's bending energy (mm², the energy being in mm⁻²)."""
-    mind_radius: int = 1
+    mind_radius: int
     """MIND-SSC patch radius, in voxels of the level's grid."""
-    mind_dilation: int = 2
+    mind_dilation: int
     """MIND-SSC neighbour distance, in voxels of the level's grid."""
     svf_steps: int = 6
     """Scaling-and-squaring steps of the ``svf`` transform."""

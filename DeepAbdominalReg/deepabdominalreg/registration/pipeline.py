@@ -164,6 +164,7 @@ class _Stages:
         self.seconds: dict[str, float] = {}
         self.started = time.perf_counter()
         self._done = 0.0
+        self._reported = 0.0
         self._current: str | None = None
         self._start = 0.0
 
@@ -181,7 +182,9 @@ class _Stages:
     def emit(self, stage: str, within: float, message: str) -> None:
         if self.progress is not None:
             fraction = self._done + self.WEIGHTS.get(stage, 0.0) * min(max(within, 0.0), 1.0)
-            self.progress(ProgressEvent(stage, min(fraction, 1.0), message))
+            # a rerun (the folding retry, the CPU fallback) counts its iterations from 0 again: the bar never goes back
+            self._reported = max(self._reported, min(fraction, 1.0))
+            self.progress(ProgressEvent(stage, self._reported, message))
 
     def __call__(self, stage: str, message: str = "") -> _Stages:
         self._current = stage
