@@ -1,4 +1,5 @@
-"""Per-stage timings, Dice, SDlogJ, |u| and plausibility status of one registration of a benchmark case, in this process (for tuning presets).
+"""Per-stage timings, Dice, SDlogJ, |u| and plausibility status of one registration of a benchmark case, in this
+process (for tuning presets).
 
     python benchmarks/stage_times.py --case-dir CASES/ct_abdominal_s0_a10 --preset balanced --threads 1 \\
         --set '{"io_fine_iterations": 20}'

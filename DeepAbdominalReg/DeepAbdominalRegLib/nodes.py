@@ -35,9 +35,10 @@ __all__ = [
     "segmentationNodeToLabelImage",
     "unambiguousInputVolumes",
     "updateSegmentationNodeFromLabelImage",
-    "updateTransformNodeFromDisplacement",
+    "updateTransformNodeFromItk",
     "updateVolumeNodeFromImage",
     "volumeNodeToImage",
+    "vtkTransformFromItk",
 ]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -375,15 +376,59 @@ def gridTransformFromDisplacement(displacementLps: sitk.Image) -> slicer.vtkOrie
     return transform
 
 
-def updateTransformNodeFromDisplacement(transformNode, displacementLps: sitk.Image,
-                                        fixedVolumeNode=None, movingVolumeNode=None, usage: str | None = None):
-    """Set a grid transform node from an ITK displacement field (fixed -> moving points, on the fixed grid).
+def _rasMatrixFromLps(matrixLps: np.ndarray) -> np.ndarray:
+    """A 4x4 homogeneous point map in LPS as the same map in RAS (``C M C``, ``C = diag(-1, -1, 1, 1)``)."""
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return flip @ np.asarray(matrixLps, dtype=np.float64) @ flip
 
-    The field becomes the node's FromParent transform, so that the *moving* volume placed under this node is shown
-    aligned with the *fixed* volume (see the module docstring).  Node references ``fixedVolume`` and
+
+def vtkTransformFromItk(transform: sitk.Transform | sitk.Image):
+    """A VTK transform (RAS) of an ITK transform in memory: the core's ``transform.h5`` composite (linear parts
+    around one displacement field), any linear transform, or a displacement-field image.
+
+    The result maps a point the way the ITK transform does (fixed -> moving, the resampling direction; use it as a
+    transform node's *FromParent* part).  The displacement field keeps its own grid (the working grid for the core's
+    transform: no full-resolution field is built) and is interpolated linearly, as ITK does.
+    """
+    from deepabdominalreg.geometry import affine_matrix
+    from deepabdominalreg.transforms import split_affine_field
+
+    if isinstance(transform, sitk.Image):
+        return gridTransformFromDisplacement(transform)
+    parts = split_affine_field(transform)
+    if parts is None:
+        raise ValueError(f"a {transform.GetName()} cannot be shown in Slicer by this module: only linear transforms "
+                         "around at most one displacement field (what 'deepabdominalreg register' writes)")
+    after, field, before = parts
+    pieces = []
+    for part in (before, field, after):  # the order in which they act on a point
+        if part is None:
+            continue
+        if isinstance(part, sitk.Image):
+            pieces.append(gridTransformFromDisplacement(part))
+        else:
+            linear = vtk.vtkTransform()
+            linear.SetMatrix(vtkMatrixFromArray(_rasMatrixFromLps(affine_matrix(part))))
+            pieces.append(linear)
+    if len(pieces) == 1:
+        return pieces[0]
+    composite = vtk.vtkGeneralTransform()
+    composite.PostMultiply()  # each concatenated transform acts after the ones before it
+    for piece in pieces or [vtk.vtkTransform()]:
+        composite.Concatenate(piece)
+    return composite
+
+
+def updateTransformNodeFromItk(transformNode, transform: sitk.Transform | sitk.Image,
+                               fixedVolumeNode=None, movingVolumeNode=None, usage: str | None = None):
+    """Set a transform node from an ITK transform (fixed -> moving points) or displacement-field image (on the fixed
+    grid): :func:`vtkTransformFromItk`.
+
+    The transform becomes the node's FromParent transform, so that the *moving* volume placed under this node is
+    shown aligned with the *fixed* volume (see the module docstring).  Node references ``fixedVolume`` and
     ``movingVolume`` record which registration produced it.
     """
-    transformNode.SetAndObserveTransformFromParent(gridTransformFromDisplacement(displacementLps))
+    transformNode.SetAndObserveTransformFromParent(vtkTransformFromItk(transform))
     if fixedVolumeNode is not None:
         transformNode.SetNodeReferenceID(FIXED_VOLUME_REFERENCE_ROLE, fixedVolumeNode.GetID())
     if movingVolumeNode is not None:

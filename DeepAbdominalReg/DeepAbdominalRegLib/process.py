@@ -106,29 +106,34 @@ class CoreOutputs:
     """What the MRML side needs from a registration result (see ``RegistrationResult`` for conventions)."""
 
     warpedImage: sitk.Image
-    displacementLps: sitk.Image
+    transform: sitk.Transform
+    """Fixed -> moving (LPS mm): the affine and the displacement on the working grid (``transform.h5``)."""
     jacobian: sitk.Image
+    """``det J`` on the working grid (an overlay: Slicer resamples it for display)."""
     displacementMagnitude: sitk.Image
+    """``|u|`` (mm) on the working grid."""
     metrics: dict
-    inverseDisplacementLps: sitk.Image | None = None
+    inverseTransform: sitk.Transform | None = None
+    """Moving -> fixed (``inverse_transform.h5``)."""
     warpedLabels: sitk.Image | None = None
 
     @classmethod
     def fromResult(cls, result) -> CoreOutputs:
         return cls(
             warpedImage=result.warped_image,
-            displacementLps=result.displacement_lps,
+            transform=result.transform,
             jacobian=result.jacobian,
             displacementMagnitude=result.displacement_magnitude,
             metrics=dict(result.metrics),
-            inverseDisplacementLps=result.inverse_displacement_lps,
+            inverseTransform=result.inverse_transform,
             warpedLabels=result.warped_labels,
         )
 
     @classmethod
     def fromDirectory(cls, folder: str | os.PathLike) -> CoreOutputs:
         """Read what ``deepabdominalreg register --output-dir folder`` wrote (into memory: the folder may go)."""
-        from deepabdominalreg.io import IMAGE_FORMATS, read_displacement_field
+        from deepabdominalreg.io import IMAGE_FORMATS
+        from deepabdominalreg.transforms import read_transform
 
         folder = Path(folder)
 
@@ -137,20 +142,20 @@ class CoreOutputs:
             return next((folder / f"{stem}.{ext}" for ext in IMAGE_FORMATS if (folder / f"{stem}.{ext}").exists()),
                         None)
 
-        found = {stem: optional(stem) for stem in ("warped", "displacement", "jacobian", "displacement_magnitude")}
+        found = {stem: optional(stem) for stem in ("warped", "jacobian", "displacement_magnitude")}
         missing = [f"{stem}.*" for stem, path in found.items() if path is None]
-        missing += [] if (folder / "metrics.json").exists() else ["metrics.json"]
+        missing += [name for name in ("transform.h5", "metrics.json") if not (folder / name).exists()]
         if missing:
             raise RegistrationFailed(f"the registration process ended without writing {', '.join(missing)}.")
-        inverse = optional("inverse_displacement")
+        inverse = folder / "inverse_transform.h5"
         labels = optional("warped_seg")
         return cls(
             warpedImage=sitk.ReadImage(str(found["warped"])),
-            displacementLps=read_displacement_field(found["displacement"]),
+            transform=read_transform(folder / "transform.h5", "registration transform"),
             jacobian=sitk.ReadImage(str(found["jacobian"])),
             displacementMagnitude=sitk.ReadImage(str(found["displacement_magnitude"])),
-            metrics=json.loads((folder / "metrics.json").read_text()),
-            inverseDisplacementLps=read_displacement_field(inverse) if inverse else None,
+            metrics=json.loads((folder / "metrics.json").read_text(encoding="utf-8")),
+            inverseTransform=read_transform(inverse, "inverse transform") if inverse.exists() else None,
             warpedLabels=sitk.ReadImage(str(labels)) if labels else None,
         )
 
@@ -198,8 +203,9 @@ def registerCommand(paths: dict[str, Path], outputDir: Path, configPath: Path, p
     command += ["--output-dir", str(outputDir), "--config", str(configPath)]
     # the outputs are read back into MRML nodes at once: uncompressed NRRD (exact, no gzip time). --accept-suspect:
     # a suspect result still loads; the panel warns from metrics.json's "status"/"suspect_reasons".
-    # --outputs: the files the Slicer side reads back (the dense field, not transform.h5; the maps for the overlays).
-    return command + ["--outputs", "dense,jacobian,magnitude,warped,labels",
+    # --outputs: the files the Slicer side reads back: transform.h5 (the working-grid field, not a full-resolution
+    # one) and the Jacobian / |u| maps on the working grid for the overlays.
+    return command + ["--outputs", "transform,jacobian,magnitude,warped,labels",
                       "--no-report", "--progress-json", "--output-format", "nrrd", "--accept-suspect"]
 
 

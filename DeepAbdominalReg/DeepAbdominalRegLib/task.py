@@ -158,17 +158,17 @@ def applyCoreOutputs(outputs: CoreOutputs, core: CoreInputs, inputs: InputNodes,
         _copyWindowLevel(inputs.movingVolume, result.warpedVolume)
 
         result.outputTransform = outputNode(
-            requested.outputTransform, "vtkMRMLGridTransformNode", f"{movingName} to {fixedName} (deformable)"
+            requested.outputTransform, "vtkMRMLTransformNode", f"{movingName} to {fixedName} (deformable)"
         )
-        nodes.updateTransformNodeFromDisplacement(
-            result.outputTransform, outputs.displacementLps, inputs.fixedVolume, inputs.movingVolume
+        nodes.updateTransformNodeFromItk(
+            result.outputTransform, outputs.transform, inputs.fixedVolume, inputs.movingVolume
         )
-        if outputs.inverseDisplacementLps is not None:
+        if outputs.inverseTransform is not None:
             result.inverseTransform = outputNode(
-                requested.inverseTransform, "vtkMRMLGridTransformNode", f"{fixedName} to {movingName} (inverse)"
+                requested.inverseTransform, "vtkMRMLTransformNode", f"{fixedName} to {movingName} (inverse)"
             )
-            nodes.updateTransformNodeFromDisplacement(
-                result.inverseTransform, outputs.inverseDisplacementLps, inputs.fixedVolume, inputs.movingVolume,
+            nodes.updateTransformNodeFromItk(
+                result.inverseTransform, outputs.inverseTransform, inputs.fixedVolume, inputs.movingVolume,
                 usage="Apply to the fixed volume (or its segmentation/markups) to align it with the moving volume.",
             )
 

@@ -25,39 +25,30 @@ from deepabdominalreg.io import (
     write_image,
     write_points,
 )
-from deepabdominalreg.registration.fields import warp_image
-from deepabdominalreg.transforms import dense_displacement, map_points, read_transform
+from deepabdominalreg.transforms import map_points, read_transform
 
 __all__ = ["add_commands", "apply_to_image", "apply_to_labels", "apply_to_points"]
 
 
 def apply_to_image(image: sitk.Image, transform: sitk.Transform, reference: Grid | sitk.Image, *,
-                   interpolator: str = "linear", default_value: float | None = None,
-                   device: str = "cpu") -> sitk.Image:
-    """``image`` (moving) resampled onto ``reference`` through ``transform`` (fixed -> moving, LPS mm).
+                   interpolator: str = "linear", default_value: float | None = None) -> sitk.Image:
+    """``image`` (moving) resampled onto ``reference`` through ``transform`` (fixed -> moving, LPS mm) by ITK
+    (:func:`~deepabdominalreg.geometry.resample_image`): ``linear`` or cubic ``bspline``.  ``default_value`` outside
+    ``image``: air (the lower of -1000 HU and its minimum) if ``None``.
 
-    ``linear``: the transform sampled densely and the image warped in torch
-    (:func:`~deepabdominalreg.registration.fields.warp_image`, ITK's conventions); ``bspline``: ITK's cubic B-spline
-    through the transform.  ``default_value`` outside ``image``: air (the lower of -1000 HU and its minimum) if
-    ``None``."""
+    ITK evaluates the composite (affine + working-grid field) at each output voxel directly; that is faster on the
+    CPU than sampling it into a dense field and warping by that (benchmarks/README.md, issue 19)."""
+    if interpolator not in ("linear", "bspline"):
+        raise ValueError(f"image interpolator must be 'linear' or 'bspline', got {interpolator!r}")
     if default_value is None:
         default_value = float(min(OUTSIDE_FOV_HU, float(sitk.GetArrayViewFromImage(image).min())))
-    grid = reference if isinstance(reference, Grid) else Grid.from_image(reference)
-    if interpolator == "bspline":
-        return resample_image(image, grid, transform, "bspline", default_value)
-    if interpolator != "linear":
-        raise ValueError(f"image interpolator must be 'linear' or 'bspline', got {interpolator!r}")
-    return warp_image(image, dense_displacement(transform, grid, device), default_value=default_value,
-                      device=device)
+    return resample_image(image, reference, transform, interpolator, default_value)
 
 
-def apply_to_labels(labels: sitk.Image, transform: sitk.Transform, reference: Grid | sitk.Image, *,
-                    device: str = "cpu") -> sitk.Image:
-    """A label map resampled onto ``reference`` by nearest neighbour (ITK's rounding): every output value is one of
-    the input's labels (0 outside)."""
-    grid = reference if isinstance(reference, Grid) else Grid.from_image(reference)
-    return warp_image(labels, dense_displacement(transform, grid, device), default_value=0, interpolator="nearest",
-                      device=device)
+def apply_to_labels(labels: sitk.Image, transform: sitk.Transform, reference: Grid | sitk.Image) -> sitk.Image:
+    """A label map resampled onto ``reference`` by nearest neighbour (ITK): every output value is one of the input's
+    labels (0 outside)."""
+    return resample_image(labels, reference, transform, "nearest", 0)
 
 
 def apply_to_points(points_lps: np.ndarray, inverse: sitk.Transform) -> np.ndarray:
@@ -89,6 +80,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
               "reference": args.reference}
     output = Path(args.output)
     check_outputs_safe(output.parent if str(output.parent) else ".", [output.name], inputs)
+    if args.threads:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(args.threads))
     transform = read_transform(args.transform, "transform")
     if kind == "landmarks":
         points = read_landmarks(args.landmarks, "landmarks")
@@ -102,10 +95,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     reference = Grid.from_image(read_image(args.reference, "reference image"))
     if kind == "image":
         moving = read_image(args.image, "image")
-        warped = apply_to_image(moving, transform, reference, interpolator=args.interpolator, device=args.device)
+        warped = apply_to_image(moving, transform, reference, interpolator=args.interpolator)
     else:
         moving = read_labels(args.labels, "label map")
-        warped = apply_to_labels(moving, transform, reference, device=args.device)
+        warped = apply_to_labels(moving, transform, reference)
     write_image(warped, output, compress=True)
     print(f"written: {output}")
     return 0
@@ -124,5 +117,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ap.add_argument("--reference", help="image whose grid the output takes (the fixed image)")
     ap.add_argument("--output", required=True, help="output file (image format by extension; .csv or .mrk.json)")
     ap.add_argument("--interpolator", choices=("linear", "bspline"), default="linear", help="image interpolation")
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the resampling runs")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for ITK's resampling (default: all)")
     ap.set_defaults(func=_cmd_apply)

@@ -136,7 +136,7 @@ def _interiorPointsLps(field, count=20, seed=1):
 
 def test_grid_transform_from_parent_is_the_itk_resampling_map(scene):
     field = _affineField()
-    transformNode = nodes.updateTransformNodeFromDisplacement(
+    transformNode = nodes.updateTransformNodeFromItk(
         scene.AddNewNodeByClass("vtkMRMLGridTransformNode"), field)
     fromParent = transformNode.GetTransformFromParent()
     for x_lps in _interiorPointsLps(field):
@@ -147,7 +147,7 @@ def test_grid_transform_from_parent_is_the_itk_resampling_map(scene):
 def test_grid_transform_to_world_maps_moving_points_onto_fixed(scene):
     """A point of the moving image at y = x + u(x) is shown (ToParent/ToWorld) at the fixed point x."""
     field = _affineField()
-    transformNode = nodes.updateTransformNodeFromDisplacement(
+    transformNode = nodes.updateTransformNodeFromItk(
         scene.AddNewNodeByClass("vtkMRMLGridTransformNode"), field)
     toWorld = vtk.vtkGeneralTransform()
     transformNode.GetTransformToWorld(toWorld)
@@ -171,7 +171,7 @@ def test_grid_transform_matches_slicer_reading_the_core_nifti_file(scene, tmp_pa
     storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
     storage.SetFileName(str(path))
     assert storage.ReadData(readNode)
-    ourNode = nodes.updateTransformNodeFromDisplacement(scene.AddNewNodeByClass("vtkMRMLGridTransformNode"), field)
+    ourNode = nodes.updateTransformNodeFromItk(scene.AddNewNodeByClass("vtkMRMLGridTransformNode"), field)
     for x_lps in _interiorPointsLps(field, seed=3):
         np.testing.assert_allclose(ourNode.GetTransformFromParent().TransformPoint(_ras(x_lps)),
                                    readNode.GetTransformFromParent().TransformPoint(_ras(x_lps)), atol=1e-3)
@@ -199,7 +199,7 @@ def test_hardening_the_transform_on_the_moving_volume_aligns_it_with_fixed(scene
 
     fixed, moving = cube(np.zeros(3)), cube(t_lps)
     movingNode = nodes.updateVolumeNodeFromImage(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"), moving)
-    transformNode = nodes.updateTransformNodeFromDisplacement(
+    transformNode = nodes.updateTransformNodeFromItk(
         scene.AddNewNodeByClass("vtkMRMLGridTransformNode"), _constantField(t_lps, size=(30, 30, 24)))
     movingNode.SetAndObserveTransformNodeID(transformNode.GetID())
     slicer.vtkSlicerTransformLogic.hardenTransform(movingNode)
@@ -310,3 +310,60 @@ def test_unambiguous_input_volumes_skip_label_maps(scene):
     assert unambiguousInputVolumes(scene) == (fixed, moving)
     scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "third")
     assert unambiguousInputVolumes(scene) is None  # three CTs: the user chooses
+
+
+def _coreComposite():
+    """The core's transform.h5 shape on an oblique, anisotropic working grid: x -> affine(x + u(x))."""
+    from deepabdominalreg.geometry import Grid
+    from deepabdominalreg.transforms import forward_transform
+
+    working = Grid(size=(14, 12, 10), spacing=(3.0, 3.5, 4.0), origin=ORIGIN_LPS, direction=OBLIQUE.ravel())
+    z, y, x = np.mgrid[0:10, 0:12, 0:14].astype(np.float64)
+    u = np.stack([2.0 * np.sin(x / 3.0), 1.5 * np.cos(y / 4.0), np.sin((x + z) / 5.0)], axis=-1)
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix((1.02, 0.03, 0.0, -0.02, 0.98, 0.01, 0.0, 0.02, 1.01))
+    affine.SetTranslation((2.0, -1.0, 3.0))
+    affine.SetCenter((-100.0, 100.0, -280.0))
+    transform = forward_transform(affine, u, working)
+    rng = np.random.default_rng(4)
+    points = working.index_to_physical(rng.uniform(1.0, np.asarray(working.size) - 2.0, (20, 3)))
+    return transform, points
+
+
+def test_core_composite_in_memory_maps_points_as_itk_does(scene):
+    transform, points = _coreComposite()
+    node = nodes.updateTransformNodeFromItk(scene.AddNewNodeByClass("vtkMRMLTransformNode"), transform)
+    fromParent = node.GetTransformFromParent()
+    for p in points:
+        np.testing.assert_allclose(fromParent.TransformPoint(_ras(p)), _ras(transform.TransformPoint(p.tolist())),
+                                   atol=1e-3)
+
+
+def test_core_composite_matches_slicer_reading_transform_h5(scene, tmp_path):
+    """Slicer's own reader of transform.h5 (vtkMRMLTransformStorageNode, ITK -> VTK) is the oracle, set to linear
+    interpolation (it reads grids as cubic; the core and ITK interpolate linearly)."""
+    from deepabdominalreg.transforms import write_transform
+
+    transform, points = _coreComposite()
+    path = write_transform(transform, tmp_path / "transform.h5")
+    readNode = scene.AddNewNodeByClass("vtkMRMLTransformNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(readNode)
+    read = readNode.GetTransformFromParent()
+    for i in range(read.GetNumberOfConcatenatedTransforms()):
+        part = read.GetConcatenatedTransform(i)
+        if part.IsA("vtkOrientedGridTransform"):
+            part.SetInterpolationModeToLinear()
+    ourNode = nodes.updateTransformNodeFromItk(scene.AddNewNodeByClass("vtkMRMLTransformNode"), transform)
+    for p in points:
+        np.testing.assert_allclose(ourNode.GetTransformFromParent().TransformPoint(_ras(p)),
+                                   read.TransformPoint(_ras(p)), atol=1e-3)
+        np.testing.assert_allclose(ourNode.GetTransformToParent().TransformPoint(_ras(p)),
+                                   readNode.GetTransformToParent().TransformPoint(_ras(p)), atol=0.01)
+
+
+def test_a_transform_slicer_cannot_take_is_refused_clearly():
+    bspline = sitk.BSplineTransform(3)
+    with pytest.raises(ValueError, match="BSplineTransform"):
+        nodes.vtkTransformFromItk(bspline)

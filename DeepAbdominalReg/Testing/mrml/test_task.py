@@ -34,13 +34,17 @@ def synthetic(scene):
     movingSeg.GetSegmentation().GetSegment("segment_2").SetColor(0.1, 0.2, 0.9)
     inputs = task.InputNodes(fixedNode, movingNode, movingSegmentation=movingSeg)
     core = task.prepareCoreInputs(inputs)
-    displacement = sitk.Compose([_image(fixed.GetSize(), fixed.GetSpacing(), fixed.GetOrigin(), value=v)
-                                 for v in (1.0, -2.0, 0.5)])
-    inverse = sitk.Compose([_image(moving.GetSize(), moving.GetSpacing(), moving.GetOrigin(), value=v)
-                            for v in (-1.0, 2.0, -0.5)])
+    # the core's composite: affine (here a pure translation) around a displacement on a coarser working grid
+    working = _image((9, 8, 6), (4.0, 4.0, 5.0), (-11.0, 4.0, -1.0))
+    field = sitk.Compose([working + v for v in (0.5, -1.5, 0.25)])
+    shift = sitk.AffineTransform(3)
+    shift.SetTranslation((0.5, -0.5, 0.25))
+    transform = sitk.CompositeTransform([shift, sitk.DisplacementFieldTransform(sitk.Cast(field,
+                                                                                         sitk.sitkVectorFloat64))])
+    inverse = sitk.TranslationTransform(3, (-1.0, 2.0, -0.5))
     outputs = process.CoreOutputs(
         warpedImage=_image(fixed.GetSize(), fixed.GetSpacing(), fixed.GetOrigin(), value=30.0),
-        displacementLps=displacement, inverseDisplacementLps=inverse,
+        transform=transform, inverseTransform=inverse,
         jacobian=_image(fixed.GetSize(), fixed.GetSpacing(), fixed.GetOrigin(), value=1.0),
         displacementMagnitude=_image(fixed.GetSize(), fixed.GetSpacing(), fixed.GetOrigin(), value=2.29),
         warpedLabels=_labels(fixed), metrics=METRICS,
@@ -55,7 +59,7 @@ def test_core_outputs_become_nodes(scene, synthetic):
     assert result.warpedVolume.GetName() == "CT moving warped"
     np.testing.assert_allclose(nodes.volumeNodeToImage(result.warpedVolume).GetOrigin(), (-10.0, 5.0, 0.0))
     transform = result.outputTransform
-    assert transform.IsA("vtkMRMLGridTransformNode")
+    assert transform.IsA("vtkMRMLTransformNode")
     assert transform.GetNodeReferenceID("fixedVolume") == inputs.fixedVolume.GetID()
     assert transform.GetNodeReferenceID("movingVolume") == inputs.movingVolume.GetID()
     x_ras = np.array([10.0, -20.0, 12.0])  # RAS point inside the fixed grid
