@@ -16,6 +16,7 @@ from DeepAbdominalRegLib.parameters import (
     PRESET_NAMES,
     applyPreset,
     configFromParameters,
+    modelComboIndex,
     parametersFromConfig,
     presetMatching,
     shippedModelNames,
@@ -68,10 +69,12 @@ class DeepAbdominalReg(ScriptedLoadableModule):
 Deformable registration of abdominal CT: affine pre-alignment, an optional deep-learning network, and
 instance optimisation, running in the background with progress and Cancel.<br>
 Select the <b>fixed</b> and <b>moving</b> volumes (optionally segmentations and corresponding landmarks) and press
-<b>Register</b>. Outputs: the warped moving volume; a displacement-field transform to apply or harden on the moving
-volume, its segmentations or markups (and its inverse); the warped segmentation; Jacobian-determinant and
-displacement-magnitude maps over the fixed volume (yellow: folding); and a table of Dice/HD95 before and after,
-landmark error, folding, SDlogJ and runtime.<br>
+<b>Register</b>. Afterwards the slice views show the fixed volume with the warped moving volume (fade slider in
+<i>Display</i>); the Jacobian-determinant map (yellow: folding) and the displacement magnitude are overlays to
+choose there, and <i>Show metrics table</i> shows Dice/HD95 before and after, landmark error, folding, SDlogJ and
+runtime. The output transform (and its inverse) can be applied to the moving volume, its segmentations or
+markups to view them on the fixed volume; a moving volume under it is registered again from its own geometry.
+A new fixed/moving pair gets new output nodes; a rerun of the same pair updates them.<br>
 From the Python console: <code>DeepAbdominalReg.DeepAbdominalRegLogic().register(fixedNode, movingNode,
 movingSegmentationNode=seg)</code>.<br>
 Research software, not for clinical use.
@@ -176,6 +179,8 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job = None
         self._updatingGui = False
+        self._installingDependencies = False
+        self._loadFromFileChosen = False  # "load from file..." picked, no file chosen yet (modelComboIndex)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -185,8 +190,12 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = DeepAbdominalRegLogic()
 
+        from DeepAbdominalRegLib.display import DEFAULT_OVERLAY_OPACITY, OVERLAYS
+
         self.ui.modelComboBox.addItems([NO_MODEL_LABEL] + shippedModelNames() + [LOAD_MODEL_LABEL])
         self.ui.presetComboBox.addItems(list(PRESET_NAMES))
+        self.ui.overlayComboBox.addItems([label for _key, label in OVERLAYS])
+        self.ui.overlayOpacitySlider.value = DEFAULT_OVERLAY_OPACITY
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -196,6 +205,9 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelSelected)
         self.ui.huWindowMinSpinBox.connect("valueChanged(double)", self.onHuWindowChanged)
         self.ui.huWindowMaxSpinBox.connect("valueChanged(double)", self.onHuWindowChanged)
+        self.ui.overlayComboBox.connect("currentIndexChanged(int)", self.onOverlayChanged)
+        self.ui.overlayOpacitySlider.connect("valueChanged(double)", self.onOverlayOpacityChanged)
+        self.ui.showTableButton.connect("clicked(bool)", self.onShowTableButton)
         qt.QTimer.singleShot(0, self.updateDeviceInfo)
         self.initializeParameterNode()
 
@@ -219,6 +231,9 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None:  # its input and output nodes are going away: stop it, add nothing
+            self._job.cancel()
+            self.ui.statusLabel.text = _("Cancelled: the scene was closed.")
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -272,25 +287,21 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 spinBox.blockSignals(wasBlocked)
             names = [self.ui.modelComboBox.itemText(i) for i in range(self.ui.modelComboBox.count)]
             loadIndex = names.index(LOAD_MODEL_LABEL)
-            if not p.model:
-                index = 0
-            elif p.model in names[1:loadIndex]:
-                index = names.index(p.model)
-            else:
-                index = loadIndex
-                if self.ui.modelPathLineEdit.currentPath != p.model:
-                    wasBlocked = self.ui.modelPathLineEdit.blockSignals(True)
-                    self.ui.modelPathLineEdit.currentPath = p.model
-                    self.ui.modelPathLineEdit.blockSignals(wasBlocked)
+            index = modelComboIndex(p.model, names, self._loadFromFileChosen)
+            if index == loadIndex and p.model and self.ui.modelPathLineEdit.currentPath != p.model:
+                wasBlocked = self.ui.modelPathLineEdit.blockSignals(True)
+                self.ui.modelPathLineEdit.currentPath = p.model
+                self.ui.modelPathLineEdit.blockSignals(wasBlocked)
             self.ui.modelComboBox.currentIndex = index
             self.ui.modelPathLineEdit.enabled = index == loadIndex
             running = self._job is not None
             canRun = bool(p.fixedVolume and p.movingVolume and p.fixedVolume != p.movingVolume)
-            self.ui.applyButton.enabled = canRun and not running and not getattr(self, "_installingDependencies", False)
+            self.ui.applyButton.enabled = canRun and not running and not self._installingDependencies
             self.ui.applyButton.toolTip = _("Run the registration in the background.") if canRun else _(
                 "Select two different volumes: fixed and moving."
             )
             self.ui.cancelButton.enabled = running
+            self.ui.showTableButton.enabled = p.metricsTable is not None
             self.ui.inverseTransformSelector.enabled = p.computeInverse
         finally:
             self._updatingGui = False
@@ -313,6 +324,7 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is None or self._updatingGui:
             return
         text = self.ui.modelComboBox.currentText
+        self._loadFromFileChosen = text == LOAD_MODEL_LABEL
         if text == NO_MODEL_LABEL:
             self._parameterNode.model = ""
         elif text == LOAD_MODEL_LABEL:
@@ -344,17 +356,52 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateGuiFromParameterNode()
             self.updateDeviceInfo()
         with slicer.util.tryWithErrorDisplay(_("Registration could not start."), waitCursor=True):
+            from DeepAbdominalRegLib.task import ownTransformNotes
+
+            self.ui.logTextEdit.clear()
             self._job = self.logic.registerUsingParameterNode(
-                self._parameterNode, waitForCompletion=False, onProgress=self.onProgress, onFinished=self.onFinished
+                self._parameterNode, waitForCompletion=False, onProgress=self.onProgress, onFinished=self.onFinished,
+                onLog=self.onLog,
             )
             self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = _("Starting...")
+            self.ui.statusLabel.text = "\n".join([_("Starting...")] + ownTransformNotes(self._job.inputs))
         self.updateGuiFromParameterNode()
 
     def onCancelButton(self) -> None:
         if self._job is not None:
             self.ui.statusLabel.text = _("Cancelling...")
             self._job.cancel()
+
+    def onLog(self, line: str) -> None:
+        """A line the run printed (called from the job's QTimer, in the GUI thread)."""
+        self.ui.logTextEdit.appendPlainText(line)
+
+    def _outputNodes(self):
+        p = self._parameterNode
+        return (p.warpedVolume, p.jacobianVolume, p.displacementMagnitudeVolume) if p else (None, None, None)
+
+    def onOverlayChanged(self, index: int = -1) -> None:
+        """Show the chosen overlay (display.OVERLAYS) of the last run over the fixed volume."""
+        from DeepAbdominalRegLib import display
+
+        p = self._parameterNode
+        if p is None or p.fixedVolume is None or self.ui.overlayComboBox.currentIndex < 0:
+            return
+        warped, jacobian, magnitude = self._outputNodes()
+        display.showRegistrationResult(slicer.mrmlScene, p.fixedVolume, warped, jacobian, magnitude,
+                                       overlay=display.OVERLAY_KEYS[self.ui.overlayComboBox.currentIndex],
+                                       opacity=self.ui.overlayOpacitySlider.value)
+
+    def onOverlayOpacityChanged(self, value: float) -> None:
+        from DeepAbdominalRegLib.display import setOverlayOpacity
+
+        setOverlayOpacity(slicer.mrmlScene, value)
+
+    def onShowTableButton(self) -> None:
+        from DeepAbdominalRegLib.display import showTableInLayout
+
+        if self._parameterNode is not None and self._parameterNode.metricsTable is not None:
+            showTableInLayout(self._parameterNode.metricsTable)
 
     def onProgress(self, event: dict) -> None:
         self.ui.progressBar.value = round(100 * float(event.get("fraction", 0.0)))
@@ -372,6 +419,7 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("Registration failed: {error}").format(error=error))
         else:
             self.logic.storeOutputsInParameterNode(self._parameterNode or self.logic.getParameterNode(), outputs)
+            self.onOverlayChanged()  # the overlay and fade the user had chosen (the run shows warped at 0.5)
             self.ui.progressBar.value = 100
             self.ui.statusLabel.text = self.logic.summary(outputs.metrics)
             if outputs.metrics.get("status") == "suspect":
@@ -433,10 +481,11 @@ class DeepAbdominalRegLogic(ScriptedLoadableModuleLogic):
 
     def registerInBackground(self, fixedVolumeNode, movingVolumeNode, *, movingSegmentationNode=None,
                              fixedSegmentationNode=None, fixedLandmarksNode=None, movingLandmarksNode=None,
-                             config=None, preset=None, outputs=None, onProgress=None, onFinished=None,
+                             config=None, preset=None, outputs=None, onProgress=None, onFinished=None, onLog=None,
                              waitForCompletion=False, show=True, **overrides):
         """Register in a ``PythonSlicer`` subprocess; returns the running ``RegistrationJob`` (call ``cancel()``
-        to stop it), or its ``OutputNodes`` when ``waitForCompletion``."""
+        to stop it), or its ``OutputNodes`` when ``waitForCompletion``.  ``onLog(line)`` receives each line the
+        run prints (progress events go to ``onProgress``)."""
         from DeepAbdominalRegLib.dependencies import ensureDependencies
         from DeepAbdominalRegLib.task import RegistrationJob
 
@@ -444,7 +493,7 @@ class DeepAbdominalRegLogic(ScriptedLoadableModuleLogic):
         inputs = self._inputs(fixedVolumeNode, movingVolumeNode, movingSegmentationNode, fixedSegmentationNode,
                               fixedLandmarksNode, movingLandmarksNode)
         job = RegistrationJob(inputs, self._config(config, preset, overrides), outputs,
-                              onProgress=onProgress, onFinished=onFinished, show=show)
+                              onProgress=onProgress, onFinished=onFinished, show=show, onLog=onLog)
         job.start()
         if waitForCompletion:
             return job.wait()
@@ -452,11 +501,16 @@ class DeepAbdominalRegLogic(ScriptedLoadableModuleLogic):
         return job
 
     def registerUsingParameterNode(self, parameterNode, waitForCompletion=False, **kwargs):
-        from DeepAbdominalRegLib.task import OutputNodes
+        """Register the parameter node's inputs; its remembered outputs are updated only for the same fixed/moving
+        pair (``task.outputsForPair``): a new pair gets new nodes named after it."""
+        from DeepAbdominalRegLib.task import OutputNodes, outputsForPair
 
         p = parameterNode
-        outputs = OutputNodes(p.warpedVolume, p.outputTransform, p.inverseTransform if p.computeInverse else None,
-                              p.warpedSegmentation, p.jacobianVolume, p.displacementMagnitudeVolume, p.metricsTable)
+        outputs = outputsForPair(
+            OutputNodes(p.warpedVolume, p.outputTransform, p.inverseTransform if p.computeInverse else None,
+                        p.warpedSegmentation, p.jacobianVolume, p.displacementMagnitudeVolume, p.metricsTable),
+            p.fixedVolume, p.movingVolume,
+        )
         return self.registerInBackground(
             p.fixedVolume, p.movingVolume, movingSegmentationNode=p.movingSegmentation,
             fixedSegmentationNode=p.fixedSegmentation, fixedLandmarksNode=p.fixedLandmarks,

@@ -58,6 +58,7 @@ REQUIREMENTS: dict[str, str] = {
 }
 NOT_NEEDED_BY_RUN: dict[str, str] = {
     "matplotlib": "draws report.png only; the module's run passes --no-report",
+    "tqdm": "the batch command's progress bar only; the module's run is one register",
 }
 TORCH_VERSION_REQUIREMENT = ">=2.1"
 REQUESTER = "DeepAbdominalReg"

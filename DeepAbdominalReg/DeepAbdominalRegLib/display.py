@@ -13,15 +13,21 @@ import slicer
 import vtk
 
 __all__ = [
+    "DEFAULT_OVERLAY_OPACITY",
     "DISPLACEMENT_COLOR_NODE_NAME",
     "JACOBIAN_COLOR_NODE_NAME",
+    "OVERLAYS",
+    "OVERLAY_KEYS",
     "addColorLegend",
+    "fitSliceViews",
     "getOrCreateDisplacementColorNode",
     "getOrCreateJacobianColorNode",
     "metricsRows",
+    "setOverlayOpacity",
     "showDisplacementMagnitude",
     "showJacobian",
     "showOverlay",
+    "showRegistrationResult",
     "showTableInLayout",
     "updateMetricsTable",
 ]
@@ -104,7 +110,9 @@ def _displayNode(volumeNode):
 
 
 def showJacobian(volumeNode, legend: bool = True):
-    """Display a Jacobian-determinant volume with the diverging map centred on 1 (window 2, level 1)."""
+    """Display a Jacobian-determinant volume with the diverging map centred on 1 (window 2, level 1).
+
+    ``legend``: add its colour legend, hidden until the map is the overlay (:func:`showRegistrationResult`)."""
     colorNode = getOrCreateJacobianColorNode(volumeNode.GetScene())
     displayNode = _displayNode(volumeNode)
     displayNode.SetAndObserveColorNodeID(colorNode.GetID())
@@ -113,12 +121,13 @@ def showJacobian(volumeNode, legend: bool = True):
     displayNode.SetWindowLevelMinMax(low, high)
     displayNode.SetInterpolate(False)
     if legend:
-        addColorLegend(volumeNode, "Jacobian determinant (yellow: folding, det <= 0)")
+        addColorLegend(volumeNode, "Jacobian determinant (yellow: folding, det <= 0)", visible=False)
     return displayNode
 
 
 def showDisplacementMagnitude(volumeNode, maximumMm: float | None = None, legend: bool = True):
-    """Display a displacement-magnitude volume (mm) with a sequential map from 0 to ``maximumMm``."""
+    """Display a displacement-magnitude volume (mm) with a sequential map from 0 to ``maximumMm`` (default: its
+    99.5th percentile); ``legend`` as in :func:`showJacobian`."""
     colorNode = getOrCreateDisplacementColorNode(volumeNode.GetScene())
     displayNode = _displayNode(volumeNode)
     displayNode.SetAndObserveColorNodeID(colorNode.GetID())
@@ -128,11 +137,11 @@ def showDisplacementMagnitude(volumeNode, maximumMm: float | None = None, legend
     displayNode.AutoWindowLevelOff()
     displayNode.SetWindowLevelMinMax(0.0, max(float(maximumMm), 1e-3))
     if legend:
-        addColorLegend(volumeNode, "Displacement (mm)")
+        addColorLegend(volumeNode, "Displacement (mm)", visible=False)
     return displayNode
 
 
-def addColorLegend(displayableNode, title: str):
+def addColorLegend(displayableNode, title: str, visible: bool = True):
     """Add a colour legend to ``displayableNode`` where this Slicer has colour legends (5.0+); else ``None``."""
     legendNode = None
     try:  # the application's colours module, when running in Slicer
@@ -152,8 +161,65 @@ def addColorLegend(displayableNode, title: str):
     if hasattr(legendNode, "SetUseColorNamesForLabels"):
         legendNode.SetUseColorNamesForLabels(False)
     legendNode.SetLabelFormat("%.2f")
-    legendNode.SetVisibility(True)
+    legendNode.SetVisibility(bool(visible))
     return legendNode
+
+
+OVERLAYS = (
+    ("warped", "Warped moving volume"),
+    ("jacobian", "Jacobian determinant (yellow: folding)"),
+    ("displacement", "Displacement magnitude (mm)"),
+    ("none", "None (fixed volume only)"),
+)
+"""What the slice views can show over the fixed volume after a run: ``(key, label)``; the panel lists the labels."""
+OVERLAY_KEYS = tuple(key for key, _ in OVERLAYS)
+DEFAULT_OVERLAY_OPACITY = 0.5
+"""Half-way fade between the fixed (background) and the overlay (foreground)."""
+
+
+def _legendNodes(displayableNode) -> list:
+    if displayableNode is None:
+        return []
+    found = []
+    for index in range(displayableNode.GetNumberOfDisplayNodes()):
+        displayNode = displayableNode.GetNthDisplayNode(index)
+        if displayNode is not None and displayNode.IsA("vtkMRMLColorLegendDisplayNode"):
+            found.append(displayNode)
+    return found
+
+
+def showRegistrationResult(scene, fixedVolumeNode, warpedVolumeNode=None, jacobianVolumeNode=None,
+                           displacementVolumeNode=None, overlay: str = "warped",
+                           opacity: float = DEFAULT_OVERLAY_OPACITY):
+    """Show the fixed volume in every slice view with one overlay (:data:`OVERLAYS`) as the foreground layer.
+
+    The default, ``"warped"``, is the fixed/warped-moving fade of SlicerElastix and ANTs; the Jacobian and
+    displacement maps are one choice away, each with its colour legend shown only while it is the overlay (a map
+    over the whole field of view is a wash of colour that hides the anatomy, so none is on by default).  The layout
+    is left as the user had it.  Returns the foreground node (``None`` for ``"none"`` or a missing output).
+    """
+    if overlay not in OVERLAY_KEYS:
+        raise ValueError(f"overlay {overlay!r}: choose one of {', '.join(OVERLAY_KEYS)}")
+    maps = {"warped": warpedVolumeNode, "jacobian": jacobianVolumeNode, "displacement": displacementVolumeNode}
+    foreground = maps.get(overlay)
+    showOverlay(scene, fixedVolumeNode, foreground, opacity=opacity if foreground is not None else 0.0)
+    for key in ("jacobian", "displacement"):
+        for legend in _legendNodes(maps[key]):
+            legend.SetVisibility(key == overlay)
+    return foreground
+
+
+def setOverlayOpacity(scene, opacity: float) -> None:
+    """The fade between the fixed volume (0) and the overlay (1) in every slice view."""
+    for compositeNode in _nodesByClass(scene, "vtkMRMLSliceCompositeNode"):
+        compositeNode.SetForegroundOpacity(min(max(float(opacity), 0.0), 1.0))
+
+
+def fitSliceViews() -> None:
+    """Fit every slice view to its volumes (Slicer application only; nothing without it)."""
+    app = getattr(slicer, "app", None)
+    if app is not None and app.layoutManager() is not None:
+        slicer.util.resetSliceViews()
 
 
 def showOverlay(scene, backgroundVolumeNode, foregroundVolumeNode, opacity: float = 0.5, labelVolumeNode=None):

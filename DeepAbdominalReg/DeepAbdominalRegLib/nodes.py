@@ -28,11 +28,15 @@ __all__ = [
     "LPS_TO_RAS",
     "InputNodeError",
     "SegmentInfo",
+    "effectiveParentTransform",
     "gridTransformFromDisplacement",
     "ijkToRasFromImage",
+    "isOwnOutputTransform",
     "labelNamesFromSegments",
     "markupsNodeToPointsLps",
+    "pairOf",
     "segmentationNodeToLabelImage",
+    "setPairReferences",
     "unambiguousInputVolumes",
     "updateSegmentationNodeFromLabelImage",
     "updateTransformNodeFromItk",
@@ -46,6 +50,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 FIXED_VOLUME_REFERENCE_ROLE = "fixedVolume"
 MOVING_VOLUME_REFERENCE_ROLE = "movingVolume"
+USAGE_ATTRIBUTE = "DeepAbdominalReg.Usage"
+"""Set on this module's output transforms (how to use them); also how :func:`isOwnOutputTransform` knows them."""
 
 
 class InputNodeError(ValueError):
@@ -94,9 +100,26 @@ def _setGeometryFromIjkToRas(image: sitk.Image, ijkToRas: np.ndarray) -> sitk.Im
     return image
 
 
+def isOwnOutputTransform(transformNode) -> bool:
+    """Whether ``transformNode`` is an output transform of this module (:func:`updateTransformNodeFromItk`)."""
+    return transformNode is not None and transformNode.GetAttribute(USAGE_ATTRIBUTE) is not None
+
+
+def effectiveParentTransform(node):
+    """The parent transform an input's geometry is read through: ``None`` when there is none or when it is this
+    module's own output transform.
+
+    A moving volume (or its segmentation / markups) placed under the output transform to view the result is
+    registered again from its own, local geometry: the transform describes this registration's result, not where
+    the data are (``task.ownTransformNotes`` says so in the panel)."""
+    transformNode = node.GetParentTransformNode() if node is not None else None
+    return None if isOwnOutputTransform(transformNode) else transformNode
+
+
 def _linearParentToWorld(node, role: str) -> np.ndarray | None:
-    """The parent transform of ``node`` as a 4x4 matrix (``None`` if there is none); raise if it is non-linear."""
-    transformNode = node.GetParentTransformNode()
+    """The parent transform of ``node`` as a 4x4 matrix (``None`` if there is none, or it is this module's own output
+    transform: :func:`effectiveParentTransform`); raise if it is non-linear."""
+    transformNode = effectiveParentTransform(node)
     if transformNode is None:
         return None
     if not transformNode.IsTransformToWorldLinear():
@@ -217,8 +240,8 @@ def segmentationNodeToLabelImage(
     segmentIds = list(segmentation.GetSegmentIDs())
     if not segmentIds:
         raise InputNodeError(f"{role} '{segmentationNode.GetName()}' has no segments; add segments or leave it empty.")
-    segmentTransform = segmentationNode.GetParentTransformNode()
-    volumeTransform = referenceVolumeNode.GetParentTransformNode()
+    segmentTransform = effectiveParentTransform(segmentationNode)
+    volumeTransform = effectiveParentTransform(referenceVolumeNode)
     if segmentTransform is not None and segmentTransform is not volumeTransform:
         raise InputNodeError(
             f"{role} '{segmentationNode.GetName()}' is under the transform '{segmentTransform.GetName()}' but "
@@ -322,8 +345,10 @@ def updateSegmentationNodeFromLabelImage(segmentationNode, labels: sitk.Image, i
 
 
 def markupsNodeToPointsLps(markupsNode, role: str = "landmarks") -> np.ndarray:
-    """World positions of a markups node's control points, ``(N, 3)`` in LPS mm (any parent transform applied)."""
+    """World positions of a markups node's control points, ``(N, 3)`` in LPS mm (any parent transform applied, except
+    this module's own output transform: :func:`effectiveParentTransform`)."""
     count = markupsNode.GetNumberOfControlPoints()
+    local = effectiveParentTransform(markupsNode) is None and markupsNode.GetParentTransformNode() is not None
     points = np.zeros((count, 3), dtype=np.float64)
     position = [0.0, 0.0, 0.0]
     defined = slicer.vtkMRMLMarkupsNode.PositionDefined
@@ -333,7 +358,10 @@ def markupsNodeToPointsLps(markupsNode, role: str = "landmarks") -> np.ndarray:
                 f"{role} '{markupsNode.GetName()}': point {index + 1} "
                 f"('{markupsNode.GetNthControlPointLabel(index)}') has no position; place or delete it."
             )
-        markupsNode.GetNthControlPointPositionWorld(index, position)
+        if local:
+            markupsNode.GetNthControlPointPosition(index, position)
+        else:
+            markupsNode.GetNthControlPointPositionWorld(index, position)
         points[index] = position
     return points @ LPS_TO_RAS.T
 
@@ -429,15 +457,27 @@ def updateTransformNodeFromItk(transformNode, transform: sitk.Transform | sitk.I
     ``movingVolume`` record which registration produced it.
     """
     transformNode.SetAndObserveTransformFromParent(vtkTransformFromItk(transform))
-    if fixedVolumeNode is not None:
-        transformNode.SetNodeReferenceID(FIXED_VOLUME_REFERENCE_ROLE, fixedVolumeNode.GetID())
-    if movingVolumeNode is not None:
-        transformNode.SetNodeReferenceID(MOVING_VOLUME_REFERENCE_ROLE, movingVolumeNode.GetID())
+    setPairReferences(transformNode, fixedVolumeNode, movingVolumeNode)
     transformNode.SetAttribute(
-        "DeepAbdominalReg.Usage",
+        USAGE_ATTRIBUTE,
         usage or "Apply to the moving volume (or its segmentation/markups) to align it with the fixed volume.",
     )
     return transformNode
+
+
+def setPairReferences(outputNode, fixedVolumeNode, movingVolumeNode) -> None:
+    """Record on an output node which fixed/moving pair produced it (node references, saved with the scene)."""
+    if fixedVolumeNode is not None:
+        outputNode.SetNodeReferenceID(FIXED_VOLUME_REFERENCE_ROLE, fixedVolumeNode.GetID())
+    if movingVolumeNode is not None:
+        outputNode.SetNodeReferenceID(MOVING_VOLUME_REFERENCE_ROLE, movingVolumeNode.GetID())
+
+
+def pairOf(outputNode) -> tuple[str | None, str | None] | None:
+    """``(fixed ID, moving ID)`` recorded by :func:`setPairReferences`, or ``None`` for a node without them."""
+    fixedId = outputNode.GetNodeReferenceID(FIXED_VOLUME_REFERENCE_ROLE)
+    movingId = outputNode.GetNodeReferenceID(MOVING_VOLUME_REFERENCE_ROLE)
+    return None if fixedId is None and movingId is None else (fixedId, movingId)
 
 
 def unambiguousInputVolumes(scene) -> tuple | None:

@@ -24,6 +24,7 @@ __all__ = [
     "camelCase",
     "configFromParameters",
     "formatLevels",
+    "modelComboIndex",
     "parametersFromConfig",
     "parseLevels",
     "presetMatching",
@@ -242,3 +243,19 @@ def shippedModelNames(directory: str | None = None) -> list[str]:
         if isinstance(name, str) and name:
             names.append(name)
     return names
+
+
+def modelComboIndex(model: str, items: list[str], loadFromFileChosen: bool = False) -> int:
+    """Which entry of the model combo box shows ``model`` (the parameter: '' = no network, a shipped model's name,
+    or a file path); ``items`` are the combo's texts: :data:`NO_MODEL_LABEL`, the shipped names,
+    :data:`LOAD_MODEL_LABEL`.
+
+    ``loadFromFileChosen``: the user picked "load from file..." and has not chosen a file yet; the model is then ''
+    but the combo stays on "load from file..." instead of snapping back to "none".
+    """
+    loadIndex = items.index(LOAD_MODEL_LABEL)
+    if not model:
+        return loadIndex if loadFromFileChosen else 0
+    if model in items[1:loadIndex]:
+        return items.index(model)
+    return loadIndex

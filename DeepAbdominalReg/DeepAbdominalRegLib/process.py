@@ -8,8 +8,9 @@ Nothing here touches the scene.  The MRML side (:mod:`DeepAbdominalRegLib.task`)
   passed with ``--config``; only paths and output options are flags), launches the command, forwards its progress,
   reads the outputs back into memory and removes the folder in ``finally``, whatever happened.
 * :class:`RegistrationProcess` runs the command in its own process group: reader threads queue the JSON-lines
-  progress events of stdout, :meth:`RegistrationProcess.poll` hands them over; :meth:`RegistrationProcess.cancel`
-  kills the whole process tree (the launcher and the Python it started).
+  progress events of stdout and every other output line (nothing is logged from those threads),
+  :meth:`RegistrationProcess.poll` and :meth:`RegistrationProcess.pollLines` hand them over in the caller's thread;
+  :meth:`RegistrationProcess.cancel` kills the whole process tree (the launcher and the Python it started).
 
 Polling is driven by a ``qt.QTimer`` in the GUI (:meth:`BackgroundRegistration.startTimer`, the only place Qt is
 imported) or by the blocking :meth:`BackgroundRegistration.wait` (Python console, tests).  A CUDA out-of-memory
@@ -229,6 +230,7 @@ def subprocessEnvironment() -> dict[str, str]:
     env = dict(os.environ) if env is None else env
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(MODULE_DIRECTORY), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"  # the pipes are read as UTF-8 (on Windows the default is the ANSI code page)
     return env
 
 
@@ -262,6 +264,7 @@ class RegistrationProcess:
         self.proc: subprocess.Popen | None = None
         self.cancelled = False
         self._events: queue.Queue = queue.Queue()
+        self._lines: queue.Queue = queue.Queue()
         self._stderr: collections.deque[str] = collections.deque(maxlen=200)
         self._threads: list[threading.Thread] = []
 
@@ -295,12 +298,12 @@ class RegistrationProcess:
         if isinstance(event, dict) and "stage" in event:
             self._events.put(event)
         elif line.strip():
-            logger.info("[deepabdominalreg] %s", line)
+            self._lines.put(line)
 
     def _onStderr(self, line: str) -> None:
         self._stderr.append(line)
         if line.strip():
-            logger.info("[deepabdominalreg] %s", line)
+            self._lines.put(line)
 
     def poll(self) -> list[dict]:
         """Progress events received since the last call (``{"stage", "fraction", "message"}`` dicts)."""
@@ -310,6 +313,15 @@ class RegistrationProcess:
                 events.append(self._events.get_nowait())
             except queue.Empty:
                 return events
+
+    def pollLines(self) -> list[str]:
+        """The command's output lines (stderr, and stdout lines that are not progress events) since the last call."""
+        lines = []
+        while True:
+            try:
+                lines.append(self._lines.get_nowait())
+            except queue.Empty:
+                return lines
 
     def isRunning(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -367,7 +379,8 @@ class RegistrationProcess:
 class BackgroundRegistration:
     """``CoreInputs`` + ``RegistrationConfig`` -> temporary files -> subprocess -> ``CoreOutputs``.
 
-    ``onProgress(event: dict)`` gets each progress event; ``onFinished(outputs: CoreOutputs | None, error:
+    ``onProgress(event: dict)`` gets each progress event, ``onLog(line: str)`` each other output line of the command
+    (also logged, from the polling thread); ``onFinished(outputs: CoreOutputs | None, error:
     Exception | None)`` is called once, after the temporary folder was removed.  :meth:`start` writes the files
     (errors raise immediately) and launches the process; drive it with :meth:`startTimer` (GUI, Qt timer) or
     :meth:`wait` (blocking).
@@ -378,11 +391,12 @@ class BackgroundRegistration:
     def __init__(self, core: CoreInputs, config: RegistrationConfig, *,
                  onProgress: Callable[[dict], None] | None = None,
                  onFinished: Callable[[CoreOutputs | None, Exception | None], None] | None = None,
-                 python: str | None = None):
+                 python: str | None = None, onLog: Callable[[str], None] | None = None):
         self.core = core
         self.config = config
         self.onProgress = onProgress
         self.onFinished = onFinished
+        self.onLog = onLog
         self.python = python
         self.process: RegistrationProcess | None = None
         self.tempDir: Path | None = None
@@ -428,10 +442,18 @@ class BackgroundRegistration:
         for event in self.process.poll():
             if self.onProgress is not None and event.get("stage") != "finished":
                 self.onProgress(event)
+        self._forwardLines()
         if not self.process.finished():
             return False
+        self._forwardLines()  # what the reader threads queued between the two checks
         self._finish()
         return True
+
+    def _forwardLines(self) -> None:
+        for line in self.process.pollLines():
+            logger.info("[deepabdominalreg] %s", line)
+            if self.onLog is not None:
+                self.onLog(line)
 
     def wait(self, timeoutSeconds: float | None = None, shouldStop: Callable[[], bool] | None = None) -> CoreOutputs:
         """Block until done (no Qt needed), cancelling on ``shouldStop()`` or the timeout; raise the error, if any."""

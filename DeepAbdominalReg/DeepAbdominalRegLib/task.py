@@ -35,6 +35,8 @@ __all__ = [
     "RegistrationJob",
     "applyCoreOutputs",
     "checkOutputsAreNotInputs",
+    "outputsForPair",
+    "ownTransformNotes",
     "prepareCoreInputs",
     "registerBlocking",
 ]
@@ -120,6 +122,40 @@ def checkOutputsAreNotInputs(inputs: InputNodes, requested: OutputNodes | None) 
             )
 
 
+def outputsForPair(requested: OutputNodes | None, fixedVolumeNode, movingVolumeNode) -> OutputNodes:
+    """The requested output nodes that may be filled by a registration of this fixed/moving pair.
+
+    A node made by an earlier run of *another* pair (its :func:`nodes.pairOf` references name other volumes) is not
+    overwritten: ``None`` in its place makes the run create a new node named after the new pair.  Nodes of the
+    same pair are updated in place (a rerun with other settings), and a node the user picked that this module did
+    not make is filled as asked.
+    """
+    requested = requested or OutputNodes()
+    wanted = tuple(node.GetID() if node is not None else None for node in (fixedVolumeNode, movingVolumeNode))
+    kept = {}
+    for field_ in dataclasses.fields(OutputNodes):
+        node = getattr(requested, field_.name)
+        if field_.name != "metrics" and node is not None:
+            pair = nodes.pairOf(node)
+            node = node if pair is None or pair == wanted else None
+        kept[field_.name] = node
+    return OutputNodes(**kept)
+
+
+def ownTransformNotes(inputs: InputNodes) -> list[str]:
+    """One sentence per input node placed under this module's own output transform (registered from its local
+    geometry, :func:`nodes.effectiveParentTransform`), for the panel's status."""
+    notes = []
+    for field_ in dataclasses.fields(InputNodes):
+        node = getattr(inputs, field_.name)
+        transformNode = node.GetParentTransformNode() if node is not None else None
+        if nodes.isOwnOutputTransform(transformNode):
+            notes.append(f"'{node.GetName()}' is shown under this module's output transform "
+                         f"'{transformNode.GetName()}'; it is registered from its own geometry (the transform is "
+                         "ignored, not hardened).")
+    return notes
+
+
 def _allNodeIds(scene) -> set[str]:
     return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
 
@@ -199,9 +235,14 @@ def applyCoreOutputs(outputs: CoreOutputs, core: CoreInputs, inputs: InputNodes,
         )
         display.updateMetricsTable(result.metricsTable, outputs.metrics)
 
+        for node in (result.warpedVolume, result.inverseTransform, result.warpedSegmentation, result.jacobianVolume,
+                     result.displacementMagnitudeVolume, result.metricsTable):
+            if node is not None:
+                nodes.setPairReferences(node, inputs.fixedVolume, inputs.movingVolume)
         if show:
-            display.showOverlay(scene, inputs.fixedVolume, result.jacobianVolume, opacity=0.4)
-            display.showTableInLayout(result.metricsTable)
+            display.showRegistrationResult(scene, inputs.fixedVolume, result.warpedVolume, result.jacobianVolume,
+                                           result.displacementMagnitudeVolume)
+            display.fitSliceViews()
     except Exception:
         added = [scene.GetNodeByID(i) for i in _allNodeIds(scene) - before]
         for node in added:
@@ -244,16 +285,18 @@ def registerBlocking(inputs: InputNodes, config: RegistrationConfig, requested: 
 class RegistrationJob:
     """One background registration: input nodes -> :class:`BackgroundRegistration` -> output nodes.
 
-    ``onProgress(event: dict)`` gets each progress event; ``onFinished(outputs: OutputNodes | None,
-    error: Exception | None)`` is called once.  :meth:`start` checks and converts the inputs (errors raise
-    immediately) and launches the process; drive it with :meth:`startTimer` (GUI, Qt timer) or :meth:`wait`.
+    ``onProgress(event: dict)`` gets each progress event, ``onLog(line: str)`` each other output line of the run;
+    ``onFinished(outputs: OutputNodes | None, error: Exception | None)`` is called once.  :meth:`start` checks and
+    converts the inputs (errors raise immediately) and launches the process; drive it with :meth:`startTimer` (GUI,
+    Qt timer) or :meth:`wait`.
     """
 
     def __init__(self, inputs: InputNodes, config: RegistrationConfig, requested: OutputNodes | None = None, *,
                  onProgress: Callable[[dict], None] | None = None,
                  onFinished: Callable[[OutputNodes | None, Exception | None], None] | None = None,
-                 show: bool = True, python: str | None = None):
+                 show: bool = True, python: str | None = None, onLog: Callable[[str], None] | None = None):
         self.inputs = inputs
+        self.onLog = onLog
         self.config = config
         self.requested = requested
         self.onProgress = onProgress
@@ -278,7 +321,7 @@ class RegistrationJob:
         checkOutputsAreNotInputs(self.inputs, self.requested)
         self.core = prepareCoreInputs(self.inputs)
         self.run = BackgroundRegistration(self.core, self.config, onProgress=self.onProgress,
-                                          onFinished=self._onRunFinished, python=self.python)
+                                          onFinished=self._onRunFinished, python=self.python, onLog=self.onLog)
         self.run.start()
 
     def startTimer(self) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import slicer
 from DeepAbdominalRegLib import dependencies as deps
+from DeepAbdominalRegLib import task
 from slicer_app_stubs import slicerApplicationStubs
 
 MODULE_DIR = Path(__file__).resolve().parents[2]
@@ -242,17 +243,20 @@ def _widget(module):
     widget._job = None
     widget._parameterNode = object()
     widget.ui = types.SimpleNamespace(statusLabel=_Label(), progressBar=types.SimpleNamespace(value=-1),
-                                      deviceInfoLabel=_Label())
+                                      deviceInfoLabel=_Label(), logTextEdit=types.SimpleNamespace(clear=lambda: None))
     widget.guiUpdates = []
     widget.updateGuiFromParameterNode = lambda: widget.guiUpdates.append(widget._installingDependencies)
     widget.starts = []
 
     def registerUsingParameterNode(parameterNode, **kwargs):
         widget.starts.append(parameterNode)
-        return "job"
+        return JOB
 
     widget.logic = types.SimpleNamespace(registerUsingParameterNode=registerUsingParameterNode)
     return widget
+
+
+JOB = types.SimpleNamespace(inputs=task.InputNodes(None, None))  # a started job (no inputs under a transform)
 
 
 def test_a_second_register_click_during_the_install_starts_nothing(monkeypatch, module):
@@ -271,7 +275,7 @@ def test_a_second_register_click_during_the_install_starts_nothing(monkeypatch, 
     widget.onApplyButton()
     assert during == {"status": "Installing PyTorch and dependencies…", "installing": True, "starts": 0}
     assert len(recorder.pipEnsureCalls) == 1 and len(recorder.confirmations) == 1
-    assert widget.starts == [widget._parameterNode] and widget._job == "job"
+    assert widget.starts == [widget._parameterNode] and widget._job is JOB
     assert widget.guiUpdates[0] is True and widget.guiUpdates[-1] is False  # Register disabled, then enabled
     assert widget.ui.deviceInfoLabel.text.startswith("PyTorch 2.13.0+cpu installed")
 

@@ -105,3 +105,13 @@ def test_shipped_model_names_read_cards_without_torch(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     assert parameters.shippedModelNames(str(tmp_path)) == ["abdomen-v1"]
     assert parameters.shippedModelNames(str(tmp_path / "missing")) == []
+
+
+def test_model_combo_index_does_not_snap_back_from_load_from_file():
+    items = [parameters.NO_MODEL_LABEL, "abdomen-a", "abdomen-b", parameters.LOAD_MODEL_LABEL]
+    assert parameters.modelComboIndex("", items) == 0
+    assert parameters.modelComboIndex("abdomen-b", items) == 2
+    assert parameters.modelComboIndex("/data/my_model.pt", items) == 3
+    # "load from file..." picked while a shipped model was selected: no file yet, the combo stays there
+    assert parameters.modelComboIndex("", items, loadFromFileChosen=True) == 3
+    assert parameters.modelComboIndex("abdomen-a", items, loadFromFileChosen=True) == 1

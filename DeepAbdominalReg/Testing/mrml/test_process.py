@@ -96,6 +96,32 @@ def test_process_forwards_json_progress_and_ignores_other_output():
     events = _wait(runningProcess)
     assert [e["message"] for e in events] == ["step 0", "step 1", "step 2"]
     assert runningProcess.returncode == 0 and not runningProcess.cancelled
+    # the other lines are queued for the polling thread (the panel's log box), not logged from the reader threads
+    assert sorted(runningProcess.pollLines()) == ["a warning", "loading torch..."]
+    assert runningProcess.pollLines() == []
+
+
+def test_background_registration_streams_the_run_lines_to_on_log_and_the_log(tmp_path, fakeInterpreter, caplog):
+    script, _ = fakeInterpreter
+    lines = []
+    run = process.BackgroundRegistration(_core(), unusualConfig(), python=str(script), onLog=lines.append)
+    run.start()
+    with caplog.at_level("INFO", logger=process.logger.name), pytest.raises(process.RegistrationFailed):
+        run.wait(timeoutSeconds=120)
+    assert lines == ["error: recorded the command line"]
+    assert "[deepabdominalreg] error: recorded the command line" in caplog.text
+
+
+def test_the_child_writes_utf8_to_the_pipes_it_is_read_from():
+    env = process.subprocessEnvironment()
+    assert env["PYTHONIOENCODING"] == "utf-8" and env["PYTHONUNBUFFERED"] == "1"
+    runningProcess = process.RegistrationProcess(_python("""
+        import sys
+        print("Jacobian ≤ 0 in 0.1 % — Dice 0.91 µm", file=sys.stderr)
+    """), env=env)
+    runningProcess.start()
+    _wait(runningProcess)
+    assert runningProcess.pollLines() == ["Jacobian ≤ 0 in 0.1 % — Dice 0.91 µm"]
 
 
 def test_process_error_message_is_the_cli_error_line():

@@ -108,3 +108,82 @@ def test_prepare_inputs_rejects_bad_selections(scene, synthetic):
     markups = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
     with pytest.raises(nodes.InputNodeError, match="both a fixed and a moving"):
         task.prepareCoreInputs(task.InputNodes(inputs.fixedVolume, inputs.movingVolume, fixedLandmarks=markups))
+
+
+def test_after_a_run_the_views_show_fixed_with_the_warped_moving_and_no_map(scene, synthetic):
+    inputs, core, outputs = synthetic
+    composites = [scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") for _ in range(3)]
+    result = task.applyCoreOutputs(outputs, core, inputs, show=True)
+    for composite in composites:
+        assert composite.GetBackgroundVolumeID() == inputs.fixedVolume.GetID()
+        assert composite.GetForegroundVolumeID() == result.warpedVolume.GetID()
+        assert composite.GetForegroundOpacity() == display.DEFAULT_OVERLAY_OPACITY
+    legends = scene.GetNodesByClass("vtkMRMLColorLegendDisplayNode")
+    assert legends.GetNumberOfItems() == 2
+    assert not any(legends.GetItemAsObject(i).GetVisibility() for i in range(2))  # no map legend over the fade
+    # one choice away: the Jacobian as the overlay, with its legend (and only its legend)
+    shown = display.showRegistrationResult(scene, inputs.fixedVolume, result.warpedVolume, result.jacobianVolume,
+                                           result.displacementMagnitudeVolume, overlay="jacobian", opacity=0.7)
+    assert shown is result.jacobianVolume
+    assert all(c.GetForegroundVolumeID() == result.jacobianVolume.GetID() for c in composites)
+    visible = [legends.GetItemAsObject(i) for i in range(2) if legends.GetItemAsObject(i).GetVisibility()]
+    assert [legend.GetTitleText() for legend in visible] == [
+        "Jacobian determinant (yellow: folding, det <= 0)"]
+    display.setOverlayOpacity(scene, 0.25)
+    assert all(c.GetForegroundOpacity() == 0.25 for c in composites)
+    assert display.showRegistrationResult(scene, inputs.fixedVolume, overlay="none") is None
+    assert all(c.GetForegroundVolumeID() is None and c.GetBackgroundVolumeID() == inputs.fixedVolume.GetID()
+               for c in composites)
+    with pytest.raises(ValueError, match="choose one of"):
+        display.showRegistrationResult(scene, inputs.fixedVolume, overlay="jacobians")
+
+
+def test_outputs_are_reused_only_for_the_same_pair(scene, synthetic):
+    inputs, core, outputs = synthetic
+    first = task.applyCoreOutputs(outputs, core, inputs)
+    for node in (first.warpedVolume, first.outputTransform, first.jacobianVolume, first.metricsTable):
+        assert nodes.pairOf(node) == (inputs.fixedVolume.GetID(), inputs.movingVolume.GetID())
+    remembered = task.OutputNodes(first.warpedVolume, first.outputTransform, first.inverseTransform,
+                                  first.warpedSegmentation, first.jacobianVolume, first.displacementMagnitudeVolume,
+                                  first.metricsTable)
+    same = task.outputsForPair(remembered, inputs.fixedVolume, inputs.movingVolume)
+    assert same.outputTransform is first.outputTransform and same.metricsTable is first.metricsTable
+    # another moving volume: nothing of the first pair is overwritten; the new nodes carry the new pair's name
+    other = addVolumeNode(scene, _image((15, 13, 11), (2.2, 2.1, 2.9), (-12.0, 4.0, 1.0), value=20.0), "CT later")
+    fresh = task.outputsForPair(remembered, inputs.fixedVolume, other)
+    assert all(getattr(fresh, name) is None for name in ("warpedVolume", "outputTransform", "inverseTransform",
+                                                          "warpedSegmentation", "jacobianVolume",
+                                                          "displacementMagnitudeVolume", "metricsTable"))
+    swapped = task.outputsForPair(remembered, inputs.movingVolume, inputs.fixedVolume)
+    assert swapped.warpedVolume is None  # fixed and moving exchanged is another registration
+    second = task.applyCoreOutputs(outputs, core, task.InputNodes(inputs.fixedVolume, other), fresh)
+    assert second.warpedVolume is not first.warpedVolume and second.warpedVolume.GetName() == "CT later warped"
+    assert "CT later to CT fixed" in second.outputTransform.GetName()
+    # a node the user picked that this module did not make is filled as asked
+    mine = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my warped")
+    assert task.outputsForPair(task.OutputNodes(warpedVolume=mine), inputs.fixedVolume, other).warpedVolume is mine
+
+
+def test_inputs_under_the_modules_own_output_transform_use_their_local_geometry(scene, synthetic):
+    inputs, core, outputs = synthetic
+    result = task.applyCoreOutputs(outputs, core, inputs)
+    before = nodes.volumeNodeToImage(inputs.movingVolume, "moving volume")
+    landmarks = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "moving points")
+    landmarks.AddControlPoint([3.0, -4.0, 5.0])  # RAS
+    expectedLps = np.array([[-3.0, 4.0, 5.0]])
+    for node in (inputs.movingVolume, inputs.movingSegmentation, landmarks):
+        node.SetAndObserveTransformNodeID(result.outputTransform.GetID())  # how a user views the result
+    assert task.ownTransformNotes(inputs) == [
+        f"'{n}' is shown under this module's output transform '{result.outputTransform.GetName()}'; it is registered "
+        "from its own geometry (the transform is ignored, not hardened)." for n in ("CT moving", "moving organs")]
+    again = task.prepareCoreInputs(inputs)  # not refused as "non-linear, harden first"
+    np.testing.assert_allclose(again.moving.GetOrigin(), before.GetOrigin())
+    np.testing.assert_allclose(again.moving.GetDirection(), before.GetDirection())
+    assert sitk.GetArrayViewFromImage(again.movingLabels).max() == 2
+    np.testing.assert_allclose(nodes.markupsNodeToPointsLps(landmarks), expectedLps)
+    # any other non-linear transform is still refused with the fix named
+    foreign = scene.AddNewNodeByClass("vtkMRMLTransformNode", "someone's grid")
+    foreign.SetAndObserveTransformFromParent(result.outputTransform.GetTransformFromParent())
+    inputs.movingVolume.SetAndObserveTransformNodeID(foreign.GetID())
+    with pytest.raises(nodes.InputNodeError, match="harden the transform"):
+        task.prepareCoreInputs(inputs)

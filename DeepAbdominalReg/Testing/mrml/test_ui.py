@@ -26,6 +26,8 @@ SUFFIX_CLASSES = {
     "LineEdit": {"QLineEdit"},
     "ProgressBar": {"QProgressBar"},
     "Label": {"QLabel"},
+    "Slider": {"ctkSliderWidget", "QSlider"},
+    "TextEdit": {"QPlainTextEdit", "QTextEdit"},
 }
 
 # parameter annotation (first type) -> widget classes connectGui can bind it to
