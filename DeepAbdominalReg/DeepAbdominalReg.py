@@ -79,6 +79,8 @@ From the Python console: <code>DeepAbdominalReg.DeepAbdominalRegLogic().register
 movingSegmentationNode=seg)</code>.<br>
 Research software, not for clinical use.
 """)
+        if getattr(slicer, "app", None) is not None:  # after startup, as the extension template does
+            slicer.app.connect("startupCompleted()", registerSampleData)
         self.parent.acknowledgementText = _("""
 Methods follow: DDMR, Pérez de Frutos et al. 2023, Learning deep abdominal CT registration through adaptive loss
 weighting and synthetic data generation (PLOS ONE 18(2): e0282110); van Eijnatten et al. 2021, 3D deformable
@@ -88,6 +90,23 @@ deep learning framework for unsupervised affine and deformable image registratio
 VoxelMorph, Balakrishnan et al. 2019, a learning framework for
 deformable medical image registration (IEEE TMI 38). Built on PyTorch, SimpleITK and 3D Slicer.
 """)
+
+
+def registerSampleData() -> None:
+    """The phantom pair (CT, organs, landmarks; generated locally) in the Sample Data module, set as this module's
+    inputs once loaded."""
+    from DeepAbdominalRegLib.sampledata import registerSampleData as register
+
+    register(onLoaded=selectPhantomInputs)
+
+
+def selectPhantomInputs(phantom) -> None:
+    """Make a loaded phantom pair the module's inputs, so that Register can be pressed at once."""
+    p = DeepAbdominalRegLogic().getParameterNode()
+    with slicer.util.NodeModify(p.parameterNode):
+        p.fixedVolume, p.movingVolume = phantom.fixedVolume, phantom.movingVolume
+        p.fixedSegmentation, p.movingSegmentation = phantom.fixedSegmentation, phantom.movingSegmentation
+        p.fixedLandmarks, p.movingLandmarks = phantom.fixedLandmarks, phantom.movingLandmarks
 
 
 #
