@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     ph.set_defaults(func=_cmd_phantom)
     from deepabdominalreg.apply import add_commands as add_apply_commands
     add_apply_commands(sub)
+    from deepabdominalreg.batch import add_commands as add_batch_commands
+    add_batch_commands(sub)
+    from deepabdominalreg.jacobian import add_commands as add_jacobian_commands
+    add_jacobian_commands(sub)
     from deepabdominalreg.evaluation.cli import add_commands as add_evaluation_commands
     add_evaluation_commands(sub)
     from deepabdominalreg.training.cli import add_commands
