@@ -249,6 +249,16 @@ def temporaryRoot() -> str | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _drain(items: queue.Queue) -> list:
+    """Everything in the queue now, without waiting."""
+    drained = []
+    while True:
+        try:
+            drained.append(items.get_nowait())
+        except queue.Empty:
+            return drained
+
+
 class RegistrationProcess:
     """A command run in the background whose stdout carries JSON-lines progress events.
 
@@ -307,21 +317,11 @@ class RegistrationProcess:
 
     def poll(self) -> list[dict]:
         """Progress events received since the last call (``{"stage", "fraction", "message"}`` dicts)."""
-        events = []
-        while True:
-            try:
-                events.append(self._events.get_nowait())
-            except queue.Empty:
-                return events
+        return _drain(self._events)
 
     def pollLines(self) -> list[str]:
         """The command's output lines (stderr, and stdout lines that are not progress events) since the last call."""
-        lines = []
-        while True:
-            try:
-                lines.append(self._lines.get_nowait())
-            except queue.Empty:
-                return lines
+        return _drain(self._lines)
 
     def isRunning(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
