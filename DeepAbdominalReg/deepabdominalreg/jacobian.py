@@ -35,7 +35,7 @@ from deepabdominalreg.io import (
     write_json,
 )
 from deepabdominalreg.metrics.fields import (
-    _LOG_CLIP,  # the clip of metrics.json's sdlogj: the log-Jacobian image follows the same convention
+    LOG_CLIP,  # the clip of metrics.json's sdlogj: the log-Jacobian image follows the same convention
     displacement_statistics,
     jacobian_determinant,
     jacobian_statistics,
@@ -172,7 +172,7 @@ def log_jacobian(jacobian: sitk.Image) -> sitk.Image:
     over the mask is ``sdlogj_clipped``).  Not NaN: ITK's NIfTI reader (SimpleITK, Slicer) reads NaN back as 0, the
     value of no volume change."""
     det = sitk.GetArrayViewFromImage(jacobian)
-    out = np.log(np.clip(det, *_LOG_CLIP, dtype=np.float32))
+    out = np.log(np.clip(det, *LOG_CLIP, dtype=np.float32))
     image = sitk.GetImageFromArray(out)
     image.CopyInformation(jacobian)
     return image

@@ -25,7 +25,9 @@ from deepabdominalreg import spatial
 from deepabdominalreg.geometry import Grid, check_displacement
 from deepabdominalreg.io import writable_array_view
 
-_LOG_CLIP = (1e-9, 1e9)
+LOG_CLIP = (1e-9, 1e9)
+"""Jacobian determinants are clipped to this range before the log (SDlogJ, the log-Jacobian image): folded voxels
+count as log(1e-9) instead of NaN."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -130,8 +132,8 @@ def jacobian_statistics(jacobian_zyx: np.ndarray, mask_zyx: np.ndarray | None = 
         n += int(values.size)
         folded += int(np.count_nonzero(values <= 0))
         low, high = min(low, float(values.min())), max(high, float(values.max()))
-        for i, v in enumerate((values, np.log(np.clip(values, *_LOG_CLIP)),
-                               np.log(np.clip(values + np.float32(3.0), *_LOG_CLIP)))):
+        for i, v in enumerate((values, np.log(np.clip(values, *LOG_CLIP)),
+                               np.log(np.clip(values + np.float32(3.0), *LOG_CLIP)))):
             sums[2 * i] += np.sum(v, dtype=np.float64)
             sums[2 * i + 1] += np.sum(np.square(v, dtype=np.float64))
     if n == 0:
