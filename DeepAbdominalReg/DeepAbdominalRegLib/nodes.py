@@ -176,25 +176,36 @@ def volumeNodeToImage(volumeNode, role: str = "volume") -> sitk.Image:
     return _setGeometryFromIjkToRas(image, _worldIjkToRas(volumeNode, role))
 
 
-def _imageDataFromArray(array: np.ndarray, size_ijk) -> vtk.vtkImageData:
-    components = array.shape[3] if array.ndim == 4 else 1
-    contiguous = np.ascontiguousarray(array)
-    flat = contiguous.reshape(-1, components) if components > 1 else contiguous.ravel()
-    vtkArray = numpy_support.numpy_to_vtk(flat, deep=True, array_type=numpy_support.get_vtk_array_type(array.dtype))
+def _emptyImageData(size_ijk, dtype, components: int = 1) -> tuple[vtk.vtkImageData, np.ndarray]:
+    """A ``vtkImageData`` of ``size_ijk`` voxels with its own scalar buffer (``dtype``), and a writable numpy view
+    ``(k, j, i)`` / ``(k, j, i, c)`` of that buffer: voxels are written straight into VTK's memory, so no second
+    full-size copy exists while a volume is handed over."""
+    size = [int(s) for s in size_ijk]
+    vtkArray = vtk.vtkDataArray.CreateDataArray(numpy_support.get_vtk_array_type(np.dtype(dtype)))
     vtkArray.SetNumberOfComponents(components)
+    vtkArray.SetNumberOfTuples(size[0] * size[1] * size[2])
     imageData = vtk.vtkImageData()
-    imageData.SetDimensions(*[int(s) for s in size_ijk])
+    imageData.SetDimensions(*size)
     imageData.GetPointData().SetScalars(vtkArray)
+    shape = (size[2], size[1], size[0]) + ((components,) if components > 1 else ())
+    return imageData, numpy_support.vtk_to_numpy(vtkArray).reshape(shape)
+
+
+def _imageDataFromArray(array: np.ndarray, size_ijk, dtype=None) -> vtk.vtkImageData:
+    """A ``vtkImageData`` holding a copy of ``array`` (cast to ``dtype`` while copying, if given)."""
+    components = array.shape[3] if array.ndim == 4 else 1
+    imageData, view = _emptyImageData(size_ijk, dtype or array.dtype, components)
+    np.copyto(view, array, casting="unsafe" if dtype is not None else "no")
     return imageData
 
 
 def updateVolumeNodeFromImage(volumeNode, image: sitk.Image):
     """Fill ``volumeNode`` with the voxels (copied) and geometry (LPS -> RAS) of ``image``; returns the node."""
-    array = sitk.GetArrayFromImage(image)
-    if array.dtype == np.float64:
-        array = array.astype(np.float32)
+    array = sitk.GetArrayViewFromImage(image)  # no copy: the only copy is the one VTK keeps
+    # float64 is stored as float32 (Slicer's scalar overlays need no more); every other type stays as it is
+    dtype = np.float32 if array.dtype == np.float64 else array.dtype
     volumeNode.SetIJKToRASMatrix(vtkMatrixFromArray(ijkToRasFromImage(image)))
-    volumeNode.SetAndObserveImageData(_imageDataFromArray(array, image.GetSize()))
+    volumeNode.SetAndObserveImageData(_imageDataFromArray(array, image.GetSize(), dtype))
     if volumeNode.GetDisplayNode() is None:
         volumeNode.CreateDefaultDisplayNodes()
     return volumeNode
@@ -309,7 +320,7 @@ def updateSegmentationNodeFromLabelImage(segmentationNode, labels: sitk.Image, i
     maxValue = max((info.labelValue for info in infos), default=0)
     dtype = np.uint8 if maxValue < 256 else np.uint16
     sharedLabelmap = slicer.vtkOrientedImageData()
-    sharedLabelmap.ShallowCopy(_imageDataFromArray(array.astype(dtype), labels.GetSize()))
+    sharedLabelmap.ShallowCopy(_imageDataFromArray(array, labels.GetSize(), dtype))
     sharedLabelmap.SetImageToWorldMatrix(vtkMatrixFromArray(ijkToRasFromImage(labels)))
 
     if segmentationNode.GetDisplayNode() is None:
@@ -390,9 +401,9 @@ def gridTransformFromDisplacement(displacementLps: sitk.Image) -> slicer.vtkOrie
     if displacementLps.GetNumberOfComponentsPerPixel() != 3 or displacementLps.GetDimension() != 3:
         raise ValueError("a displacement field must be a 3D image with 3 components per voxel")
     vectorsLps = sitk.GetArrayViewFromImage(displacementLps)  # (k, j, i, 3)
-    vectorsRas = np.empty(vectorsLps.shape, dtype=np.float32)
-    np.multiply(vectorsLps, np.array([-1.0, -1.0, 1.0], dtype=np.float32), out=vectorsRas)
-    grid = _imageDataFromArray(vectorsRas, displacementLps.GetSize())
+    # LPS -> RAS written straight into VTK's float32 buffer: no float64 or second float32 copy of the field
+    grid, vectorsRas = _emptyImageData(displacementLps.GetSize(), np.float32, 3)
+    np.multiply(vectorsLps, np.array([-1.0, -1.0, 1.0], dtype=np.float32), out=vectorsRas, casting="unsafe")
     grid.SetOrigin(*(LPS_TO_RAS @ np.asarray(displacementLps.GetOrigin())).tolist())
     grid.SetSpacing(*displacementLps.GetSpacing())
     directionRas = np.eye(4)

@@ -99,7 +99,19 @@ class RegistrationConfig:
     only where bf16 is faster for the shipped network, i.e. such CPUs and not CUDA (``device.network_uses_bfloat16``;
     ``benchmarks/network_speed.py`` and ``benchmarks/gpu_speed.py`` measure it); ``fp32``: never."""
 
-    # deformable stage 2: instance optimisation
+    # deformable stage 2: discrete search (optional start of the instance optimisation)
+    discrete_search: bool = False
+    """Before the instance optimisation, search a coarse displacement field discretely (MIND-SSC cost volume over
+    whole-cell offsets with a smoothness coupling and a symmetric pass: ConvexAdam's convex step,
+    ``registration/discrete.py``) and start from it: motion beyond the continuous optimiser's basin.  With a
+    ``model``, the search runs on the moving image warped by the network's field and refines it."""
+    discrete_grid_spacing_mm: float = 6.0
+    """Cell size of the discrete search's coarse grid (mm, rounded to working voxels per axis)."""
+    discrete_search_radius_mm: float = 24.0
+    """Largest displacement the discrete search tries along each axis (mm, rounded to whole cells); its cost volume
+    grows with the cube of this."""
+
+    # deformable stage 3: instance optimisation
     io_iterations: int = 60
     """Adam iterations at each coarse instance-optimisation level (0 disables the stage; early stopping usually ends
     a coarse level before 60)."""
@@ -116,26 +128,40 @@ class RegistrationConfig:
     (2 voxels at 3 mm)."""
     io_ncc_window_mm: float = 15.0
     """Width of the local NCC window, in mm at the working resolution (5 voxels at 3 mm)."""
+    io_ncc_noise_hu: float = 70.0
+    """Intensity noise floor of the local NCC, in HU: its variance regulariser is ``(io_ncc_noise_hu / width)²``
+    in the [0, 1] units of the windowed images (``width`` the span of ``hu_window``; 0.031 at 400 HU), so a window
+    whose standard deviation is well below this many HU (fat, a homogeneous organ's noise) counts little and the
+    optimiser does not fit the noise.  70 HU: the best Dice and field error of 1e-5..1e-1 (about 1.3-130 HU) on the
+    real CT at 10 and 20 mm and the phantom, with the lowest SDlogJ but one (``benchmarks/README.md``, "Issue 17")."""
+    io_gradient_floor_mm: float = 0.3
+    """Gradient floor of the optimiser, as a misalignment in mm at the working resolution (the same voxel count at
+    every level): Adam's ``eps`` is the RMS change of the objective's gradient (similarity and regularisers) that a
+    random displacement of this size causes, so gradients far below what such a misalignment gives (float rounding,
+    noise) are not turned into full steps.  0.3 mm (0.1 voxel at 3 mm): an image registered to itself stays exactly
+    in place (0.14 mm on average, 1 mm at most, with 0), and the best field error of 0-3 mm on the real CT at 10 and
+    20 mm (``benchmarks/README.md``, "Issue 17").  0 gives PyTorch's ``eps`` of 1e-8."""
     io_smoothness_weight: float = 4.0
     """Weight of the diffusion regulariser (squared spatial gradient of the displacement, in voxels).  Chosen on the
     validation cases only (``docs/data/io_regularisation_validation.csv``; figures in ``docs/training.md``): the weight
     that gave the best Dice and field error at both 10 and 20 mm of motion."""
     io_jacobian_weight: float = 0.1
     """Weight of the negative-Jacobian penalty (folding)."""
-    io_transform: str = "trilinear"
-    """Parameterisation of the instance optimisation's displacement: ``trilinear`` (control points
-    ``io_control_spacing_mm`` apart, rounded to working voxels, interpolated trilinearly; regularised by
-    ``io_smoothness_weight``), ``bspline`` (a cubic B-spline, C² with a continuous Jacobian, knots exactly
-    ``io_control_spacing_mm`` apart in mm (not rounded), times the level factor at coarser levels; regularised by
-    its bending energy, ``io_bending_weight``) or ``svf`` (that B-spline as a stationary velocity field integrated by
-    scaling and squaring: diffeomorphic).  ``io_jacobian_weight`` applies to all three."""
-    io_bending_weight: float = 100.0
+    io_transform: str = "bspline"
+    """Parameterisation of the instance optimisation's displacement: ``bspline`` (a cubic B-spline, C² with a
+    continuous Jacobian, knots exactly ``io_control_spacing_mm`` apart in mm (not rounded), times the level factor at
+    coarser levels; regularised by its bending energy, ``io_bending_weight``), ``svf`` (that B-spline as a
+    stationary velocity field integrated by scaling and squaring: diffeomorphic) or ``trilinear`` (control points
+    ``io_control_spacing_mm`` apart, rounded to working voxels, interpolated trilinearly: a piecewise constant
+    Jacobian that shows the control cells; regularised by ``io_smoothness_weight``).  ``io_jacobian_weight`` applies
+    to all three.  ``bspline`` is the default: on the real CT at 10 and 20 mm and the phantom it gave the better
+    Dice and field error than ``trilinear`` at a lower SDlogJ (``benchmarks/README.md``, "Issue 17")."""
+    io_bending_weight: float = 50.0
     """Weight of the B-spline's bending energy (``io_transform`` ``bspline`` or ``svf``; unused by ``trilinear``):
     the mean over the level's grid of the squared second derivatives of the displacement in mm per mm², so mm²
-    (independent of the working spacing).  100 with NCC: the best Dice and field error of 10-1000 on the real CT at
-    10 and 20 mm and the phantom, with SDlogJ about half of trilinear's (``benchmarks/README.md``, "B-spline
-    instance optimisation"); MIND's smaller loss scale wants about 10-30.  Not yet the default transform: on the
-    test suite's small 6 mm phantoms it folded (2 %) and moved an image registered to itself more than trilinear."""
+    (independent of the working spacing).  50 with NCC: of 10-300, the best mean field error and Dice together on
+    the real CT at 10 and 20 mm and the phantom (lower weights fit 20 mm motion a little better, higher ones the
+    phantom; ``benchmarks/README.md``, "Issue 17"); MIND's smaller loss scale wants about 10-30."""
     io_similarity: str = "ncc"
     """Similarity of the instance optimisation: ``ncc`` (local NCC, ``io_ncc_window_mm``) or ``mind`` (squared
     difference of MIND-SSC descriptors, Heinrich et al. 2013, ``io_mind_radius_mm`` and ``io_mind_dilation_mm``;
@@ -210,9 +236,11 @@ class RegistrationConfig:
         if not all(_is_integer(v) and v >= 1 for v in self.io_levels):
             raise ValueError(f"io_levels must be downsampling factors >= 1 (whole numbers), got {self.io_levels}")
         for name, low in (("working_spacing_mm", 0.0), ("io_learning_rate_mm", 0.0), ("io_control_spacing_mm", 0.0),
-                          ("io_ncc_window_mm", 0.0)):
+                          ("io_ncc_window_mm", 0.0), ("io_ncc_noise_hu", 0.0), ("discrete_grid_spacing_mm", 0.0),
+                          ("discrete_search_radius_mm", 0.0)):
             _check_number(name, getattr(self, name), low, inclusive=False)
-        for name in ("io_smoothness_weight", "io_jacobian_weight", "io_bending_weight", "io_mind_radius_mm"):
+        for name in ("io_smoothness_weight", "io_jacobian_weight", "io_bending_weight", "io_mind_radius_mm",
+                     "io_gradient_floor_mm"):
             _check_number(name, getattr(self, name), 0.0)
         _check_number("io_mind_dilation_mm", self.io_mind_dilation_mm, 0.0, inclusive=False)
         if self.io_transform not in ("trilinear", "bspline", "svf"):
@@ -236,7 +264,7 @@ class RegistrationConfig:
         self._check_plausibility_thresholds()
         if self.threads is not None:
             _check_integer("threads", self.threads, 0)
-        for name in ("body_mask", "affine", "initial_search", "compute_inverse"):
+        for name in ("body_mask", "affine", "initial_search", "compute_inverse", "discrete_search"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")  # noqa: TRY004
         if self.model is not None and not isinstance(self.model, str):

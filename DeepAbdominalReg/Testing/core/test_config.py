@@ -61,6 +61,10 @@ def test_unknown_settings_are_a_clear_error(make):
     ({"io_control_spacing_mm": float("nan")}, "io_control_spacing_mm must be a number"),
     ({"io_learning_rate_mm": True}, "io_learning_rate_mm must be a number"),
     ({"io_smoothness_weight": -1.0}, "io_smoothness_weight must be >= 0"),
+    ({"io_ncc_noise_hu": 0.0}, "io_ncc_noise_hu must be > 0"),
+    ({"io_gradient_floor_mm": -0.1}, "io_gradient_floor_mm must be >= 0"),
+    ({"discrete_search_radius_mm": 0.0}, "discrete_search_radius_mm must be > 0"),
+    ({"discrete_search": 1}, "discrete_search must be true or false"),
     ({"folding_retry_factor": 0.5}, "folding_retry_factor must be >= 1"),
     ({"io_iterations": 2.5}, "io_iterations must be a whole number"),
     ({"affine_iterations": -1}, "affine_iterations must be >= 0"),
@@ -109,6 +113,8 @@ def _unusual() -> RegistrationConfig:
         initial_search_min_overlap=0.4, check_affine_scale_range=(0.6, 1.8), check_max_folding_percent=2.0,
         check_hu_window=(-900.0, 900.0), check_min_ncc_gain=-0.05, check_min_ncc=0.4, check_min_body_dice=0.6,
         check_max_displacement_fraction=0.25, check_mirror_margin=0.1, check_max_dice_loss=0.05,
+        io_ncc_noise_hu=40.0, io_gradient_floor_mm=0.5, discrete_search=True, discrete_grid_spacing_mm=8.0,
+        discrete_search_radius_mm=16.0,
     )
 
 
@@ -161,9 +167,11 @@ def test_instance_optimisation_settings_follow_every_io_field():
     config = RegistrationConfig(io_levels=(8, 2), io_iterations=13, io_fine_iterations=7, io_learning_rate_mm=2.25,
                                 io_control_spacing_mm=9.0, io_ncc_window_mm=21.0, io_smoothness_weight=1.5,
                                 io_jacobian_weight=0.0, io_transform="svf", io_bending_weight=30.0,
-                                io_similarity="mind", io_mind_radius_mm=6.0, io_mind_dilation_mm=9.0)
+                                io_similarity="mind", io_mind_radius_mm=6.0, io_mind_dilation_mm=9.0,
+                                io_ncc_noise_hu=64.0, hu_window=(-112.0, 400.0), io_gradient_floor_mm=1.5)
     assert InstanceOptimisationSettings.from_config(config, 3.0) == InstanceOptimisationSettings(
         levels=(8, 2), iterations=13, fine_iterations=7, learning_rate=0.75, control_spacing=3, ncc_window=7,
+        ncc_eps=0.015625, gradient_floor=0.5,  # (64 HU / 512 HU)^2, exact in binary
         smoothness_weight=1.5, jacobian_weight=0.0, transform="svf", similarity="mind", working_spacing_mm=3.0,
         control_spacing_mm=9.0, bending_weight=30.0, mind_radius=2, mind_dilation=3)
     retry = InstanceOptimisationSettings.from_config(config, 3.0).strengthened(2.5)

@@ -14,6 +14,13 @@ Smoke run (seconds; what CI's test does)::
 
     deepabdominalreg benchmark --smoke --out /tmp/bench-smoke
 
+Trust benchmark (issue 17): ``--classes trust`` runs the pair classes of
+:data:`deepabdominalreg.evaluation.cases.TRUST_CLASSES` (real CT cut through the lungs with a far moving origin,
+phantoms, inter-patient phantoms, the real CT against another patient, deliberately broken pairs); ``summary.md``
+has one table per class and a table of which broken pairs each method flagged (``per_pair.csv``: ``flagged``)::
+
+    deepabdominalreg benchmark --classes trust --out benchmarks/results-trust
+
 (``python -m deepabdominalreg.evaluation.benchmark`` takes the same options.)
 """
 
@@ -30,11 +37,17 @@ import sys
 import time
 from pathlib import Path
 
-from deepabdominalreg.evaluation.cases import CaseSet, generate_phantom_cases, write_pairs_csv
+from deepabdominalreg.evaluation.cases import (
+    PAIR_CLASSES,
+    TRUST_CLASSES,
+    CaseSet,
+    generate_phantom_cases,
+    write_pairs_csv,
+)
 from deepabdominalreg.evaluation.methods import NONE, method_specs, our_method
 from deepabdominalreg.evaluation.peers import available_peers, elastix_parameter_maps
 from deepabdominalreg.evaluation.runners import run_evaluation
-from deepabdominalreg.evaluation.tables import as_number
+from deepabdominalreg.evaluation.tables import as_number, flag_state, is_broken, write_rows
 
 #: The real CT of a source checkout's shared data (beside the repository), the default ``--ct`` when present.
 SHARED = Path(__file__).resolve().parents[4] / "shared" / "data" / "totalsegmentator"
@@ -80,7 +93,8 @@ def wait_for_cpu(poll_s: float = 30.0) -> None:
 def targets_markdown(rows: list[dict], memory: dict | None) -> str:
     """The product's targets (accuracy against the peers, folding, speed ratio, network time, memory), checked on
     this run (ratios within the run)."""
-    ok = [r for r in rows if r.get("status") == "ok"]
+    broken = [r for r in rows if is_broken(r)]
+    ok = [r for r in rows if r.get("status") == "ok" and not is_broken(r)]
     timed = [r for r in ok if as_number(r.get("nice")) <= 0 or r.get("nice") in (None, "")]  # comparable clocks
     peers = [m for m in ("elastix-bspline", "ants-syn", "ants-synra", "convexadam", "sitk-demons")
              if any(r["method"] == m for r in ok)]
@@ -97,13 +111,38 @@ def targets_markdown(rows: list[dict], memory: dict | None) -> str:
         ours = mean(DEFAULT_METHOD, "dice_organs", source)
         if math.isnan(ours):
             ours = mean(DEFAULT_METHOD, "dice_mean", source)
-        for peer in ("elastix-bspline", "ants-syn"):
+        for peer in peers:
             theirs = mean(peer, "dice_organs", source)
             if math.isnan(theirs):
                 theirs = mean(peer, "dice_mean", source)
             if not math.isnan(theirs):
                 lines.append(f"| {source}: organ Dice ours >= {peer} | {ours:.3f} vs {theirs:.3f} | "
                              f"{'yes' if ours >= theirs else 'no'} |")
+        # TRE: landmarks where the pairs have them, else the label centroids (inter-patient pairs)
+        metric = "tre_mean_mm" if not math.isnan(mean(DEFAULT_METHOD, "tre_mean_mm", source)) \
+            else "centroid_tre_mean_mm"
+        ours = mean(DEFAULT_METHOD, metric, source)
+        best = min((mean(p, metric, source) for p in peers if not math.isnan(mean(p, metric, source))),
+                   default=float("nan"))
+        if not math.isnan(best):
+            lines.append(f"| {source}: {'TRE' if metric == 'tre_mean_mm' else 'centroid TRE'} ours <= best peer | "
+                         f"{ours:.2f} vs {best:.2f} mm | {'yes' if ours <= best else 'no'} |")
+    sdlogj = mean(DEFAULT_METHOD, "sdlogj")
+    elastix_sdlogj = mean("elastix-bspline", "sdlogj")
+    if not math.isnan(sdlogj):
+        met = sdlogj <= 0.15 and (math.isnan(elastix_sdlogj) or sdlogj <= elastix_sdlogj)
+        lines.append(f"| SDlogJ <= 0.15 and <= elastix's (mean, {DEFAULT_METHOD}) | {sdlogj:.3f} vs "
+                     f"{elastix_sdlogj:.3f} | {'yes' if met else 'no'} |")
+    worst = max((as_number(r.get("folding_percent")) for r in ok if r["method"] == DEFAULT_METHOD),
+                default=float("nan"))
+    if not math.isnan(worst):
+        lines.append(f"| folding < 0.01 % of body voxels (worst pair, {DEFAULT_METHOD}) | {worst:.4f} % | "
+                     f"{'yes' if worst < 0.01 else 'no'} |")
+    for method in [m for m in dict.fromkeys(r["method"] for r in broken) if m.startswith("ours-")]:
+        states = [flag_state(r) for r in broken if r["method"] == method]
+        caught = sum(s != "not flagged" for s in states)
+        lines.append(f"| every deliberately broken pair flagged ({method}; failed runs count as not silent) | "
+                     f"{caught}/{len(states)} | {'yes' if caught == len(states) else 'no'} |")
     folding = max((as_number(r.get("folding_percent")) for r in ok if r["method"] == DEFAULT_METHOD),
                   default=float("nan"))
     lines.append(f"| folding < 0.5 % (worst pair, {DEFAULT_METHOD}) | {folding:.3f} % | "
@@ -162,6 +201,24 @@ def _list(text: str) -> list[str]:
     return [v.strip() for v in str(text).split(",") if v.strip()]
 
 
+def _classes(text: str) -> tuple[str, ...]:
+    """``--classes``: names of :data:`PAIR_CLASSES`, ``trust`` standing for :data:`TRUST_CLASSES`."""
+    names: list[str] = []
+    for name in _list(text):
+        names += TRUST_CLASSES if name == "trust" else [name]
+    return tuple(dict.fromkeys(names))
+
+
+def _with_flag(row: dict) -> dict:
+    """``row`` with ``flagged`` (:func:`~deepabdominalreg.evaluation.tables.flag_state`) after ``status``."""
+    out: dict = {}
+    for key, value in row.items():
+        out[key] = value
+        if key == "status":
+            out["flagged"] = flag_state(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """The benchmark's command line (``deepabdominalreg benchmark``); returns 0 when every run succeeded."""
     parser = argparse.ArgumentParser(prog="deepabdominalreg benchmark", description=__doc__,
@@ -182,6 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ct-seeds", default="0")
     parser.add_argument("--ct-amplitudes", default="5,10,20")
     parser.add_argument("--generator", default="abdominal", choices=["abdominal", "van_eijnatten"])
+    parser.add_argument("--classes", default="",
+                        help="pair classes (comma list) instead of the default CT + phantom pairs: "
+                        f"{', '.join(PAIR_CLASSES)}; 'trust' = {','.join(TRUST_CLASSES)}")
+    parser.add_argument("--interpatient-seeds", default="1:5,3:0",
+                        help="inter-patient phantom pairs as fixed:moving seeds (class interpatient)")
+    parser.add_argument("--other-ct-dir", default=str(SHARED / "aorta_crop"),
+                        help="another patient's CT with structure masks named after the label names (classes "
+                        "real_interpatient, broken)")
+    parser.add_argument("--moving-offset-mm", default="0,0,300",
+                        help="LPS mm added to the moving origin of the lungcut pairs (header only; the truth follows)")
     parser.add_argument("--ours", default="fast,balanced,accurate,network,network+io",
                         help="variants of our pipeline (comma list; deepabdominalreg.evaluation.methods.VARIANTS), "
                         "each run as 'ours-<variant>'")
@@ -199,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-json", default=None, help="result of memory_test.py to include in the targets")
     parser.add_argument("--smoke", action="store_true", help="tiny run: one 6 mm phantom pair, fast settings")
     args = parser.parse_args(argv)
+    if len(_list(args.moving_offset_mm)) != 3:
+        parser.error(f"--moving-offset-mm needs 3 values (LPS x,y,z in mm), got {args.moving_offset_mm!r}")
+    unknown = set(_classes(args.classes)) - set(PAIR_CLASSES)
+    if unknown:
+        parser.error(f"unknown pair class(es) {', '.join(sorted(unknown))}; choose from {', '.join(PAIR_CLASSES)} "
+                     f"or 'trust'")
 
     import torch
 
@@ -225,7 +298,11 @@ def main(argv: list[str] | None = None) -> int:
             ct_label_names=args.ct_label_names or None, ct_label_key=args.ct_label_key,
             ct_seeds=tuple(int(s) for s in _list(args.ct_seeds)),
             ct_amplitudes_mm=tuple(float(a) for a in _list(args.ct_amplitudes)), generators=(args.generator,),
-        ).make(cases_dir)
+            classes=_classes(args.classes),
+            interpatient_seed_pairs=tuple(tuple(int(v) for v in p.split(":")) for p in _list(args.interpatient_seeds)),
+            other_ct_dir=args.other_ct_dir or None,
+            moving_origin_offset_mm=tuple(float(v) for v in _list(args.moving_offset_mm)),
+        ).make(cases_dir, log=print)
         methods = [NONE, *method_specs(_list(args.ours), devices=devices, model=args.model),
                    *available_peers(peers)]
     for name in sorted(set(peers) - {m.name for m in methods}):
@@ -239,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         extra_info={"command": command, "methods": [m.name for m in methods]},
         before_each=wait_for_cpu if args.wait_for_jobs else None, resume=args.resume,
     )
+    rows = [_with_flag(r) for r in rows]
+    write_rows(rows, out / "per_pair.csv")
     elastix = next((m for m in methods if m.name == "elastix-bspline"), None)
     if elastix is not None:
         maps = elastix_parameter_maps(elastix.options.get("final_grid_spacing_mm", 10.0),

@@ -39,7 +39,8 @@ class MethodOutput:
     ``displacement_lps``: vector image on the fixed grid (LPS mm, fixed -> moving).  ``inverse_displacement_lps``:
     moving -> fixed on the moving grid, or ``None``.  ``stages``: seconds per stage (``read`` included).
     ``settings``: the method's parameters, for the record.  ``extra``: method-specific numbers (e.g. our own
-    metrics) copied into the per-pair row with the prefix ``x_``.
+    metrics) copied into the per-pair row with the prefix ``x_``; ``extra["status"]`` is a method's own verdict on
+    its result (ours: ``metrics.json``'s ``"ok"``/``"suspect"``, row column ``x_status``; peers give none).
     """
 
     displacement_lps: sitk.Image
@@ -124,6 +125,9 @@ def run_ours(
         "own_ic_mean_mm": result.metrics.get("inverse", {}).get("inverse_consistency_mean_mm", float("nan")),
         "model_sha256": (result.metrics.get("model") or {}).get("sha256") or "",
         "warnings": " | ".join(result.metrics.get("warnings", [])),
+        # the plausibility checks' verdict ("ok" / "suspect"): the benchmark's "flagged" column
+        "status": result.metrics.get("status", ""),
+        "suspect_reasons": " | ".join(result.metrics.get("suspect_reasons") or []),
     }
     settings = {"preset": preset, "config": result.metrics["config"], "model": result.metrics["model"]}
     return MethodOutput(
@@ -185,6 +189,9 @@ VARIANTS: dict[str, Variant] = {
                       description="every stage but the deformable ones: the time no deformable stage can go below"),
     "network+io": Variant("balanced", network=True, description="the network, then the balanced instance "
                           "optimisation"),
+    "search": Variant("balanced", {"initial_search": True, "discrete_search": True},
+                      description="balanced with the global offset search before the affine and the discrete "
+                      "displacement search before the instance optimisation (large motion, far origins)"),
     # the network has removed the large motion: instance optimisation only refines at 2x and 1x
     "network+io-fine": Variant("balanced", {"io_levels": (2, 1)}, network=True,
                                description="the network, then instance optimisation at the two finest levels"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deepabdominalreg.evaluation.cases import BROKEN_PREFIX
 from deepabdominalreg.io import write_atomically
 
 #: Columns summarised (mean +- std, median) and shown in the Markdown summary, in this order.
@@ -86,6 +87,21 @@ def as_number(value) -> float:
     return number
 
 
+def is_broken(row: dict) -> bool:
+    """Whether ``row`` is of a deliberately broken pair (source ``broken_...``): only its flag counts, its metrics
+    are left out of the summaries and plots."""
+    return str(row.get("source") or "").startswith(BROKEN_PREFIX)
+
+
+def flag_state(row: dict) -> str:
+    """What a run said about its own result: ``"flagged"`` (the method's verdict, column ``x_status``, is
+    ``"suspect"``), ``"not flagged"`` (a result without a warning: every peer's), or the run's own status when it
+    gave no result (``"failed"``, ``"timeout"``: not silent either)."""
+    if row.get("status") != "ok":
+        return str(row.get("status") or "failed")
+    return "flagged" if str(row.get("x_status") or "") == "suspect" else "not flagged"
+
+
 def _methods_in_order(rows: Sequence[dict]) -> list[str]:
     seen: list[str] = []
     for row in rows:
@@ -96,11 +112,12 @@ def _methods_in_order(rows: Sequence[dict]) -> list[str]:
 
 def summarise(rows: Sequence[dict], metrics: Sequence[str] = KEY_METRICS, by: str | None = None) -> list[dict]:
     """Per method (and per value of ``by``, e.g. ``"source"``): ``n``, ``mean``, ``std``, ``median``, ``min``,
-    ``max`` of every metric over the successful rows (NaN values left out)."""
+    ``max`` of every metric over the successful rows (NaN values left out), and ``flagged`` (how many of them the
+    method flagged as suspect, :func:`flag_state`).  Deliberately broken pairs (:func:`is_broken`) are left out."""
     out = []
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        if row.get("status") != "ok":
+        if row.get("status") != "ok" or is_broken(row):
             continue
         key = (row["method"],) + ((row.get(by),) if by else ())
         groups.setdefault(key, []).append(row)
@@ -113,7 +130,8 @@ def summarise(rows: Sequence[dict], metrics: Sequence[str] = KEY_METRICS, by: st
             entry = {"method": key[0]}
             if by:
                 entry[by] = key[1]
-            entry.update({"metric": metric, "n": int(values.size)})
+            entry.update({"metric": metric, "n": int(values.size),
+                          "flagged": sum(flag_state(r) == "flagged" for r in members)})
             if values.size:
                 entry.update({"mean": float(values.mean()),
                               "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
@@ -145,13 +163,18 @@ _MD_COLUMNS: tuple[tuple[str, str, str], ...] = (
 
 
 def markdown_table(rows: Sequence[dict], columns=_MD_COLUMNS, with_median: bool = False) -> str:
-    """A Markdown table: one line per method, ``mean ± std`` (and the median) of each column."""
+    """A Markdown table: one line per method, ``mean ± std`` (and the median) of each column; a ``flagged``
+    column (runs the method flagged as suspect / successful runs) when a method gives a verdict (``x_status``)."""
     summary = {(s["method"], s["metric"]): s for s in summarise(rows, [c[0] for c in columns])}
-    methods = _methods_in_order([r for r in rows if r.get("status") == "ok"])
+    scored = [r for r in rows if r.get("status") == "ok" and not is_broken(r)]
+    methods = _methods_in_order(scored)
     present = [c for c in columns if any(summary.get((m, c[0]), {}).get("n", 0) for m in methods)]
-    lines = ["| method | n | " + " | ".join(c[1] for c in present) + " |",
-             "|---|---|" + "---|" * len(present)]
+    with_flags = any(r.get("x_status") for r in scored)
+    lines = ["| method | n | " + ("flagged | " if with_flags else "") + " | ".join(c[1] for c in present) + " |",
+             "|---|---|" + ("---|" if with_flags else "") + "---|" * len(present)]
     for method in methods:
+        runs = [r for r in scored if r["method"] == method]
+        flags = [f"{sum(flag_state(r) == 'flagged' for r in runs)}/{len(runs)}"] if with_flags else []
         cells = []
         n = max(summary.get((method, c[0]), {}).get("n", 0) for c in present) if present else 0
         for metric, _, fmt in present:
@@ -165,7 +188,19 @@ def markdown_table(rows: Sequence[dict], columns=_MD_COLUMNS, with_median: bool 
                 if with_median:
                     text += " (" + fmt.format(s["median"]) + ")"
             cells.append(text)
-        lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {n} | " + " | ".join(flags + cells) + " |")
+    return "\n".join(lines)
+
+
+def flag_table(rows: Sequence[dict]) -> str:
+    """A Markdown table of the deliberately broken pairs (:func:`is_broken`): one line per pair, one column per
+    method, each cell :func:`flag_state` (a method that gives no verdict, as every peer, reads "not flagged")."""
+    broken = [r for r in rows if is_broken(r)]
+    methods = _methods_in_order(broken)
+    lines = ["| pair | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for case in dict.fromkeys(r["case"] for r in broken):
+        cells = {r["method"]: flag_state(r) for r in broken if r["case"] == case}
+        lines.append(f"| {case} | " + " | ".join(cells.get(m, "–") for m in methods) + " |")
     return "\n".join(lines)
 
 
@@ -177,11 +212,15 @@ def write_summary_markdown(rows: Sequence[dict], path: str | os.PathLike, env: d
              "method on one pair (it includes the Python interpreter and imported libraries).")
     parts = ["# Evaluation summary", "", intro, ""]
     parts += ["## All pairs", "", markdown_table(rows, with_median=True), ""]
-    sources = sorted({str(r.get("source")) for r in rows if r.get("status") == "ok"})
+    sources = sorted({str(r.get("source")) for r in rows if r.get("status") == "ok" and not is_broken(r)})
     if len(sources) > 1:
         for source in sources:
             subset = [r for r in rows if str(r.get("source")) == source]
             parts += [f"## {source}", "", markdown_table(subset), ""]
+    if any(is_broken(r) for r in rows):
+        note = ("Each must be flagged (our `metrics.json` `\"status\": \"suspect\"`); a method that gives no "
+                "verdict (every peer) reads \"not flagged\". Their metrics are left out of the tables above.")
+        parts += ["## Deliberately broken pairs: flagged?", "", note, "", flag_table(rows), ""]
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed:
         parts += ["## Failed or skipped runs", ""]
@@ -213,7 +252,7 @@ def plot_results(rows: Sequence[dict], out_dir: str | os.PathLike) -> dict[str, 
     Dice against the synthetic amplitude, one line per method and case source) and ``runtime.png`` (mean runtime
     per method, stacked by stage).  Returns name -> path of the figures written."""
     out = Path(out_dir)
-    ok = [r for r in rows if r.get("status") == "ok"]
+    ok = [r for r in rows if r.get("status") == "ok" and not is_broken(r)]
     methods = _methods_in_order(ok)
     paths: dict[str, Path] = {}
     if not ok:

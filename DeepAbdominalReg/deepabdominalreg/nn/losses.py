@@ -16,6 +16,7 @@ from torch import nn
 from deepabdominalreg.spatial import box_filter, bspline_gram_matrix, compose, jacobian_determinant
 
 __all__ = [
+    "NCC_FORMS",
     "BSplineBendingEnergy",
     "UncertaintyWeighting",
     "bending_energy",
@@ -37,6 +38,8 @@ __all__ = [
 
 
 _REDUCTIONS = ("mean", "sum", "none")
+NCC_FORMS = ("squared", "distance")
+"""The forms of :func:`local_ncc_loss`."""
 
 
 def local_statistics(image: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,15 +62,24 @@ def local_ncc_loss(
     eps: float = 1e-5,
     reduction: str = "mean",
     fixed_statistics: tuple[torch.Tensor, torch.Tensor] | None = None,
+    form: str = "squared",
 ) -> torch.Tensor:
-    """Local normalised cross-correlation loss, the squared form of VoxelMorph (Balakrishnan et al., IEEE TMI 2019;
-    ``voxelmorph.torch.losses.NCC``, as MONAI's ``LocalNormalizedCrossCorrelationLoss`` with a rectangular kernel).
+    """Local normalised cross-correlation loss over the ``window``³ neighbourhood of every voxel (``window`` in
+    voxels, odd; zero padding at the grid's border, every window mean divided by ``window``³; variances clamped at
+    0).  Images ``(B, C, D, H, W)`` of one shape.  Two forms, both ``-1`` for a perfect match up to a local positive
+    linear intensity map and minimised:
 
-    Per voxel ``-cc`` with ``cc = cov(f, w)² / (var(f) var(w) + eps)``, the window statistics over the
-    ``window``³ neighbourhood (``window`` in voxels, odd; zero padding at the grid's border, every window mean
-    divided by ``window``³; variances clamped at 0).  ``cc`` is in ``[0, 1]``, so the loss is in ``[-1, 0]`` and is
-    minimised: ``-1`` is a perfect match up to a local linear intensity map (of either sign: the correlation is
-    squared), ``0`` no local correlation.  Images ``(B, C, D, H, W)`` of one shape.
+    * ``"squared"``: VoxelMorph's (Balakrishnan et al., IEEE TMI 2019; ``voxelmorph.torch.losses.NCC``, as MONAI's
+      ``LocalNormalizedCrossCorrelationLoss`` with a rectangular kernel): ``-cc`` with
+      ``cc = cov(f, w)² / (var(f) var(w) + eps)`` in ``[0, 1]`` (a negative correlation counts as a match).  In a
+      window whose ``var(f) var(w)`` is not much larger than ``eps`` the term rewards covariance, not correlation,
+      so its optimum is not at ``w = f``: an image registered to itself moves.
+    * ``"distance"``: the squared distance between the two windows normalised by their regularised standard
+      deviations, ``s = var(w)/(var(w)+eps) + var(f)/(var(f)+eps) - 2 cov/sqrt((var(w)+eps)(var(f)+eps))`` (``0``
+      where the windows are equal, ``~2 (1 - rho)`` for a correlation ``rho`` when the variances exceed ``eps``),
+      returned as ``cc = 1 - s`` in ``[-3, 1]``: a sum of squares, so ``w = f`` is an exact minimum with a zero
+      gradient whatever ``eps``; its gradient at a good match equals the squared form's (``d cc ~ 2 d rho``), so
+      the regularisation weights tuned with one suit the other.  Used by the registration's optimisers.
 
     ``mask`` (broadcastable to the images, e.g. ``(B, 1, D, H, W)``; bool, 0/1 or non-negative weights) selects
     (weights) the voxels whose ``cc`` counts; the windows still see every voxel.  ``reduction``: ``"mean"`` over
@@ -86,10 +98,12 @@ def local_ncc_loss(
         raise ValueError("window must be a positive odd number of voxels")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if form not in NCC_FORMS:
+        raise ValueError(f"form must be one of {NCC_FORMS}, got {form!r}")
     if fixed.requires_grad and torch.is_grad_enabled():
         raise ValueError("local_ncc_loss is differentiable with respect to warped only: pass fixed detached")
     fixed_mean, fixed_variance = local_statistics(fixed, window) if fixed_statistics is None else fixed_statistics
-    cc = _LocalCorrelation.apply(warped, fixed, fixed_mean, fixed_variance, window, eps)
+    cc = _LocalCorrelation.apply(warped, fixed, fixed_mean, fixed_variance, window, eps, form == "distance")
     if mask is None:
         if reduction == "mean":
             return -cc.mean()
@@ -101,41 +115,57 @@ def local_ncc_loss(
 
 
 class _LocalCorrelation(torch.autograd.Function):
-    """The ``cc`` map of :func:`local_ncc_loss` of a warped image ``w`` against a fixed image ``f`` whose window mean
-    ``mu_f`` and variance ``var_f`` are given, with an analytic backward pass with respect to ``w``.
+    """The ``cc`` map of :func:`local_ncc_loss` (either form) of a warped image ``w`` against a fixed image ``f``
+    whose window mean ``mu_f`` and variance ``var_f`` are given, with an analytic backward pass with respect to ``w``.
 
-    ``cc = cov² / (var_f var_w + eps)`` from the window means of ``w``, ``w²`` and ``f w``.  Its derivatives with
-    respect to those means are elementwise, and the box filter is its own adjoint, so ``dL/dw`` is one 3-channel box
-    filter and a few products (the same values as autograd through the operations, float rounding aside).
+    Both forms are functions of the window means of ``w``, ``w²`` and ``f w``.  Their derivatives with respect to
+    those means are elementwise, and the box filter is its own adjoint, so ``dL/dw`` is one 3-channel box filter and
+    a few products (the same values as autograd through the operations, float rounding aside).
     """
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, f: torch.Tensor, mu_f: torch.Tensor, var_f: torch.Tensor,
-                window: int, eps: float) -> torch.Tensor:
+                window: int, eps: float, distance: bool) -> torch.Tensor:
         channels = w.shape[1]
         means = box_filter(torch.cat([w, w * w, f * w], dim=1), window)
         mu_w, mu_ww, cov = torch.split(means, channels, dim=1)
         cov.addcmul_(mu_f, mu_w, value=-1.0)  # cov = mu_fw - mu_f mu_w
         var_w = mu_ww.addcmul_(mu_w, mu_w, value=-1.0)  # mu_ww - mu_w^2
         positive = var_w >= 0  # clamp_min(0) passes the gradient here
-        ratio = cov / var_w.clamp_min_(0).mul_(var_f).add_(eps)  # cov / (var_f var_w + eps)
-        ctx.save_for_backward(w, f, mu_f, var_f, mu_w, ratio, positive)
-        ctx.window = window
-        return cov.mul_(ratio)
+        var_w.clamp_min_(0)
+        ctx.window, ctx.distance = window, distance
+        if not distance:
+            ratio = cov / var_w.mul_(var_f).add_(eps)  # cov / (var_f var_w + eps)
+            ctx.save_for_backward(w, f, mu_f, var_f, mu_w, ratio, positive)
+            return cov.mul_(ratio)
+        a = var_w.add_(eps)  # var_w + eps
+        b = var_f + eps
+        r = (a * b).rsqrt_()  # 1 / sqrt(a b)
+        # d s / d var_w = eps / a^2 + cov r / a, kept for the backward pass
+        q = (cov * r).add_(eps / a).div_(a)
+        ctx.save_for_backward(w, f, mu_f, mu_w, r, q, positive)
+        # cc = 1 - s = 1 - (1 - eps / a) - (1 - eps / b) + 2 cov r = eps / a + eps / b - 1 + 2 cov r
+        return cov.mul_(r).mul_(2.0).add_(eps / a).add_(eps / b).sub_(1.0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        w, f, mu_f, var_f, mu_w, ratio, positive = ctx.saved_tensors
-        # d cc / d mu_fw = 2 r, d cc / d mu_ww = -r^2 var_f [var_w >= 0], d cc / d mu_w = -2 r mu_f + 2 r^2 var_f mu_w
-        # with r = cov / (var_f var_w + eps)
-        g_fw = grad.mul(ratio).mul_(2.0)
-        g_ww = ratio.square().mul_(var_f).mul_(positive).mul_(grad).neg_()
+        if ctx.distance:
+            w, f, mu_f, mu_w, r, q, positive = ctx.saved_tensors
+            # d cc / d mu_fw = 2 r, d cc / d mu_ww = -q [var_w >= 0], d cc / d mu_w = -2 r mu_f + 2 q mu_w [...]
+            g_fw = grad.mul(r).mul_(2.0)
+            g_ww = q.mul(positive).mul_(grad).neg_()
+        else:
+            w, f, mu_f, var_f, mu_w, ratio, positive = ctx.saved_tensors
+            # d cc / d mu_fw = 2 r, d cc / d mu_ww = -r^2 var_f [var_w >= 0], d cc / d mu_w = -2 r mu_f + 2 r^2 var_f
+            # mu_w with r = cov / (var_f var_w + eps)
+            g_fw = grad.mul(ratio).mul_(2.0)
+            g_ww = ratio.square().mul_(var_f).mul_(positive).mul_(grad).neg_()
         g_w = g_fw * mu_f
         g_w.addcmul_(g_ww, mu_w, value=2.0).neg_()
         back_w, back_ww, back_fw = torch.split(box_filter(torch.cat([g_w, g_ww, g_fw], dim=1), ctx.window),
                                                w.shape[1], dim=1)
-        return back_w + back_ww * w * 2.0 + back_fw * f, None, None, None, None, None
+        return back_w + back_ww * w * 2.0 + back_fw * f, None, None, None, None, None, None
 
 
 def global_ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,

@@ -64,6 +64,11 @@ class InstanceOptimisationSettings:
     """Spacing of the control grid, in voxels of the level's grid."""
     ncc_window: int
     """Local NCC window (odd), in voxels of the level's grid."""
+    ncc_eps: float
+    """Variance regulariser of the local NCC, in squared [0, 1] intensity units (``io_ncc_noise_hu``)."""
+    gradient_floor: float
+    """Misalignment (voxels of the level's grid) whose gradient change is Adam's ``eps`` (``io_gradient_floor_mm``;
+    0: Adam's 1e-8)."""
     smoothness_weight: float
     """Weight of the diffusion regulariser (on the control grid, in control-grid voxels)."""
     jacobian_weight: float
@@ -100,6 +105,8 @@ class InstanceOptimisationSettings:
             learning_rate=config.io_learning_rate_mm / spacing,
             control_spacing=max(1, math.floor(config.io_control_spacing_mm / spacing + 0.5)),
             ncc_window=max(3, 2 * math.floor(config.io_ncc_window_mm / spacing / 2) + 1),
+            ncc_eps=(config.io_ncc_noise_hu / (config.hu_window[1] - config.hu_window[0])) ** 2,
+            gradient_floor=config.io_gradient_floor_mm / spacing,
             smoothness_weight=float(config.io_smoothness_weight),
             jacobian_weight=float(config.io_jacobian_weight),
             transform=config.io_transform,
@@ -197,6 +204,29 @@ def _box_coordinates(box: tuple[slice, slice, slice], shape: tuple[int, ...], de
     return (coords * scale - 1.0).unsqueeze(0), scale
 
 
+class _BoxSampler:
+    """``moving`` (the whole level) sampled trilinearly at the box's voxels moved by a displacement (voxels of the
+    level, channels ``(w, h, d)``, on the box), exact at zero displacement.
+
+    ``grid_sample`` at the voxels' own normalised coordinates returns the voxels up to float rounding (~1e-6 of the
+    intensity), and Adam turns the resulting gradients of ~1e-9 into steps of a sizeable part of its learning rate:
+    an image registered to itself would drift by voxels.  That rounding (the sample at zero minus the voxels) is
+    computed once and subtracted, so a zero displacement samples the voxels exactly (and a similarity minimised at
+    ``w = f`` has a zero gradient there); the gradient with respect to the displacement is unchanged."""
+
+    def __init__(self, moving: torch.Tensor, box: tuple[slice, slice, slice], padding_mode: str) -> None:
+        self.moving, self.padding_mode = moving, padding_mode
+        self.base, self.scale = _box_coordinates(box, tuple(moving.shape[2:]), moving.device, moving.dtype)
+        with torch.no_grad():
+            self.rounding = self._sample(self.base) - moving[(slice(None), slice(None), *box)]
+
+    def _sample(self, grid: torch.Tensor) -> torch.Tensor:
+        return F.grid_sample(self.moving, grid, mode="bilinear", padding_mode=self.padding_mode, align_corners=True)
+
+    def __call__(self, disp_box_whd: torch.Tensor) -> torch.Tensor:
+        return self._sample(torch.addcmul(self.base, disp_box_whd.permute(0, 2, 3, 4, 1), self.scale)) - self.rounding
+
+
 class _CroppedNcc:
     """Local NCC of ``moving`` warped by a level displacement, evaluated on the mask's bounding box only.
 
@@ -205,12 +235,16 @@ class _CroppedNcc:
     image's local means and variance do not change between iterations and are computed once.  The displacement is
     passed on the box only and with its channels in ``(w, h, d)`` order, the order of ``grid_sample``'s coordinates,
     so that an iteration neither crops nor reorders a full-size field.
+
+    The NCC is the ``"distance"`` form (exactly stationary at ``w = f``) with the variance regulariser ``eps``
+    (squared intensity units), evaluated in float64: near a match its window sums cancel to ~1e-7 of their size, the
+    float32 rounding of that difference would be a gradient of its own.
     """
 
     def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None, window: int,
-                 eps: float = 1e-5) -> None:
+                 eps: float) -> None:
         shape = tuple(fixed.shape[2:])
-        self.window, self.eps, self.moving = window, eps, moving
+        self.window, self.eps, self.dtype = window, eps, moving.dtype
         # the box filter pads with zeros at the box's border: grow the box by a window so that every masked voxel's
         # window sees the same voxels as on the whole grid (zeros beyond the grid in both cases)
         if mask is None:
@@ -219,25 +253,23 @@ class _CroppedNcc:
             self.box = mask_bounding_box(mask[0, 0].cpu().numpy(), window, whole_if_empty=True)
         box = (slice(None), slice(None), *self.box)
         f = fixed[box].contiguous()
-        self.fixed = f
-        self.mu_f, self.var_f = local_statistics(f, window)
+        self.fixed = f.double()
+        self.mu_f, self.var_f = local_statistics(self.fixed, window)
         if mask is None:
-            weight = torch.ones_like(f)
+            weight = torch.ones_like(self.fixed)
         else:
-            weight = mask[box].to(f.dtype)
+            weight = mask[box].to(self.fixed.dtype)
         # voxels of the grown margin are outside the mask when a mask is given; without one, count every voxel.
         # The mean's weights are computed once: the loss is their weighted sum
         self.weight = weight / weight.sum().clamp_min(1.0)
-        # normalised sampling coordinates of the box's voxels, in grid_sample's order (x, y, z) = (w, h, d)
-        self.base, self.scale = _box_coordinates(self.box, shape, f.device, f.dtype)
+        self.sample = _BoxSampler(moving, self.box, "zeros")
 
     def __call__(self, disp_box_whd: torch.Tensor) -> torch.Tensor:
         """Negative mean local NCC inside the mask for a displacement ``(1, 3, *box)`` (voxels of the level, channels
         ``(w, h, d)``) given on the box."""
-        grid = torch.addcmul(self.base, disp_box_whd.permute(0, 2, 3, 4, 1), self.scale)
-        w = F.grid_sample(self.moving, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        w = self.sample(disp_box_whd).double()
         return local_ncc_loss(self.fixed, w, self.window, mask=self.weight, eps=self.eps, reduction="sum",
-                              fixed_statistics=(self.mu_f, self.var_f))
+                              fixed_statistics=(self.mu_f, self.var_f), form="distance").to(self.dtype)
 
 
 class _CroppedMind:
@@ -252,7 +284,7 @@ class _CroppedMind:
                  dilation: int) -> None:
         shape = tuple(fixed.shape[2:])
         with torch.no_grad():
-            mind_f, self.moving = mind_ssc(fixed, radius, dilation), mind_ssc(moving, radius, dilation)
+            mind_f, mind_m = mind_ssc(fixed, radius, dilation), mind_ssc(moving, radius, dilation)
         if mask is None:
             self.box = tuple(slice(0, s) for s in shape)
         else:
@@ -261,11 +293,10 @@ class _CroppedMind:
         self.fixed = mind_f[box].contiguous()
         weight = torch.ones_like(self.fixed[:, :1]) if mask is None else mask[box].to(fixed.dtype)
         self.weight = weight / (weight.sum().clamp_min(1.0) * self.fixed.shape[1])
-        self.base, self.scale = _box_coordinates(self.box, shape, fixed.device, fixed.dtype)
+        self.sample = _BoxSampler(mind_m, self.box, "border")
 
     def __call__(self, disp_box_whd: torch.Tensor) -> torch.Tensor:
-        grid = torch.addcmul(self.base, disp_box_whd.permute(0, 2, 3, 4, 1), self.scale)
-        w = F.grid_sample(self.moving, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        w = self.sample(disp_box_whd)
         return ((w - self.fixed).square() * self.weight).sum()
 
 
@@ -291,6 +322,17 @@ class _Adam:
         self.param.addcdiv_(self.m, denom, value=-self.lr / (1 - b1 ** self.t))
 
 
+_FIT_RIDGE = 1e-2
+"""Tikhonov weight of the B-spline fit, relative to the basis matrix's largest squared singular value."""
+
+
+def _ridge_inverse(matrix: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``(MᵀM + λI)⁻¹Mᵀ`` with ``λ = ridge · ‖M‖₂²``: least squares that keeps weakly determined unknowns small."""
+    gram = matrix.T @ matrix
+    lam = ridge * float(torch.linalg.matrix_norm(matrix, ord=2)) ** 2
+    return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), matrix.T)
+
+
 class _BSplineBasis:
     """The cubic B-spline of one level: knots ``knot_mm`` apart on a grid of ``shape`` voxels ``spacing_mm`` apart
     (per axis), knot 1 on voxel 0 (:func:`deepabdominalreg.spatial.bspline_basis_matrix`).  The knots are placed in
@@ -302,10 +344,12 @@ class _BSplineBasis:
         self.knots = tuple(knot_mm / h for h in spacing_mm)  # voxels of the level
         self.matrices = tuple(spatial.bspline_basis_matrix(n, k, device=device) for n, k in zip(shape, self.knots))
         self.cshape = tuple(m.shape[1] for m in self.matrices)
-        # least-squares control values of a dense field, axis by axis (the pseudo-inverse of a Kronecker product is
-        # the Kronecker product of the pseudo-inverses)
+        # control values of a dense field (a level's start), axis by axis: ridge-regularised least squares, because
+        # the control points past the grid's last voxel barely touch it (singular values down to 1e-9 at 1.2 voxels
+        # per knot) and the plain pseudo-inverse gives them values of thousands of voxels.  The fit need not be
+        # exact: the level field adds back what the control grid misses (its residual)
         self.fit = _ControlUpsampler(shape, self.cshape, device, dtype,
-                                     matrices=tuple(torch.linalg.pinv(m) for m in self.matrices))
+                                     matrices=tuple(_ridge_inverse(m, _FIT_RIDGE) for m in self.matrices))
         self.knots_t = torch.tensor(self.knots, device=device, dtype=dtype).view(1, 3, 1, 1, 1)
         self.bending = BSplineBendingEnergy(shape, self.knots, spacing_mm, device=device, dtype=dtype)
 
@@ -340,6 +384,50 @@ class _LevelField:
             return self.upsample_box(control.flip(1)) + self.residual_box_whd
         # the integration needs the whole level (points move between voxels)
         return self(control)[self.box].flip(1)
+
+
+class _LevelObjective:
+    """The loss of one level as a function of its control values: the similarity of the level field plus the
+    regularisers of the parameterisation."""
+
+    def __init__(self, similarity, level_field: _LevelField, settings: InstanceOptimisationSettings,
+                 basis: _BSplineBasis | None) -> None:
+        self.similarity, self.level_field, self.settings, self.basis = similarity, level_field, settings, basis
+
+    def __call__(self, control: torch.Tensor) -> torch.Tensor:
+        settings, basis = self.settings, self.basis
+        loss = self.similarity(self.level_field.on_box_whd(control))
+        if basis is None:
+            # regularisers on the control grid (in control-grid voxels): the level field is its trilinear
+            # interpolation, so it inherits smoothness and positive Jacobians, at 1/cs^3 of the cost
+            control_vox = control / settings.control_spacing
+            if settings.smoothness_weight:
+                loss = loss + settings.smoothness_weight * diffusion_regulariser(control_vox)
+        else:
+            # the B-spline's exact bending energy (mm^-2) and the control grid's Jacobian (control-grid voxels)
+            control_vox = control / basis.knots_t
+            if settings.bending_weight:
+                loss = loss + settings.bending_weight * basis.bending(control)
+        if settings.jacobian_weight:
+            loss = loss + settings.jacobian_weight * negative_jacobian_penalty(control_vox)
+        return loss
+
+
+def _gradient_floor(objective: Callable[[torch.Tensor], torch.Tensor], control: torch.Tensor, misalignment: float,
+                    seed: int = 0) -> float:
+    """Adam's ``eps`` for a level: the RMS change of the objective's gradient (similarity and regularisers) with
+    respect to the control values between the start and the start moved by a random displacement of
+    ``misalignment`` voxels RMS; 0 gives PyTorch's 1e-8."""
+    if misalignment <= 0:
+        return 1e-8
+    generator = torch.Generator(device=control.device).manual_seed(seed)
+    grads = []
+    for delta in (0.0, misalignment):
+        probe = (control.detach() + delta * torch.randn(control.shape, generator=generator, device=control.device,
+                                                        dtype=control.dtype)).requires_grad_(True)
+        objective(probe).backward()
+        grads.append(probe.grad)
+    return max(float((grads[1] - grads[0]).square().mean().sqrt()), 1e-12)
 
 
 def _level_spacing_mm(shape: tuple[int, ...], lshape: tuple[int, ...], spacing_mm: float) -> tuple[float, ...]:
@@ -389,7 +477,7 @@ def instance_optimise(
         if mask is not None:
             mask_l = _downsample_image(mask.to(dtype), factor) > 0.5
         if settings.similarity == "ncc":
-            similarity = _CroppedNcc(fixed_l, moving_l, mask_l, settings.ncc_window)
+            similarity = _CroppedNcc(fixed_l, moving_l, mask_l, settings.ncc_window, settings.ncc_eps)
         else:
             similarity = _CroppedMind(fixed_l, moving_l, mask_l, settings.mind_radius, settings.mind_dilation)
         box = (slice(None), slice(None), *similarity.box)
@@ -412,27 +500,16 @@ def instance_optimise(
         else:
             level_field = _LevelField(upsample, upsample_box, box, residual=start - upsample(control))
         control = control.clone().requires_grad_(True)
-        optimiser = _Adam(control, lr=settings.learning_rate)
+        objective = _LevelObjective(similarity, level_field, settings, basis)
+        optimiser = _Adam(control, lr=settings.learning_rate,
+                          eps=_gradient_floor(objective, control, settings.gradient_floor))
         # Adam's steps are ~lr whatever the gradient's size: decay lr to 10% over the level so that the field
         # settles instead of jittering by ~lr voxels where the similarity gives little signal
         gamma = 0.1 ** (1.0 / max(iterations, 1))
         plateau = Plateau(patience=15, tolerance=1e-4)
         for i in range(iterations):
             control.grad = None
-            loss = similarity(level_field.on_box_whd(control))
-            if basis is None:
-                # regularisers on the control grid (in control-grid voxels): the level field is its trilinear
-                # interpolation, so it inherits smoothness and positive Jacobians, at 1/cs^3 of the cost
-                control_vox = control / settings.control_spacing
-                if settings.smoothness_weight:
-                    loss = loss + settings.smoothness_weight * diffusion_regulariser(control_vox)
-            else:
-                # the B-spline's exact bending energy (mm^-2) and the control grid's Jacobian (control-grid voxels)
-                control_vox = control / basis.knots_t
-                if settings.bending_weight:
-                    loss = loss + settings.bending_weight * basis.bending(control)
-            if settings.jacobian_weight:
-                loss = loss + settings.jacobian_weight * negative_jacobian_penalty(control_vox)
+            loss = objective(control)
             if not torch.isfinite(loss):
                 raise FloatingPointError("instance optimisation diverged (non-finite loss); lower the learning rate")
             loss.backward()

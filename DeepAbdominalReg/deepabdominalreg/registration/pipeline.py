@@ -38,6 +38,7 @@ from deepabdominalreg.metrics.landmarks import landmark_errors
 from deepabdominalreg.nn.models import ModelCard, load_model
 from deepabdominalreg.registration.affine import AffineSettings, optimise_affine
 from deepabdominalreg.registration.checks import judge, measure
+from deepabdominalreg.registration.discrete import discrete_search
 from deepabdominalreg.registration.fields import affine_field_displacement, inverse_field_on_grid, warp_image
 from deepabdominalreg.registration.initialisation import OffsetSearchSettings, search_offset
 from deepabdominalreg.registration.instance_optimisation import InstanceOptimisationSettings, instance_optimise
@@ -150,7 +151,8 @@ class _Stages:
         "preprocessing": 0.06,
         "affine": 0.14,
         "network": 0.05,
-        "instance_optimisation": 0.50,
+        "discrete_search": 0.10,
+        "instance_optimisation": 0.40,
         "composition": 0.06,
         "warping": 0.05,
         "jacobian": 0.04,
@@ -427,6 +429,7 @@ def _run_stages(inputs: _Inputs, config: RegistrationConfig, stages: _Stages) ->
     _preprocess(run)
     _align_affine(run)
     _predict_network(run)
+    _search_discrete(run)
     _optimise_instance(run)
     _compose(run)
     _warp(run)
@@ -529,6 +532,34 @@ def _predict_network(run: _Run) -> None:
                                         run.working_grid, run.config, run.device, bf16=run.network_bf16)
 
 
+def _io_tensors(run: _Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed and moved working intensities ``(1, 1, D, H, W)`` and the similarity mask: the fixed body inside the
+    (affinely mapped) moving field of view, where both images have data."""
+    device = run.device
+    fixed_t = torch.as_tensor(run.w_fixed.intensity, device=device)[None, None]
+    moving_t = torch.as_tensor(run.moved.intensity, device=device)[None, None]
+    mask_t = torch.as_tensor(run.w_fixed.mask & run.moved.field_of_view, device=device)[None, None]
+    return fixed_t, moving_t, mask_t
+
+
+def _search_discrete(run: _Run) -> None:
+    """The coarse discrete displacement search (``config.discrete_search``) as the instance optimisation's start."""
+    config = run.config
+    if not config.discrete_search:
+        return
+    fixed_t, moving_t, mask_t = _io_tensors(run)
+    start = run.disp  # zero, or the network's field
+    with run.stages("discrete_search", "discrete displacement search"):
+        if run.network is not None:  # search what the network left: the moving image under its field
+            moving_t = spatial.warp(moving_t, start)
+        found = discrete_search(fixed_t, moving_t, mask_t, spacing_mm=tuple(reversed(run.working_grid.spacing)),
+                                grid_spacing_mm=config.discrete_grid_spacing_mm,
+                                search_radius_mm=config.discrete_search_radius_mm,
+                                mind_radius_mm=config.io_mind_radius_mm, mind_dilation_mm=config.io_mind_dilation_mm)
+        # moving(x + u(x)) with u the search's field followed by the network's
+        run.disp = found if run.network is None else spatial.compose(start, found)
+
+
 def _optimise_instance(run: _Run) -> None:
     """Instance optimisation from the current displacement, rerun once with stronger regularisation when it folds
     more than ``config.folding_limit_percent``."""
@@ -536,10 +567,7 @@ def _optimise_instance(run: _Run) -> None:
     if not (config.io_iterations > 0 and config.io_levels):
         return
     settings = InstanceOptimisationSettings.from_config(config, run.working_grid.spacing[0])
-    fixed_t = torch.as_tensor(run.w_fixed.intensity, device=device)[None, None]
-    moving_t = torch.as_tensor(run.moved.intensity, device=device)[None, None]
-    # similarity where both images have data: the fixed body inside the (affinely mapped) moving field of view
-    mask_t = torch.as_tensor(run.w_fixed.mask & run.moved.field_of_view, device=device)[None, None]
+    fixed_t, moving_t, mask_t = _io_tensors(run)
     body_t = torch.as_tensor(run.w_fixed.mask, device=device)[None, None]
     initial = run.disp
     with run.stages("instance_optimisation", "instance optimisation"):

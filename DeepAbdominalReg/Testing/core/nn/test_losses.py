@@ -88,8 +88,8 @@ def test_ssim_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda t: losses.ssim_loss(x, t, window=3), (y,))
 
 
-def _reference_local_ncc_map(fixed, warped, window, eps=1e-5):
-    """The textbook local squared NCC map: window means by zero-padded average pooling, autograd through it all."""
+def _reference_window_statistics(fixed, warped, window):
+    """Textbook window covariance and variances: means by zero-padded average pooling, autograd through it all."""
 
     def mean(x):
         return F.avg_pool3d(x, window, stride=1, padding=window // 2, count_include_pad=True)
@@ -98,6 +98,12 @@ def _reference_local_ncc_map(fixed, warped, window, eps=1e-5):
     cov = mean(fixed * warped) - mu_f * mu_w
     var_f = (mean(fixed * fixed) - mu_f**2).clamp_min(0)
     var_w = (mean(warped * warped) - mu_w**2).clamp_min(0)
+    return cov, var_f, var_w
+
+
+def _reference_local_ncc_map(fixed, warped, window, eps=1e-5):
+    """The local squared NCC map."""
+    cov, var_f, var_w = _reference_window_statistics(fixed, warped, window)
     return cov**2 / (var_f * var_w + eps)
 
 
@@ -146,6 +152,50 @@ def test_local_ncc_gradcheck_float64_and_sign():
         losses.local_ncc_loss(x, y.detach(), 3, reduction="max")
     with pytest.raises(ValueError):  # the gradient is with respect to warped only
         losses.local_ncc_loss(y, x, 3)
+
+
+def _reference_distance_ncc_map(fixed, warped, window, eps):
+    """The distance form written out: 1 - (var_w/(var_w+eps) + var_f/(var_f+eps) - 2 cov/sqrt(..))."""
+    cov, var_f, var_w = _reference_window_statistics(fixed, warped, window)
+    s = var_w / (var_w + eps) + var_f / (var_f + eps) - 2 * cov / ((var_w + eps) * (var_f + eps)).sqrt()
+    return 1 - s
+
+
+@pytest.mark.parametrize("eps", [1e-5, 3e-2])
+def test_distance_ncc_equals_its_formula_and_is_exactly_stationary_at_a_match(eps):
+    """The distance form's value and analytic gradient equal autograd through the formula (masks, channels, a flat
+    patch); at w = f its gradient is zero whatever eps (the squared form's is not: it moves an image registered to
+    itself), and it still rewards correlation, not covariance."""
+    g = torch.Generator().manual_seed(7)
+    shape = (2, 2, 7, 9, 8)
+    fixed = torch.rand(shape, generator=g, dtype=torch.float64)
+    warped = torch.rand(shape, generator=g, dtype=torch.float64)
+    warped[0, 0, :4, :4, :4] = 0.3
+    mask = torch.rand(2, 1, 7, 9, 8, generator=g, dtype=torch.float64)
+    for window in (3, 5):
+        ref_in, ours_in = warped.clone().requires_grad_(True), warped.clone().requires_grad_(True)
+        ref = -(_reference_distance_ncc_map(fixed, ref_in, window, eps) * mask).sum() / mask.expand(shape).sum()
+        ours = losses.local_ncc_loss(fixed, ours_in, window, mask=mask, eps=eps, form="distance")
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+        ref.backward()
+        ours.backward()
+        torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=1e-12)
+        assert ours_in.grad.abs().max() > 1e-6
+    x = _smooth_image((6, 7, 8), dtype=torch.float64)
+    for form, stationary in (("distance", True), ("squared", False)):
+        at_match = x.clone().requires_grad_(True)
+        losses.local_ncc_loss(x, at_match, 3, eps=eps, form=form).backward()
+        assert (at_match.grad.abs().max() < 1e-15) == stationary, (form, at_match.grad.abs().max())
+    match = losses.local_ncc_loss(x, x, 3, eps=eps, form="distance")
+    assert match.item() == pytest.approx(-1.0, abs=1e-12)  # the two windows are equal: distance 0
+    # a positive gain is a match
+    assert losses.local_ncc_loss(x, 2 * x, 3, eps=1e-9, form="distance").item() == pytest.approx(-1.0, abs=1e-4)
+    assert losses.local_ncc_loss(x, -x, 3, eps=eps, form="distance") > match  # a negative correlation is no match
+    assert torch.autograd.gradcheck(
+        lambda t: losses.local_ncc_loss(x, t, 3, eps=eps, form="distance", reduction="none"),
+        (_smooth_image((6, 7, 8), seed=3, dtype=torch.float64).requires_grad_(True),))
+    with pytest.raises(ValueError, match="form"):
+        losses.local_ncc_loss(x, x, 3, form="absolute")
 
 
 def test_global_ncc_is_the_image_metric_negated():
