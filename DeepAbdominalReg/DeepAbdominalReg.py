@@ -160,6 +160,8 @@ class DeepAbdominalRegParameterNode:
     ioJacobianWeight: Annotated[float, WithinRange(0.0, 100.0)] = DEFAULTS["ioJacobianWeight"]
     ioTransform: Annotated[str, Choice(["bspline", "trilinear", "svf"])] = DEFAULTS["ioTransform"]
     ioBendingWeight: Annotated[float, WithinRange(0.0, 100000.0)] = DEFAULTS["ioBendingWeight"]
+    ioRigidityWeight: Annotated[float, WithinRange(0.0, 100000.0)] = DEFAULTS["ioRigidityWeight"]
+    ioSymmetric: bool = DEFAULTS["ioSymmetric"]
     ioSimilarity: Annotated[str, Choice(["ncc", "mind"])] = DEFAULTS["ioSimilarity"]
     ioMindRadiusMm: Annotated[float, WithinRange(0.0, 30.0)] = DEFAULTS["ioMindRadiusMm"]
     ioMindDilationMm: Annotated[float, WithinRange(0.1, 30.0)] = DEFAULTS["ioMindDilationMm"]

@@ -6,7 +6,8 @@ Nothing here touches the scene.  The MRML side (:mod:`DeepAbdominalRegLib.task`)
 * :class:`BackgroundRegistration` writes the inputs to a temporary folder (uncompressed NRRD, landmarks as CSV in
   LPS mm, ``labels.json``) and the registration settings as ``config.json`` (``RegistrationConfig.to_dict()``,
   passed with ``--config``; only paths and output options are flags), launches the command, forwards its progress,
-  reads the outputs back into memory and removes the folder in ``finally``, whatever happened.
+  hands the outputs over while their files exist (``onOutputs`` reads them one at a time) and removes the folder
+  in ``finally``, whatever happened.
 * :class:`RegistrationProcess` runs the command in its own process group: reader threads queue the JSON-lines
   progress events of stdout and every other output line (nothing is logged from those threads),
   :meth:`RegistrationProcess.poll` and :meth:`RegistrationProcess.pollLines` hand them over in the caller's thread;
@@ -20,6 +21,7 @@ error or a crash ends the subprocess, not Slicer.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -80,11 +82,12 @@ class CoreInputs:
     """The MRML inputs converted for the core (SimpleITK images in LPS, landmark arrays in LPS mm).
 
     ``movingSegments`` describes the moving segmentation's segments (IDs, names, colours) for rebuilding the warped
-    segmentation on the MRML side; it is not passed to the core.
+    segmentation on the MRML side; it is not passed to the core.  The images are ``None`` after
+    :meth:`releaseImages` (a background run, once they are written for the subprocess).
     """
 
-    fixed: sitk.Image
-    moving: sitk.Image
+    fixed: sitk.Image | None
+    moving: sitk.Image | None
     movingLabels: sitk.Image | None = None
     fixedLabels: sitk.Image | None = None
     fixedLandmarksLps: np.ndarray | None = None
@@ -101,22 +104,39 @@ class CoreInputs:
             "label_names": dict(self.labelNames) or None,
         }
 
+    def releaseImages(self) -> None:
+        """Drop the image copies (the subprocess reads the files; kept, they would hold a second copy of every input
+        volume in Slicer's process until the run ends).  Segments, names and landmarks stay."""
+        self.fixed = self.moving = self.movingLabels = self.fixedLabels = None
+
+
+_SCALAR_MAPS = ("jacobian", "displacementMagnitude")
+"""The :class:`CoreOutputs` images read as ``float32`` from a float file (what the overlays are stored as)."""
+_TRANSFORMS = ("transform", "inverseTransform")
+_LOADABLE = ("warpedImage", "transform", "inverseTransform", "warpedLabels", "jacobian", "displacementMagnitude")
+
 
 @dataclass
 class CoreOutputs:
-    """What the MRML side needs from a registration result (see ``RegistrationResult`` for conventions)."""
+    """What the MRML side needs from a registration result (see ``RegistrationResult`` for conventions).
 
-    warpedImage: sitk.Image
-    transform: sitk.Transform
+    Each image and transform is either in memory (:meth:`fromResult`, an in-process run) or the ``Path`` of the file
+    the command wrote (:meth:`fromDirectory`, a background run).  Take them with :meth:`read`, which reads a file
+    when it is called and keeps no reference: the MRML side reads one output, hands it to its node and drops it
+    before reading the next, so only one output is ever held outside VTK.
+    """
+
+    warpedImage: sitk.Image | Path
+    transform: sitk.Transform | Path
     """Fixed -> moving (LPS mm): the affine and the displacement on the working grid (``transform.h5``)."""
-    jacobian: sitk.Image
+    jacobian: sitk.Image | Path
     """``det J`` on the working grid (an overlay: Slicer resamples it for display)."""
-    displacementMagnitude: sitk.Image
+    displacementMagnitude: sitk.Image | Path
     """``|u|`` (mm) on the working grid."""
     metrics: dict
-    inverseTransform: sitk.Transform | None = None
+    inverseTransform: sitk.Transform | Path | None = None
     """Moving -> fixed (``inverse_transform.h5``)."""
-    warpedLabels: sitk.Image | None = None
+    warpedLabels: sitk.Image | Path | None = None
 
     @classmethod
     def fromResult(cls, result) -> CoreOutputs:
@@ -132,9 +152,10 @@ class CoreOutputs:
 
     @classmethod
     def fromDirectory(cls, folder: str | os.PathLike) -> CoreOutputs:
-        """Read what ``deepabdominalreg register --output-dir folder`` wrote (into memory: the folder may go)."""
+        """What ``deepabdominalreg register --output-dir folder`` wrote: ``metrics.json`` read now, every image and
+        transform as its path, read by :meth:`read` (the folder must still exist then; :meth:`load` reads them
+        all, for a folder that goes before they are used)."""
         from deepabdominalreg.io import IMAGE_FORMATS
-        from deepabdominalreg.transforms import read_transform
 
         folder = Path(folder)
 
@@ -149,16 +170,43 @@ class CoreOutputs:
         if missing:
             raise RegistrationFailed(f"the registration process ended without writing {', '.join(missing)}.")
         inverse = folder / "inverse_transform.h5"
-        labels = optional("warped_seg")
         return cls(
-            warpedImage=sitk.ReadImage(str(found["warped"])),
-            transform=read_transform(folder / "transform.h5", "registration transform"),
-            jacobian=sitk.ReadImage(str(found["jacobian"])),
-            displacementMagnitude=sitk.ReadImage(str(found["displacement_magnitude"])),
+            warpedImage=found["warped"],
+            transform=folder / "transform.h5",
+            jacobian=found["jacobian"],
+            displacementMagnitude=found["displacement_magnitude"],
             metrics=json.loads((folder / "metrics.json").read_text(encoding="utf-8")),
-            inverseTransform=read_transform(inverse, "inverse transform") if inverse.exists() else None,
-            warpedLabels=sitk.ReadImage(str(labels)) if labels else None,
+            inverseTransform=inverse if inverse.exists() else None,
+            warpedLabels=optional("warped_seg"),
         )
+
+    def read(self, name: str):
+        """The output ``name`` (a field: ``"warpedImage"``, ``"jacobian"``...): the object in memory, or its file read
+        now and not kept.  The Jacobian and ``|u|`` maps of a float file come as ``sitkFloat32``; the warped image and
+        labels keep the pixel type of their file."""
+        if name not in _LOADABLE:
+            raise ValueError(f"{name!r} is not an output image or transform; choose one of {', '.join(_LOADABLE)}")
+        value = getattr(self, name)
+        if not isinstance(value, Path):
+            return value
+        if not value.exists():
+            raise RegistrationFailed(f"the registration output {value.name} is gone (its temporary folder was removed "
+                                     "before it was read).")
+        if name in _TRANSFORMS:
+            from deepabdominalreg.transforms import read_transform
+
+            return read_transform(value, "registration transform" if name == "transform" else "inverse transform")
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(value))
+        if name in _SCALAR_MAPS:
+            reader.ReadImageInformation()
+            if reader.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+                reader.SetOutputPixelType(sitk.sitkFloat32)
+        return reader.Execute()
+
+    def load(self) -> CoreOutputs:
+        """A copy with every output in memory (for outputs whose folder goes before they are used)."""
+        return dataclasses.replace(self, **{name: self.read(name) for name in _LOADABLE})
 
 
 def writeCoreInputs(core: CoreInputs, folder: Path) -> dict[str, Path]:
@@ -380,10 +428,14 @@ class BackgroundRegistration:
     """``CoreInputs`` + ``RegistrationConfig`` -> temporary files -> subprocess -> ``CoreOutputs``.
 
     ``onProgress(event: dict)`` gets each progress event, ``onLog(line: str)`` each other output line of the command
-    (also logged, from the polling thread); ``onFinished(outputs: CoreOutputs | None, error:
-    Exception | None)`` is called once, after the temporary folder was removed.  :meth:`start` writes the files
-    (errors raise immediately) and launches the process; drive it with :meth:`startTimer` (GUI, Qt timer) or
-    :meth:`wait` (blocking).
+    (also logged, from the polling thread).  When the command succeeded, ``onOutputs(outputs: CoreOutputs)`` is
+    called while the temporary folder still exists: ``outputs`` holds the files' paths and
+    :meth:`CoreOutputs.read` reads each when asked, so the consumer holds one output at a time; what it raises
+    becomes the run's error.  Without ``onOutputs`` every output is read into memory (:meth:`CoreOutputs.load`).
+    ``onFinished(outputs: CoreOutputs | None, error: Exception | None)`` is called once, after the temporary folder
+    was removed (after ``onOutputs``, the outputs' files are gone; their metrics stay).  :meth:`start` writes the
+    files (errors raise immediately), releases ``core``'s images (:meth:`CoreInputs.releaseImages`) and launches the
+    process; drive it with :meth:`startTimer` (GUI, Qt timer) or :meth:`wait` (blocking).
     """
 
     POLL_INTERVAL_MS = 200
@@ -391,8 +443,10 @@ class BackgroundRegistration:
     def __init__(self, core: CoreInputs, config: RegistrationConfig, *,
                  onProgress: Callable[[dict], None] | None = None,
                  onFinished: Callable[[CoreOutputs | None, Exception | None], None] | None = None,
-                 python: str | None = None, onLog: Callable[[str], None] | None = None):
+                 python: str | None = None, onLog: Callable[[str], None] | None = None,
+                 onOutputs: Callable[[CoreOutputs], None] | None = None):
         self.core = core
+        self.onOutputs = onOutputs
         self.config = config
         self.onProgress = onProgress
         self.onFinished = onFinished
@@ -411,6 +465,7 @@ class BackgroundRegistration:
             inputDir = self.tempDir / "input"
             inputDir.mkdir()
             paths = writeCoreInputs(self.core, inputDir)
+            self.core.releaseImages()
             configPath = writeConfig(self.config, inputDir / "config.json")
             command = registerCommand(paths, self.tempDir / "output", configPath, self.python)
             self.process = RegistrationProcess(command, env=subprocessEnvironment(), cwd=str(MODULE_DIRECTORY))
@@ -475,7 +530,12 @@ class BackgroundRegistration:
                 raise RegistrationCancelledByUser("registration cancelled; nothing was added to the scene.")
             if self.process.returncode != 0:
                 raise RegistrationFailed(self.process.errorMessage())
-            self.outputs = CoreOutputs.fromDirectory(self.tempDir / "output")
+            outputs = CoreOutputs.fromDirectory(self.tempDir / "output")
+            if self.onOutputs is not None:
+                self.onOutputs(outputs)  # reads the files, which go in the finally below
+            else:
+                outputs = outputs.load()
+            self.outputs = outputs
         except Exception as exc:  # noqa: BLE001  (any failure is reported to onFinished, nothing is left behind)
             self.error = exc
         finally:

@@ -175,7 +175,9 @@ def applyCoreOutputs(outputs: CoreOutputs, core: CoreInputs, inputs: InputNodes,
                      requested: OutputNodes | None = None, *, show: bool = True) -> OutputNodes:
     """Create (or fill the requested) output nodes from a complete result; all or nothing.
 
-    If anything fails, every node added to the scene since the call is removed again and the error re-raised.
+    The outputs are taken one at a time (:meth:`CoreOutputs.read`: from its file, for a background run) and each is
+    handed to its node before the next is read, so that only one of them exists outside VTK at any time.  If
+    anything fails, every node added to the scene since the call is removed again and the error re-raised.
     """
     requested = requested or OutputNodes()
     scene = inputs.fixedVolume.GetScene()
@@ -190,21 +192,21 @@ def applyCoreOutputs(outputs: CoreOutputs, core: CoreInputs, inputs: InputNodes,
     result = OutputNodes(metrics=outputs.metrics)
     try:
         result.warpedVolume = outputNode(requested.warpedVolume, "vtkMRMLScalarVolumeNode", f"{movingName} warped")
-        nodes.updateVolumeNodeFromImage(result.warpedVolume, outputs.warpedImage)
+        nodes.updateVolumeNodeFromImage(result.warpedVolume, outputs.read("warpedImage"))
         _copyWindowLevel(inputs.movingVolume, result.warpedVolume)
 
         result.outputTransform = outputNode(
             requested.outputTransform, "vtkMRMLTransformNode", f"{movingName} to {fixedName} (deformable)"
         )
         nodes.updateTransformNodeFromItk(
-            result.outputTransform, outputs.transform, inputs.fixedVolume, inputs.movingVolume
+            result.outputTransform, outputs.read("transform"), inputs.fixedVolume, inputs.movingVolume
         )
         if outputs.inverseTransform is not None:
             result.inverseTransform = outputNode(
                 requested.inverseTransform, "vtkMRMLTransformNode", f"{fixedName} to {movingName} (inverse)"
             )
             nodes.updateTransformNodeFromItk(
-                result.inverseTransform, outputs.inverseTransform, inputs.fixedVolume, inputs.movingVolume,
+                result.inverseTransform, outputs.read("inverseTransform"), inputs.fixedVolume, inputs.movingVolume,
                 usage="Apply to the fixed volume (or its segmentation/markups) to align it with the moving volume.",
             )
 
@@ -214,20 +216,20 @@ def applyCoreOutputs(outputs: CoreOutputs, core: CoreInputs, inputs: InputNodes,
                 requested.warpedSegmentation, "vtkMRMLSegmentationNode", f"{sourceName} warped"
             )
             nodes.updateSegmentationNodeFromLabelImage(
-                result.warpedSegmentation, outputs.warpedLabels, core.movingSegments,
+                result.warpedSegmentation, outputs.read("warpedLabels"), core.movingSegments,
                 sourceSegmentationNode=inputs.movingSegmentation, referenceVolumeNode=inputs.fixedVolume,
             )
 
         result.jacobianVolume = outputNode(
             requested.jacobianVolume, "vtkMRMLScalarVolumeNode", f"{movingName} Jacobian determinant"
         )
-        nodes.updateVolumeNodeFromImage(result.jacobianVolume, outputs.jacobian)
+        nodes.updateVolumeNodeFromImage(result.jacobianVolume, outputs.read("jacobian"))
         display.showJacobian(result.jacobianVolume)
 
         result.displacementMagnitudeVolume = outputNode(
             requested.displacementMagnitudeVolume, "vtkMRMLScalarVolumeNode", f"{movingName} displacement (mm)"
         )
-        nodes.updateVolumeNodeFromImage(result.displacementMagnitudeVolume, outputs.displacementMagnitude)
+        nodes.updateVolumeNodeFromImage(result.displacementMagnitudeVolume, outputs.read("displacementMagnitude"))
         display.showDisplacementMagnitude(result.displacementMagnitudeVolume)
 
         result.metricsTable = outputNode(
@@ -286,7 +288,8 @@ class RegistrationJob:
     """One background registration: input nodes -> :class:`BackgroundRegistration` -> output nodes.
 
     ``onProgress(event: dict)`` gets each progress event, ``onLog(line: str)`` each other output line of the run;
-    ``onFinished(outputs: OutputNodes | None, error: Exception | None)`` is called once.  :meth:`start` checks and
+    ``onFinished(outputs: OutputNodes | None, error: Exception | None)`` is called once, after the output nodes were
+    made from the run's files and its temporary folder was removed.  :meth:`start` checks and
     converts the inputs (errors raise immediately) and launches the process; drive it with :meth:`startTimer` (GUI,
     Qt timer) or :meth:`wait`.
     """
@@ -320,8 +323,10 @@ class RegistrationJob:
     def start(self) -> None:
         checkOutputsAreNotInputs(self.inputs, self.requested)
         self.core = prepareCoreInputs(self.inputs)
+        # the run writes the core's images for the subprocess, then releases them (CoreInputs.releaseImages)
         self.run = BackgroundRegistration(self.core, self.config, onProgress=self.onProgress,
-                                          onFinished=self._onRunFinished, python=self.python, onLog=self.onLog)
+                                          onOutputs=self._applyOutputs, onFinished=self._onRunFinished,
+                                          python=self.python, onLog=self.onLog)
         self.run.start()
 
     def startTimer(self) -> None:
@@ -343,12 +348,13 @@ class RegistrationJob:
             raise self.error
         return self.outputs
 
+    def _applyOutputs(self, outputs: CoreOutputs) -> None:
+        """Output files -> nodes, while the run's temporary folder exists; an error (the scene left as it was) becomes
+        the run's error, reported to :meth:`_onRunFinished`."""
+        self.outputs = applyCoreOutputs(outputs, self.core, self.inputs, self.requested, show=self.show)
+
     def _onRunFinished(self, outputs: CoreOutputs | None, error: Exception | None) -> None:
+        """After the temporary folder was removed: the nodes are made (or the error happened) by then."""
         self.error = error
-        if error is None:
-            try:
-                self.outputs = applyCoreOutputs(outputs, self.core, self.inputs, self.requested, show=self.show)
-            except Exception as exc:  # noqa: BLE001  (reported to onFinished; the scene is as it was)
-                self.error = exc
         if self.onFinished is not None:
             self.onFinished(self.outputs, self.error)

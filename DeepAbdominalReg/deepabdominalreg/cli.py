@@ -110,10 +110,16 @@ def _cmd_register(args: argparse.Namespace) -> int:
     fixed_points = read_landmarks(args.fixed_landmarks, "fixed landmarks") if args.fixed_landmarks else None
     moving_points = read_landmarks(args.moving_landmarks, "moving landmarks") if args.moving_landmarks else None
     names = _read_label_names(args.label_names, args.fixed_seg or args.moving_seg)
+    masks = {key: read_labels(path, role) if path else None
+             for key, path, role in (("exclude_mask", args.exclude_mask, "exclusion mask"),
+                                     ("moving_exclude_mask", args.moving_exclude_mask, "moving exclusion mask"),
+                                     ("rigid_mask", args.rigid_mask, "rigid mask"))}
     outputs = parse_outputs(getattr(args, "outputs", None))
     inputs = {"fixed image": args.fixed, "moving image": args.moving, "moving segmentation": args.moving_seg,
               "fixed segmentation": args.fixed_seg, "fixed landmarks": args.fixed_landmarks,
-              "moving landmarks": args.moving_landmarks, "label names": args.label_names, "config": args.config}
+              "moving landmarks": args.moving_landmarks, "label names": args.label_names, "config": args.config,
+              "exclusion mask": args.exclude_mask, "moving exclusion mask": args.moving_exclude_mask,
+              "rigid mask": args.rigid_mask}
     # refused before the registration, so that nothing runs (or is written) for an unusable output folder
     planned = output_file_names(outputs, args.output_format, labels=moving_labels is not None,
                                 inverse=config.compute_inverse, landmarks=moving_points is not None,
@@ -128,6 +134,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
         fixed_landmarks_lps=fixed_points,
         moving_landmarks_lps=moving_points,
         label_names=names,
+        **masks,
         progress=_progress_printer(args.progress_json),
     )
     result.metrics["inputs"] = {"fixed": str(args.fixed), "moving": str(args.moving)}
@@ -243,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--label-names", help="JSON {label id: name} (default: labels.json beside the segmentation)")
     reg.add_argument("--fixed-landmarks", help="CSV x,y,z (mm, LPS) or Slicer .mrk.json")
     reg.add_argument("--moving-landmarks", help="corresponding moving landmarks, same order")
+    reg.add_argument("--exclude-mask", help="fixed-image mask (non-zero voxels) left out of the deformable "
+                     "registration's similarity: a lesion seen in one scan only, an artefact")
+    reg.add_argument("--moving-exclude-mask", help="the same for the moving image (mapped by the affine)")
+    reg.add_argument("--rigid-mask", help="fixed-image mask of a region kept rigid (a tumour, a bone): it moves as a "
+                     "whole while the tissue around it deforms (weight: io_rigidity_weight in --config)")
     reg.add_argument("--output-dir", required=True)
     add_run_options(reg)
     reg.add_argument("--config", help="JSON file of RegistrationConfig fields (applied after --preset, before flags)")

@@ -162,6 +162,16 @@ class RegistrationConfig:
     (independent of the working spacing).  50 with NCC: of 10-300, the best mean field error and Dice together on
     the real CT at 10 and 20 mm and the phantom (lower weights fit 20 mm motion a little better, higher ones the
     phantom; ``benchmarks/README.md``, "Issue 17"); MIND's smaller loss scale wants about 10-30."""
+    io_symmetric: bool = False
+    """Symmetric instance optimisation (``io_transform="svf"`` only): the velocity ``v`` is optimised for both
+    directions at once, the similarity of ``moving o exp(v)`` to ``fixed`` and of ``fixed o exp(-v)`` to ``moving``
+    (averaged), so swapping the scans gives the inverse transform (``exp(-v)``) instead of a different answer, and
+    neither scan is favoured.  About twice the ``svf`` time.  A start (network, discrete search) becomes the initial
+    velocity."""
+    io_rigidity_weight: float = 100.0
+    """Weight of the strain energy (dimensionless: the mean squared infinitesimal strain) inside a region the user
+    keeps rigid (``register --rigid-mask``, e.g. a tumour or a bone): 0 for translations and small rotations, so the
+    region moves as a whole while the tissue around it deforms.  Unused without a rigid mask."""
     io_similarity: str = "ncc"
     """Similarity of the instance optimisation: ``ncc`` (local NCC, ``io_ncc_window_mm``) or ``mind`` (squared
     difference of MIND-SSC descriptors, Heinrich et al. 2013, ``io_mind_radius_mm`` and ``io_mind_dilation_mm``;
@@ -240,11 +250,14 @@ class RegistrationConfig:
                           ("discrete_search_radius_mm", 0.0)):
             _check_number(name, getattr(self, name), low, inclusive=False)
         for name in ("io_smoothness_weight", "io_jacobian_weight", "io_bending_weight", "io_mind_radius_mm",
-                     "io_gradient_floor_mm"):
+                     "io_gradient_floor_mm", "io_rigidity_weight"):
             _check_number(name, getattr(self, name), 0.0)
         _check_number("io_mind_dilation_mm", self.io_mind_dilation_mm, 0.0, inclusive=False)
         if self.io_transform not in ("trilinear", "bspline", "svf"):
             raise ValueError(f"io_transform must be 'trilinear', 'bspline' or 'svf', got {self.io_transform!r}")
+        if self.io_symmetric is True and self.io_transform != "svf":
+            raise ValueError(f"io_symmetric needs io_transform='svf' (the inverse of the stationary velocity's "
+                             f"transform is exact), got io_transform={self.io_transform!r}; set both")
         if self.io_similarity not in ("ncc", "mind"):
             raise ValueError(f"io_similarity must be 'ncc' or 'mind', got {self.io_similarity!r}")
         _check_number("folding_limit_percent", self.folding_limit_percent)
@@ -264,7 +277,8 @@ class RegistrationConfig:
         self._check_plausibility_thresholds()
         if self.threads is not None:
             _check_integer("threads", self.threads, 0)
-        for name in ("body_mask", "affine", "initial_search", "compute_inverse", "discrete_search"):
+        for name in ("body_mask", "affine", "initial_search", "compute_inverse", "discrete_search",
+                     "io_symmetric"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")  # noqa: TRY004
         if self.model is not None and not isinstance(self.model, str):

@@ -113,8 +113,8 @@ def _unusual() -> RegistrationConfig:
         initial_search_min_overlap=0.4, check_affine_scale_range=(0.6, 1.8), check_max_folding_percent=2.0,
         check_hu_window=(-900.0, 900.0), check_min_ncc_gain=-0.05, check_min_ncc=0.4, check_min_body_dice=0.6,
         check_max_displacement_fraction=0.25, check_mirror_margin=0.1, check_max_dice_loss=0.05,
-        io_ncc_noise_hu=40.0, io_gradient_floor_mm=0.5, discrete_search=True, discrete_grid_spacing_mm=8.0,
-        discrete_search_radius_mm=16.0,
+        io_ncc_noise_hu=40.0, io_gradient_floor_mm=0.5, io_rigidity_weight=7.0, io_symmetric=True,
+        discrete_search=True, discrete_grid_spacing_mm=8.0, discrete_search_radius_mm=16.0,
     )
 
 
@@ -168,12 +168,14 @@ def test_instance_optimisation_settings_follow_every_io_field():
                                 io_control_spacing_mm=9.0, io_ncc_window_mm=21.0, io_smoothness_weight=1.5,
                                 io_jacobian_weight=0.0, io_transform="svf", io_bending_weight=30.0,
                                 io_similarity="mind", io_mind_radius_mm=6.0, io_mind_dilation_mm=9.0,
-                                io_ncc_noise_hu=64.0, hu_window=(-112.0, 400.0), io_gradient_floor_mm=1.5)
+                                io_ncc_noise_hu=64.0, hu_window=(-112.0, 400.0), io_gradient_floor_mm=1.5,
+                                io_rigidity_weight=4.0, io_symmetric=True)
     assert InstanceOptimisationSettings.from_config(config, 3.0) == InstanceOptimisationSettings(
         levels=(8, 2), iterations=13, fine_iterations=7, learning_rate=0.75, control_spacing=3, ncc_window=7,
         ncc_eps=0.015625, gradient_floor=0.5,  # (64 HU / 512 HU)^2, exact in binary
         smoothness_weight=1.5, jacobian_weight=0.0, transform="svf", similarity="mind", working_spacing_mm=3.0,
-        control_spacing_mm=9.0, bending_weight=30.0, mind_radius=2, mind_dilation=3)
+        control_spacing_mm=9.0, bending_weight=30.0, mind_radius=2, mind_dilation=3, rigidity_weight=4.0,
+        symmetric=True)
     retry = InstanceOptimisationSettings.from_config(config, 3.0).strengthened(2.5)
     assert (retry.smoothness_weight, retry.jacobian_weight) == (3.75, 0.25)  # the Jacobian weight from 0.1 up
     assert retry.bending_weight == 75.0

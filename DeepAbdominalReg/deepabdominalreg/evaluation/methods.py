@@ -192,6 +192,21 @@ VARIANTS: dict[str, Variant] = {
     "search": Variant("balanced", {"initial_search": True, "discrete_search": True},
                       description="balanced with the global offset search before the affine and the discrete "
                       "displacement search before the instance optimisation (large motion, far origins)"),
+    "offset-search": Variant("balanced", {"initial_search": True},
+                             description="balanced with the global offset search before the affine only"),
+    "discrete": Variant("balanced", {"discrete_search": True},
+                        description="balanced with the discrete displacement search before the instance "
+                        "optimisation only"),
+    # candidate intensity mappings of issue 17 (the soft-tissue window flattens lung vessels and bone)
+    "lung": Variant("balanced", {"hu_window": (-1000.0, 300.0)},
+                    description="balanced on a lung-to-soft-tissue window (-1000..300 HU)"),
+    "wide": Variant("balanced", {"hu_window": (-1000.0, 1000.0)},
+                    description="balanced on a window from air to bone (-1000..1000 HU)"),
+    "symmetric": Variant("balanced", {"io_transform": "svf", "io_symmetric": True},
+                         description="balanced with the symmetric stationary-velocity instance optimisation"),
+    "mind": Variant("balanced", {"io_similarity": "mind", "io_bending_weight": 20.0},
+                    description="balanced with MIND-SSC instead of local NCC in the instance optimisation (bending "
+                    "weight 20 for MIND's loss scale)"),
     # the network has removed the large motion: instance optimisation only refines at 2x and 1x
     "network+io-fine": Variant("balanced", {"io_levels": (2, 1)}, network=True,
                                description="the network, then instance optimisation at the two finest levels"),

@@ -33,6 +33,7 @@ __all__ = [
     "negative_jacobian_penalty",
     "one_hot",
     "ssim_loss",
+    "strain_energy",
     "supervised_displacement_loss",
 ]
 
@@ -316,6 +317,20 @@ def mind_loss(fixed: torch.Tensor, warped: torch.Tensor, radius: int = 2, dilati
     if fixed.shape != warped.shape:
         raise ValueError(f"shapes differ: {tuple(fixed.shape)} vs {tuple(warped.shape)}")
     return mse_loss(mind_ssc(fixed, radius, dilation), mind_ssc(warped, radius, dilation), mask)
+
+
+def strain_energy(disp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over ``mask`` (``(B, 1, D, H, W)``, all voxels when ``None``) of ``|sym(grad disp)|_F^2``, the squared
+    infinitesimal strain of ``disp`` (``(B, 3, D, H, W)``, channels ``(d, h, w)``, in voxel units of its own grid:
+    the strain is dimensionless).  Zero for a translation and, to first order, a rotation: the penalty of a region
+    kept rigid (``io_rigidity_weight``).  Central differences, one-sided at the borders (``torch.gradient``)."""
+    grads = [torch.gradient(disp, dim=axis)[0] for axis in (2, 3, 4)]  # grads[a][:, c] = d disp_c / d index_a
+    total = disp.new_zeros((disp.shape[0], 1, *disp.shape[2:]))
+    for a in range(3):
+        for c in range(3):
+            strain = 0.5 * (grads[a][:, c:c + 1] + grads[c][:, a:a + 1])
+            total = total + strain.square()
+    return _masked_mean(total, mask)
 
 
 def negative_jacobian_penalty(disp: torch.Tensor, margin: float = 0.01) -> torch.Tensor:

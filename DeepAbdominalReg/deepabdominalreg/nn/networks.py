@@ -7,6 +7,7 @@ scaling and squaring (diffeomorphic).  Constructor arguments are plain values, s
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -343,15 +344,19 @@ class SpatialTransformer(nn.Module):
 
 
 _ARCHITECTURES = {
-    "RegistrationUNet": (RegistrationUNet, UNetConfig),
-    "CostVolumePyramidNet": (CostVolumePyramidNet, PyramidConfig),
+    "RegistrationUNet": ("deepabdominalreg.nn.networks", "RegistrationUNet", "UNetConfig"),
+    "CostVolumePyramidNet": ("deepabdominalreg.nn.networks", "CostVolumePyramidNet", "PyramidConfig"),
+    "DLIR": ("deepabdominalreg.nn.dlir", "DLIR", "DLIRConfig"),
+    "MICS": ("deepabdominalreg.nn.mics", "MICS", "MICSConfig"),
 }
+"""Architecture name (as stored in checkpoints and model cards) -> (module, network class, config class).  Named,
+not imported: the other architectures' modules build on this one's blocks."""
 
 
 def build_network(architecture: str, settings: dict) -> nn.Module:
     """Construct a network from its registered class name and plain-value settings (as stored in checkpoints)."""
     if architecture not in _ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(_ARCHITECTURES)}")
-    cls, config_cls = _ARCHITECTURES[architecture]
-    return cls(config_cls.from_dict(settings))
-
+    module_name, class_name, config_name = _ARCHITECTURES[architecture]
+    module = importlib.import_module(module_name)
+    return getattr(module, class_name)(getattr(module, config_name).from_dict(settings))

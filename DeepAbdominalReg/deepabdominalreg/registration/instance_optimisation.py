@@ -10,7 +10,9 @@ matrix products (one per axis), with one of three transforms (``RegistrationConf
   the level's factor) and a border of control points, regularised by its exact bending energy in mm⁻²
   (:class:`~deepabdominalreg.nn.losses.BSplineBendingEnergy`) and the negative-Jacobian penalty on the control grid;
 * ``svf``: the same B-spline as a stationary velocity field, integrated by scaling and squaring
-  (:func:`~deepabdominalreg.spatial.integrate_velocity`): diffeomorphic by construction.
+  (:func:`~deepabdominalreg.spatial.integrate_velocity`): diffeomorphic by construction; optionally symmetric
+  (``settings.symmetric``): the loss averages the forward similarity and that of the fixed image warped by
+  ``exp(-v)`` to the moving one, so that swapping the inputs negates the optimal velocity (the inverse transform).
 
 The similarity is local NCC or the squared difference of MIND-SSC descriptors
 (:func:`~deepabdominalreg.nn.losses.mind_ssc`).  Displacements are in voxels (see :mod:`deepabdominalreg.spatial`):
@@ -38,6 +40,7 @@ from deepabdominalreg.nn.losses import (
     local_statistics,
     mind_ssc,
     negative_jacobian_penalty,
+    strain_energy,
 )
 
 __all__ = ["IO_SIMILARITIES", "IO_TRANSFORMS", "InstanceOptimisationSettings", "instance_optimise", "level_shape"]
@@ -90,6 +93,12 @@ class InstanceOptimisationSettings:
     """MIND-SSC neighbour distance, in voxels of the level's grid."""
     svf_steps: int = 6
     """Scaling-and-squaring steps of the ``svf`` transform."""
+    symmetric: bool = False
+    """``svf`` only: the loss is the mean of the forward similarity and that of ``fixed`` warped by ``exp(-v)`` to
+    ``moving`` (``io_symmetric``)."""
+    rigidity_weight: float = 0.0
+    """Weight of the strain energy of the control points inside the region kept rigid (``rigid_mask`` of
+    :func:`instance_optimise`); dimensionless."""
 
     @classmethod
     def from_config(cls, config: RegistrationConfig, working_spacing_mm: float) -> InstanceOptimisationSettings:
@@ -116,6 +125,8 @@ class InstanceOptimisationSettings:
             bending_weight=float(config.io_bending_weight),
             mind_radius=max(0, math.floor(config.io_mind_radius_mm / spacing + 0.5)),
             mind_dilation=max(1, math.floor(config.io_mind_dilation_mm / spacing + 0.5)),
+            rigidity_weight=float(config.io_rigidity_weight),
+            symmetric=bool(config.io_symmetric),
         )
 
     def strengthened(self, factor: float) -> InstanceOptimisationSettings:
@@ -385,18 +396,27 @@ class _LevelField:
         # the integration needs the whole level (points move between voxels)
         return self(control)[self.box].flip(1)
 
+    def inverse_on_box_whd(self, control: torch.Tensor) -> torch.Tensor:
+        """``svf`` without ``outer``: the inverse transform's field ``exp(-v)`` on the similarity's box, channels
+        ``(w, h, d)``."""
+        return spatial.integrate_velocity(-self.upsample(control), self.svf_steps)[self.box].flip(1)
+
 
 class _LevelObjective:
     """The loss of one level as a function of its control values: the similarity of the level field plus the
     regularisers of the parameterisation."""
 
     def __init__(self, similarity, level_field: _LevelField, settings: InstanceOptimisationSettings,
-                 basis: _BSplineBasis | None) -> None:
+                 basis: _BSplineBasis | None, rigid_control: torch.Tensor | None = None,
+                 backward_similarity=None) -> None:
         self.similarity, self.level_field, self.settings, self.basis = similarity, level_field, settings, basis
+        self.rigid_control, self.backward_similarity = rigid_control, backward_similarity
 
     def __call__(self, control: torch.Tensor) -> torch.Tensor:
         settings, basis = self.settings, self.basis
         loss = self.similarity(self.level_field.on_box_whd(control))
+        if self.backward_similarity is not None:
+            loss = 0.5 * (loss + self.backward_similarity(self.level_field.inverse_on_box_whd(control)))
         if basis is None:
             # regularisers on the control grid (in control-grid voxels): the level field is its trilinear
             # interpolation, so it inherits smoothness and positive Jacobians, at 1/cs^3 of the cost
@@ -410,7 +430,18 @@ class _LevelObjective:
                 loss = loss + settings.bending_weight * basis.bending(control)
         if settings.jacobian_weight:
             loss = loss + settings.jacobian_weight * negative_jacobian_penalty(control_vox)
+        if settings.rigidity_weight and self.rigid_control is not None:
+            loss = loss + settings.rigidity_weight * strain_energy(control_vox, self.rigid_control)
         return loss
+
+
+def _control_mask(mask: torch.Tensor, positions: tuple[torch.Tensor, ...], radius: tuple[int, ...]) -> torch.Tensor:
+    """The control points ``(1, 1, *cshape)`` (bool) whose position (level voxels per axis, ``positions``) lies
+    within ``radius`` level voxels (per axis) of a voxel of ``mask`` (``(1, 1, D, H, W)``, bool)."""
+    dilated = F.max_pool3d(mask.float(), kernel_size=tuple(2 * r + 1 for r in radius), stride=1,
+                           padding=tuple(radius)) > 0
+    index = [p.round().clamp(0, n - 1).long() for p, n in zip(positions, mask.shape[2:])]
+    return dilated[:, :, index[0][:, None, None], index[1][None, :, None], index[2][None, None, :]]
 
 
 def _gradient_floor(objective: Callable[[torch.Tensor], torch.Tensor], control: torch.Tensor, misalignment: float,
@@ -436,6 +467,14 @@ def _level_spacing_mm(shape: tuple[int, ...], lshape: tuple[int, ...], spacing_m
     return tuple(spacing_mm * max(n - 1, 1) / max(m - 1, 1) for n, m in zip(shape, lshape))
 
 
+def _similarity(settings: InstanceOptimisationSettings, target: torch.Tensor, source: torch.Tensor,
+                mask: torch.Tensor | None):
+    """The level's similarity of ``source`` warped to ``target`` (local NCC or MIND-SSC)."""
+    if settings.similarity == "ncc":
+        return _CroppedNcc(target, source, mask, settings.ncc_window, settings.ncc_eps)
+    return _CroppedMind(target, source, mask, settings.mind_radius, settings.mind_dilation)
+
+
 def instance_optimise(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -444,17 +483,22 @@ def instance_optimise(
     *,
     settings: InstanceOptimisationSettings,
     callback: Callable[[int, int, float], None] | None = None,
+    rigid_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Displacement ``(1, 3, D, H, W)`` (voxels) aligning ``moving`` to ``fixed`` (both ``(1, 1, D, H, W)``).
 
     ``initial_disp`` (e.g. the network's prediction) is the starting point (for ``svf``: the field composed after
     the integrated velocity); ``mask`` restricts the similarity term (which is then computed on the mask's bounding
-    box only).  ``callback(iteration, total, loss)`` runs after every iteration; it may raise to cancel.
+    box only).  ``rigid_mask`` (``(1, 1, D, H, W)``, fixed grid) is a region kept rigid: the strain energy of the
+    control points within half a control spacing of it is penalised (``settings.rigidity_weight``).
+    ``callback(iteration, total, loss)`` runs after every iteration; it may raise to cancel.
     """
     if settings.transform not in IO_TRANSFORMS:
         raise ValueError(f"io_transform must be one of {IO_TRANSFORMS}, got {settings.transform!r}")
     if settings.similarity not in IO_SIMILARITIES:
         raise ValueError(f"io_similarity must be one of {IO_SIMILARITIES}, got {settings.similarity!r}")
+    if settings.symmetric and settings.transform != "svf":
+        raise ValueError(f"the symmetric objective needs the svf transform, got {settings.transform!r}")
     shape = tuple(fixed.shape[2:])
     device, dtype = fixed.device, fixed.dtype
     disp = (
@@ -462,8 +506,11 @@ def instance_optimise(
         if initial_disp is None
         else initial_disp.detach().to(dtype)
     )
-    outer = None if initial_disp is None else disp  # svf: the start, composed after the integrated velocity
-    velocity = torch.zeros(1, 3, *shape, dtype=dtype, device=device)  # svf: dense velocity (working voxels)
+    # svf: the start is composed after the integrated velocity; symmetric: it is the initial velocity instead
+    # (exp(u) ~ id + u for a smooth start), so that exp(-v) stays the whole transform's inverse
+    outer = None if initial_disp is None or settings.symmetric else disp
+    velocity = (disp.clone() if settings.symmetric and initial_disp is not None
+                else torch.zeros(1, 3, *shape, dtype=dtype, device=device))  # svf: dense velocity (working voxels)
     per_level = [settings.fine_iterations if f <= 1 else settings.iterations for f in settings.levels]
     total = sum(per_level)
     step = 0
@@ -476,10 +523,9 @@ def instance_optimise(
         mask_l = None
         if mask is not None:
             mask_l = _downsample_image(mask.to(dtype), factor) > 0.5
-        if settings.similarity == "ncc":
-            similarity = _CroppedNcc(fixed_l, moving_l, mask_l, settings.ncc_window, settings.ncc_eps)
-        else:
-            similarity = _CroppedMind(fixed_l, moving_l, mask_l, settings.mind_radius, settings.mind_dilation)
+        similarity = _similarity(settings, fixed_l, moving_l, mask_l)
+        # symmetric: the moving scan as the target of the fixed one warped by exp(-v), on the same voxels (mask)
+        backward = _similarity(settings, moving_l, fixed_l, mask_l) if settings.symmetric else None
         box = (slice(None), slice(None), *similarity.box)
         start = spatial.resize_displacement(disp, lshape)
         if settings.transform == "trilinear":
@@ -499,8 +545,18 @@ def instance_optimise(
             level_field = _LevelField(upsample, upsample_box, box, svf_steps=settings.svf_steps, outer=outer_l)
         else:
             level_field = _LevelField(upsample, upsample_box, box, residual=start - upsample(control))
+        rigid_control = None
+        if rigid_mask is not None and settings.rigidity_weight:
+            rigid_l = _downsample_image(rigid_mask.to(dtype), factor) > 0.5
+            if basis is None:  # trilinear: control points at the corners of the level, evenly spread
+                positions = tuple(torch.linspace(0, n - 1, c, device=device) for n, c in zip(lshape, control.shape[2:]))
+                spacing = tuple((n - 1) / max(c - 1, 1) for n, c in zip(lshape, control.shape[2:]))
+            else:  # B-spline: knot j at voxel (j - 1) * knot spacing
+                positions = tuple((torch.arange(c, device=device) - 1.0) * k for c, k in zip(basis.cshape, basis.knots))
+                spacing = basis.knots
+            rigid_control = _control_mask(rigid_l, positions, tuple(math.ceil(h / 2) for h in spacing))
         control = control.clone().requires_grad_(True)
-        objective = _LevelObjective(similarity, level_field, settings, basis)
+        objective = _LevelObjective(similarity, level_field, settings, basis, rigid_control, backward)
         optimiser = _Adam(control, lr=settings.learning_rate,
                           eps=_gradient_floor(objective, control, settings.gradient_floor))
         # Adam's steps are ~lr whatever the gradient's size: decay lr to 10% over the level so that the field

@@ -15,6 +15,7 @@ from typing import Callable, ClassVar
 import numpy as np
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
 from deepabdominalreg import spatial
 from deepabdominalreg.config import BODY_THRESHOLD_HU, OUTSIDE_FOV_HU, RegistrationConfig
@@ -35,6 +36,7 @@ from deepabdominalreg.metrics.fields import (
 )
 from deepabdominalreg.metrics.labels import label_overlap_report
 from deepabdominalreg.metrics.landmarks import landmark_errors
+from deepabdominalreg.nn.losses import strain_energy
 from deepabdominalreg.nn.models import ModelCard, load_model
 from deepabdominalreg.registration.affine import AffineSettings, optimise_affine
 from deepabdominalreg.registration.checks import judge, measure
@@ -231,6 +233,16 @@ def _labels_on_grid(labels: sitk.Image, reference: sitk.Image, role: str, warnin
     return resample_image(labels, reference, interpolator="nearest", default_value=0)
 
 
+def _mask_on_grid(mask: sitk.Image, reference: sitk.Image, role: str, warnings: list[str]) -> sitk.Image:
+    """A user mask (non-zero voxels) as uint8 0/1 on ``reference``'s grid; refused when empty."""
+    mask = _labels_on_grid(mask, reference, role, warnings)
+    mask = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    if not sitk.GetArrayViewFromImage(mask).any():
+        raise ImageValidationError(f"the {role} is empty (no non-zero voxel inside its volume's extent); check that "
+                                   "it belongs to this image, or leave it out.")
+    return mask
+
+
 def _check_landmarks(points, role: str, grid: Grid) -> np.ndarray:
     points = np.asarray(points, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
@@ -278,6 +290,9 @@ def register_pair(
     fixed_landmarks_lps: np.ndarray | None = None,
     moving_landmarks_lps: np.ndarray | None = None,
     label_names: dict[int, str] | None = None,
+    exclude_mask: sitk.Image | None = None,
+    moving_exclude_mask: sitk.Image | None = None,
+    rigid_mask: sitk.Image | None = None,
     progress: ProgressCallback | None = None,
     should_stop: StopCallback | None = None,
 ) -> RegistrationResult:
@@ -285,7 +300,11 @@ def register_pair(
 
     ``moving_labels``/``fixed_labels``: label maps (any grid; resampled onto their volume's grid if needed).
     ``fixed_landmarks_lps``/``moving_landmarks_lps``: ``(N, 3)`` LPS mm, same points in the same order.
-    ``label_names``: ``{id: name}`` for the metrics.  ``progress`` is called with :class:`ProgressEvent`;
+    ``label_names``: ``{id: name}`` for the metrics.  User masks (any grid; non-zero voxels count; resampled onto
+    their volume's grid if needed): ``exclude_mask`` (fixed) and ``moving_exclude_mask`` (moving, mapped by the
+    affine) are left out of the deformable stages' similarity (a lesion present in one scan only, an artefact);
+    ``rigid_mask`` (fixed) is a region kept rigid (a tumour, a bone: ``config.io_rigidity_weight``).
+    ``progress`` is called with :class:`ProgressEvent`;
     ``should_stop()`` returning True cancels at the next stage or iteration.
 
     Stages (each timed, in ``metrics["stages"]``): validation, preprocessing (working grid, HU window, body mask),
@@ -299,7 +318,8 @@ def register_pair(
     with stages("validation", "checking inputs"):
         inputs = _validated_inputs(fixed, moving, config, moving_labels=moving_labels, fixed_labels=fixed_labels,
                                    fixed_landmarks_lps=fixed_landmarks_lps, moving_landmarks_lps=moving_landmarks_lps,
-                                   label_names=label_names)
+                                   label_names=label_names, exclude_mask=exclude_mask,
+                                   moving_exclude_mask=moving_exclude_mask, rigid_mask=rigid_mask)
     # freed tensors stay in the heap for reuse during the run: each large temporary would otherwise be a fresh
     # mmap, page-faulted and zero-filled by the kernel (device.reuse_freed_memory)
     with reuse_freed_memory():
@@ -331,6 +351,10 @@ class _Inputs:
     label_names: dict[int, str]
     warnings: list[str]
     """What validation found worth saying (labels resampled, images that do not look like CT)."""
+    exclude_mask: sitk.Image | None = None
+    """User masks (uint8, 0/1) on their volume's grid: ``exclude_mask`` and ``rigid_mask`` on the fixed one."""
+    moving_exclude_mask: sitk.Image | None = None
+    rigid_mask: sitk.Image | None = None
 
 
 def _validated_inputs(
@@ -343,11 +367,21 @@ def _validated_inputs(
     fixed_landmarks_lps: np.ndarray | None,
     moving_landmarks_lps: np.ndarray | None,
     label_names: dict[int, str] | None,
+    exclude_mask: sitk.Image | None = None,
+    moving_exclude_mask: sitk.Image | None = None,
+    rigid_mask: sitk.Image | None = None,
 ) -> _Inputs:
     """Check every input once (clear :class:`ImageValidationError` before any heavy work)."""
     warnings: list[str] = []
     validate_image(fixed, "fixed image")
     validate_image(moving, "moving image")
+    masks = {
+        name: None if mask is None else _mask_on_grid(mask, reference, role, warnings)
+        for name, mask, reference, role in (("exclude_mask", exclude_mask, fixed, "exclusion mask"),
+                                            ("moving_exclude_mask", moving_exclude_mask, moving,
+                                             "moving exclusion mask"),
+                                            ("rigid_mask", rigid_mask, fixed, "rigid mask"))
+    }
     fixed_grid = Grid.from_image(fixed)
     moving_grid = Grid.from_image(moving)
     if fixed_labels is not None:
@@ -377,7 +411,7 @@ def _validated_inputs(
         fixed=fixed, moving=moving, fixed_grid=fixed_grid, moving_grid=moving_grid, fixed_labels=fixed_labels,
         moving_labels=moving_labels, fixed_landmarks_lps=fixed_landmarks_lps,
         moving_landmarks_lps=moving_landmarks_lps,
-        label_names={int(k): str(v) for k, v in (label_names or {}).items()}, warnings=warnings,
+        label_names={int(k): str(v) for k, v in (label_names or {}).items()}, warnings=warnings, **masks,
     )
 
 
@@ -402,6 +436,9 @@ class _Run:
     # deformable stages: displacement on the fixed working grid, working-grid voxels (1, 3, D, H, W)
     disp: torch.Tensor | None = None
     folding_retry: dict | None = None
+    # user masks on the fixed working grid (bool, (D, H, W)): left out of the similarity / kept rigid
+    exclude_working: np.ndarray | None = None
+    rigid_working: np.ndarray | None = None
     deformable_mm: np.ndarray | None = None
     """The deformable field on the working grid, ``(D, H, W, 3)`` LPS mm (the landmarks are mapped through it)."""
     # the transform (fixed -> moving) and its inverse as ITK composites of the working-grid fields
@@ -520,6 +557,36 @@ def _align_affine(run: _Run) -> None:
         # the moving body, moved: its mask is resampled, not computed a third time
         run.moved = prepare_working_image(run.inputs.moving, w_fixed.grid, config.hu_window, config.body_mask,
                                           transform=run.affine, body_mask_of=w_moving)
+        _user_masks_on_working_grid(run)
+
+
+def _user_masks_on_working_grid(run: _Run) -> None:
+    """The user masks on the fixed working grid (the moving exclusion mask through the affine): a working voxel
+    belongs to a mask when at least half of it does (the 0/1 mask interpolated linearly).
+
+    The exclusion is grown by the reach of the similarity's neighbourhood (half the NCC window; MIND's patch radius
+    plus its neighbour distance): a voxel whose local window sees the excluded region would still be pulled by it
+    (a lesion only one scan has).
+    """
+    inputs, grid = run.inputs, run.working_grid
+
+    def on_working(mask: sitk.Image, transform: sitk.Transform | None = None) -> np.ndarray:
+        fraction = resample_image(sitk.Cast(mask, sitk.sitkFloat32), grid, transform=transform)
+        return sitk.GetArrayFromImage(fraction) >= 0.5
+
+    exclude = None
+    for mask, transform in ((inputs.exclude_mask, None), (inputs.moving_exclude_mask, run.affine)):
+        if mask is not None:
+            on = on_working(mask, transform)
+            exclude = on if exclude is None else exclude | on
+    if exclude is not None:
+        settings = InstanceOptimisationSettings.from_config(run.config, grid.spacing[0])
+        reach = (settings.ncc_window // 2 if settings.similarity == "ncc"
+                 else settings.mind_radius + settings.mind_dilation)
+        if reach > 0:
+            exclude = ndimage.binary_dilation(exclude, structure=np.ones((2 * reach + 1,) * 3, dtype=bool))
+    run.exclude_working = exclude
+    run.rigid_working = None if inputs.rigid_mask is None else on_working(inputs.rigid_mask)
 
 
 def _predict_network(run: _Run) -> None:
@@ -534,11 +601,17 @@ def _predict_network(run: _Run) -> None:
 
 def _io_tensors(run: _Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fixed and moved working intensities ``(1, 1, D, H, W)`` and the similarity mask: the fixed body inside the
-    (affinely mapped) moving field of view, where both images have data."""
+    (affinely mapped) moving field of view, where both images have data, less the user's exclusion masks."""
     device = run.device
     fixed_t = torch.as_tensor(run.w_fixed.intensity, device=device)[None, None]
     moving_t = torch.as_tensor(run.moved.intensity, device=device)[None, None]
-    mask_t = torch.as_tensor(run.w_fixed.mask & run.moved.field_of_view, device=device)[None, None]
+    mask = run.w_fixed.mask & run.moved.field_of_view
+    if run.exclude_working is not None:
+        mask = mask & ~run.exclude_working
+    if not mask.any():
+        raise ImageValidationError("nothing is left to register: the exclusion masks cover all of the body where "
+                                   "both scans have data; exclude a smaller region.")
+    mask_t = torch.as_tensor(mask, device=device)[None, None]
     return fixed_t, moving_t, mask_t
 
 
@@ -569,15 +642,18 @@ def _optimise_instance(run: _Run) -> None:
     settings = InstanceOptimisationSettings.from_config(config, run.working_grid.spacing[0])
     fixed_t, moving_t, mask_t = _io_tensors(run)
     body_t = torch.as_tensor(run.w_fixed.mask, device=device)[None, None]
+    rigid_t = None if run.rigid_working is None else torch.as_tensor(run.rigid_working, device=device)[None, None]
     initial = run.disp
     with run.stages("instance_optimisation", "instance optimisation"):
         callback = run.stages.iteration_callback("instance_optimisation", "instance optimisation")
-        run.disp = instance_optimise(fixed_t, moving_t, initial, mask_t, settings=settings, callback=callback)
+        run.disp = instance_optimise(fixed_t, moving_t, initial, mask_t, settings=settings, callback=callback,
+                                     rigid_mask=rigid_t)
         folding = _folding_percent(run.disp, body_t)
         if folding > config.folding_limit_percent:
             factor = config.folding_retry_factor
             run.disp = instance_optimise(fixed_t, moving_t, initial, mask_t, settings=settings.strengthened(factor),
-                                         callback=run.stages.iteration_callback("instance_optimisation", "retry"))
+                                         callback=run.stages.iteration_callback("instance_optimisation", "retry"),
+                                         rigid_mask=rigid_t)
             run.folding_retry = {
                 "folding_percent_first": folding,
                 "folding_percent_retry": _folding_percent(run.disp, body_t),
@@ -668,6 +744,8 @@ def _metrics(run: _Run) -> dict:
     }
     if run.folding_retry:
         metrics["folding_retry"] = run.folding_retry
+    if run.exclude_working is not None or run.rigid_working is not None:
+        metrics["user_masks"] = _user_mask_metrics(run)
     metrics["folding_percent"] = metrics["jacobian"]["folding_percent"]
     metrics["sdlogj"] = metrics["jacobian"]["sdlogj"]
     if inputs.fixed_labels is not None and inputs.moving_labels is not None:
@@ -709,6 +787,21 @@ def _plausibility(run: _Run, metrics: dict) -> None:
     metrics["checks"] = values
     metrics["status"] = status
     metrics["suspect_reasons"] = reasons
+
+
+def _user_mask_metrics(run: _Run) -> dict:
+    """What the user masks did: the share of the fixed body left out of the similarity, and the rigid region's
+    size and residual strain (RMS of ``|sym(grad u)|_F`` of the deformable field on the working grid; 0 = rigid)."""
+    report: dict = {}
+    body = run.w_fixed.mask
+    if run.exclude_working is not None:
+        report["excluded_percent_of_body"] = round(100.0 * float((run.exclude_working & body).sum())
+                                                   / max(int(body.sum()), 1), 4)
+    if run.rigid_working is not None:
+        rigid = torch.as_tensor(run.rigid_working, device=run.disp.device)[None, None]
+        report["rigid_voxels"] = int(run.rigid_working.sum())
+        report["rigid_rms_strain"] = round(float(strain_energy(run.disp, rigid).sqrt()), 6) if rigid.any() else None
+    return report
 
 
 def _folding_percent(disp: torch.Tensor, mask: torch.Tensor) -> float:

@@ -14,6 +14,9 @@ from deepabdominalreg.training.augmentation import AugmentationConfig
 
 REGULARISERS = ("diffusion", "bending", "jacobian")
 SIMILARITIES = ("ncc", "ssim", "mse", "dice", "hausdorff", "supervised", "inverse_consistency")
+NETWORK_TERMS = ("auxiliary",)
+"""Terms the network itself gives (its ``auxiliary_losses()`` after the forward pass, summed), e.g. the bending
+energy of DLIR's B-spline control points; weighted as the regularisers (fixed weight)."""
 
 
 @dataclass
@@ -66,7 +69,7 @@ class TrainingConfig:
     loss_weights: dict = field(default_factory=lambda: {"ncc": 1.0, "dice": 1.0, "supervised": 0.1,
                                                         "diffusion": 0.005, "jacobian": 0.1})
     """Initial weight of each term (0 or absent: off).  Terms: ncc, ssim, mse, dice, hausdorff, supervised,
-    inverse_consistency, diffusion, bending, jacobian."""
+    inverse_consistency, diffusion, bending, jacobian, auxiliary (the network's own terms: :data:`NETWORK_TERMS`)."""
     uncertainty_weighting: bool = True
     """Learn the similarity terms' weights (Kendall et al. 2018; DDMR); regularisers keep their weight."""
     learn_regulariser_weights: bool = False
@@ -124,8 +127,8 @@ class TrainingConfig:
         config = cls(**values)
         AugmentationConfig.from_dict(config.augmentation)  # validate early
         for name in config.loss_weights:
-            if name not in SIMILARITIES + REGULARISERS:
-                raise ValueError(f"unknown loss term {name!r}; known: {SIMILARITIES + REGULARISERS}")
+            if name not in SIMILARITIES + REGULARISERS + NETWORK_TERMS:
+                raise ValueError(f"unknown loss term {name!r}; known: {SIMILARITIES + REGULARISERS + NETWORK_TERMS}")
         return config
 
     def replace(self, **changes) -> TrainingConfig:

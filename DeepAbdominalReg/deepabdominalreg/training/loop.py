@@ -228,6 +228,11 @@ def _build(config: TrainingConfig) -> tuple[nn.Module, str, dict]:
                   f"{config.spacing_mm} mm", file=sys.stderr)
         return network, card.architecture, dict(card.settings)
     network = build_network(config.architecture, config.network)
+    # a network whose settings are in mm (DLIR's control spacings) names the input spacing they refer to
+    network_spacing = getattr(network.config, "input_spacing_mm", None)
+    if network_spacing is not None and abs(float(network_spacing) - config.spacing_mm) > 1e-6:
+        raise ValueError(f"the network's input_spacing_mm ({network_spacing}) differs from the training "
+                         f"spacing_mm ({config.spacing_mm})")
     if config.flow_init_std is not None and hasattr(network, "flow"):
         nn.init.normal_(network.flow.weight, 0.0, float(config.flow_init_std))
     return network, config.architecture, build_network(config.architecture, config.network).config.as_dict()

@@ -43,6 +43,15 @@ class LossComputer(nn.Module):
         fixed, moving, mask = pair["fixed"], pair["moving"], pair["fixed_mask"]
         out: dict[str, torch.Tensor] = {}
         a = self.active
+        if "auxiliary" in a:
+            # first: the network's own terms are those of its last forward pass, pred's (the inverse-consistency
+            # term below runs it again)
+            auxiliary = getattr(network, "auxiliary_losses", None)
+            if auxiliary is None:
+                raise ValueError(f"the loss term 'auxiliary' needs a network with auxiliary_losses(); "
+                                 f"{type(network).__name__} has none")
+            values = list(auxiliary().values())
+            out["auxiliary"] = sum(values[1:], values[0]) if values else pred.new_zeros(())
         if "ncc" in a or "ssim" in a or "mse" in a:
             warped = spatial.warp(moving, pred)
             if "ncc" in a:

@@ -130,3 +130,31 @@ def test_the_b_spline_start_fit_stays_bounded_and_the_level_field_keeps_the_star
                         (slice(None), slice(None), *(slice(0, s) for s in shape)),
                         residual=start - basis.upsampler()(control))
     torch.testing.assert_close(field(control), start, rtol=0, atol=1e-5)
+
+
+def test_the_symmetric_svf_gives_the_inverse_when_the_inputs_are_swapped():
+    """With ``symmetric`` the loss for (b, a) at ``-v`` is the loss for (a, b) at ``v`` and Adam is sign-equivariant,
+    so the two runs' transforms are inverses up to the scaling and squaring's error: the round trip stays below
+    0.02 voxel (measured 0.003 mean, 0.007 max) where the plain svf's is ~0.15 (max 0.5)."""
+    g = torch.Generator().manual_seed(3)
+    shape = (24, 28, 26)
+    a = spatial.box_filter(spatial.box_filter(torch.rand(1, 1, *shape, generator=g), 3), 3)
+    a = (a - a.min()) / (a.max() - a.min())
+    z, y, x = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in shape), indexing="ij")
+    b = spatial.warp(a, torch.stack([1.5 * torch.sin(y / 6), 1.2 * torch.cos(x / 7), torch.sin(z / 5)])[None])
+    inner = (slice(None), slice(None), slice(3, -3), slice(3, -3), slice(3, -3))
+    round_trip = {}
+    for symmetric in (False, True):
+        config = RegistrationConfig(io_levels=(2, 1), io_iterations=60, io_fine_iterations=60, io_transform="svf",
+                                    io_symmetric=symmetric, io_jacobian_weight=0.0, io_ncc_window_mm=15.0,
+                                    io_control_spacing_mm=6.0)
+        settings = InstanceOptimisationSettings.from_config(config, 3.0)
+        forward = instance_optimise(a, b, None, None, settings=settings)
+        backward = instance_optimise(b, a, None, None, settings=settings)
+        assert float(forward.abs().max()) > 0.5  # it registered
+        round_trip[symmetric] = spatial.compose(backward, forward)[inner].norm(dim=1)
+        if symmetric:
+            assert float(instance_optimise(a, a.clone(), None, None, settings=settings).abs().max()) < 1e-6
+    assert float(round_trip[True].max()) < 0.02 and float(round_trip[False].mean()) > 5 * float(round_trip[True].mean())
+    with pytest.raises(ValueError, match="io_symmetric needs io_transform='svf'"):
+        RegistrationConfig(io_symmetric=True)
