@@ -58,18 +58,9 @@ def warped(labels: sitk.Image, amplitude_mm: float, seed: int) -> sitk.Image:
 
 def clinical_grid(labels: sitk.Image, z: int) -> sitk.Image:
     """An empty 512 x 512 x ``z`` image over the same extent (same first and last voxel borders) as ``labels``."""
-    size = np.asarray(labels.GetSize(), dtype=np.float64)
-    extent = size * np.asarray(labels.GetSpacing())
-    target_size = (512, 512, int(z))
-    spacing = extent / np.asarray(target_size, dtype=np.float64)
-    direction = np.asarray(labels.GetDirection()).reshape(3, 3)
-    first_border = np.asarray(labels.TransformContinuousIndexToPhysicalPoint((-0.5, -0.5, -0.5)))
-    origin = first_border + direction @ (0.5 * spacing)
-    grid = sitk.Image(target_size, sitk.sitkUInt8)
-    grid.SetSpacing(tuple(float(s) for s in spacing))
-    grid.SetOrigin(tuple(float(o) for o in origin))
-    grid.SetDirection(labels.GetDirection())
-    return grid
+    from deepabdominalreg.geometry import Grid
+
+    return Grid.from_image(labels).with_size((512, 512, int(z))).reference_image()
 
 
 def to_grid(labels: sitk.Image, grid: sitk.Image) -> sitk.Image:

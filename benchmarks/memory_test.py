@@ -39,14 +39,7 @@ def make_large_pair(fixed_path: str, moving_path: str, folder: Path, size=SIZE) 
             paths.append(existing)
             continue
         image = sitk.ReadImage(str(path))
-        grid = Grid.from_image(image)
-        extent = np.asarray(grid.size, dtype=np.float64) * np.asarray(grid.spacing)
-        spacing = tuple(float(e / n) for e, n in zip(extent, size))
-        # keep the physical extent: first voxel border stays where it was
-        first_border = grid.index_to_physical(np.array([[-0.5, -0.5, -0.5]]))[0]
-        origin = first_border + grid.direction_matrix @ (0.5 * np.asarray(spacing))
-        target = Grid(size=tuple(size), spacing=spacing, origin=tuple(float(o) for o in origin),
-                      direction=grid.direction)
+        target = Grid.from_image(image).with_size(tuple(size))  # the same physical extent
         large = resample_image(image, target, None, "linear", OUTSIDE_FOV_HU, output_pixel_type=sitk.sitkInt16)
         out = folder / f"{role}_{size[0]}x{size[1]}x{size[2]}.nii"
         sitk.WriteImage(large, str(out))

@@ -63,13 +63,7 @@ def make_pairs(work: Path, slices: list[int], seed: int = 0) -> dict[int, dict[s
             ct = read_image(DATA / "example_ct.nii.gz", "CT")
             seg = read_labels(DATA / "example_seg_fast_force_split.nii.gz", "labels")
             pair = make_synthetic_pair(ct, seg, seed=seed, amplitude_mm=10.0, noise_hu=15.0)
-        grid = Grid.from_image(pair.fixed_image)
-        extent = np.asarray(grid.size, dtype=np.float64) * np.asarray(grid.spacing)
-        size = (512, 512, int(z))
-        spacing = tuple(float(e / n) for e, n in zip(extent, size))
-        first_border = grid.index_to_physical(np.array([[-0.5, -0.5, -0.5]]))[0]
-        origin = first_border + grid.direction_matrix @ (0.5 * np.asarray(spacing))
-        target = Grid(size=size, spacing=spacing, origin=tuple(float(o) for o in origin), direction=grid.direction)
+        target = Grid.from_image(pair.fixed_image).with_size((512, 512, int(z)))
         folder.mkdir(parents=True, exist_ok=True)
         sources = {"fixed": pair.fixed_image, "moving": pair.moving_image, "fixed_seg": pair.fixed_labels,
                    "moving_seg": pair.moving_labels}

@@ -35,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 HERE = Path(__file__).resolve().parent
@@ -62,13 +61,7 @@ def _phantom_pair(folder: Path, slices: int) -> dict[str, Path]:
     from deepabdominalreg.synthetic.pairs import make_phantom_pair
 
     pair = make_phantom_pair(seed=0, spacing_mm=2.0)
-    grid = Grid.from_image(pair.fixed_image)
-    extent = np.asarray(grid.size, dtype=np.float64) * np.asarray(grid.spacing)
-    size = (512, 512, int(slices))
-    spacing = tuple(float(e / n) for e, n in zip(extent, size))
-    first_border = grid.index_to_physical(np.array([[-0.5, -0.5, -0.5]]))[0]
-    origin = first_border + grid.direction_matrix @ (0.5 * np.asarray(spacing))
-    target = Grid(size=size, spacing=spacing, origin=tuple(float(o) for o in origin), direction=grid.direction)
+    target = Grid.from_image(pair.fixed_image).with_size((512, 512, int(slices)))
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for role, image in (("fixed", pair.fixed_image), ("moving", pair.moving_image)):

@@ -110,6 +110,18 @@ class Grid:
         """Edge lengths of the grid along its own axes (mm), from first to last voxel border."""
         return np.asarray(self.size, dtype=np.float64) * np.asarray(self.spacing)
 
+    def with_size(self, size: tuple[int, int, int]) -> Grid:
+        """The same box (first and last voxel borders, direction) divided into ``size`` voxels ``(x, y, z)``: a scan
+        of the same field of view at another resolution (anisotropic if the ratios differ)."""
+        size = tuple(int(n) for n in size)
+        if len(size) != 3 or min(size) < 1:
+            raise ValueError(f"size must be three positive voxel counts, got {size}")
+        spacing = self.physical_extent_mm() / np.asarray(size, dtype=np.float64)
+        first_border = self.index_to_physical(np.array([[-0.5, -0.5, -0.5]]))[0]
+        origin = first_border + self.direction_matrix @ (0.5 * spacing)
+        return Grid(size=size, spacing=tuple(float(v) for v in spacing), origin=tuple(float(o) for o in origin),
+                    direction=self.direction)
+
     def reference_image(self, pixel_id: int = sitk.sitkUInt8) -> sitk.Image:
         """An empty image with this geometry (used as a resampling reference)."""
         image = sitk.Image([int(s) for s in self.size], pixel_id)

@@ -130,3 +130,16 @@ def test_translation_resampling_matches_known_shift():
     out = sitk.GetArrayFromImage(shifted)
     np.testing.assert_array_equal(out[8:12, 8:12, 6:10], 100)
     assert out[8:12, 8:12, 10:12].max() == 0
+
+
+def test_with_size_keeps_the_box_of_an_oblique_anisotropic_grid(oblique_image):
+    grid = Grid.from_image(oblique_image)
+    finer = grid.with_size((2 * grid.size[0], 3 * grid.size[1], grid.size[2] + 1))
+    assert finer.direction == grid.direction
+    np.testing.assert_allclose(finer.physical_extent_mm(), grid.physical_extent_mm(), rtol=1e-12)
+    for far in (-0.5, 1.0):  # the first and the last voxel borders coincide
+        ours = finer.index_to_physical(np.array([[(n - 0.5) if far > 0 else -0.5 for n in finer.size]]))
+        theirs = grid.index_to_physical(np.array([[(n - 0.5) if far > 0 else -0.5 for n in grid.size]]))
+        np.testing.assert_allclose(ours, theirs, atol=1e-9)
+    with pytest.raises(ValueError, match="three positive voxel counts"):
+        grid.with_size((4, 0, 4))

@@ -21,7 +21,8 @@ NON_CONFIG_OPTIONS = {"--fixed", "--moving", "--moving-seg", "--fixed-seg", "--l
 
 
 def unusualConfig() -> RegistrationConfig:
-    """Every number and switch of the default config changed (strings and ``None`` kept): no preset matches it."""
+    """Every number and switch of the default config changed (strings and ``None`` kept, but ``io_transform``
+    becomes ``svf``, which the switched-on ``io_symmetric`` needs): no preset matches it."""
 
     def changed(value):
         if isinstance(value, bool):
@@ -35,7 +36,9 @@ def unusualConfig() -> RegistrationConfig:
         return value
 
     defaults = RegistrationConfig()
-    config = defaults.replace(**{f.name: changed(getattr(defaults, f.name)) for f in dataclasses.fields(defaults)})
+    changes = {f.name: changed(getattr(defaults, f.name)) for f in dataclasses.fields(defaults)}
+    changes["io_transform"] = "svf"
+    config = defaults.replace(**changes)
     assert all(config != config_from_preset(p) for p in PRESETS)
     return config
 
