@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def oblique_direction(angle_deg: float = 20.0, flip: bool = True) -> tuple[float, ...]:
@@ -28,3 +29,12 @@ def shared_data_dir() -> Path | None:
         if (candidate / "totalsegmentator").is_dir():
             return candidate
     return None
+
+
+def smooth_texture(shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
+    """A (1, 1, *shape) random texture smoothed by three 3-voxel box filters, scaled to [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, 1, *shape, generator=g)
+    for _ in range(3):
+        x = torch.nn.functional.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)
+    return (x - x.min()) / (x.max() - x.min())

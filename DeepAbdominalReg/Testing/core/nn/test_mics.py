@@ -11,6 +11,7 @@ from deepabdominalreg.nn import losses
 from deepabdominalreg.nn.mics import MICS, MICSConfig
 from deepabdominalreg.nn.models import load_model, save_model
 from deepabdominalreg.nn.networks import build_network
+from geometry_helpers import smooth_texture
 
 
 def _random_net(seed: int, perturbation: float) -> MICS:
@@ -25,17 +26,9 @@ def _random_net(seed: int, perturbation: float) -> MICS:
     return net
 
 
-def _smooth(shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(1, 1, *shape, generator=g)
-    for _ in range(3):
-        x = torch.nn.functional.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)
-    return (x - x.min()) / (x.max() - x.min())
-
-
 def _shifted_pair(shape=(16, 16, 16), shift=(0.0, 1.5, -1.0), seed=0):
     """``moving`` is ``fixed`` moved by ``shift`` voxels: ``warp(moving, shift) = fixed`` inside."""
-    moving = _smooth(shape, seed)
+    moving = smooth_texture(shape, seed)
     disp = torch.tensor(shift).view(1, 3, 1, 1, 1).expand(1, 3, *shape)
     fixed = spatial.warp(moving, disp, padding_mode="border")
     return fixed, moving

@@ -16,6 +16,7 @@ from deepabdominalreg.nn.networks import (
     _shift_offsets,
     ssd_cost_volume,
 )
+from geometry_helpers import smooth_texture
 
 TINY = UNetConfig(encoder_channels=(4, 8), decoder_channels=(8, 4), final_channels=(4,), integration_steps=0)
 
@@ -104,14 +105,6 @@ def test_missing_card_and_unknown_name_are_clear(tmp_path):
 PYRAMID = PyramidConfig(feature_channels=(4, 4), search_radius=(1, 2), refine_channels=4, cost_smoothing=1)
 
 
-def _smooth_texture(shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(1, 1, *shape, generator=g)
-    for _ in range(3):
-        x = torch.nn.functional.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)
-    return (x - x.min()) / (x.max() - x.min())
-
-
 def test_ssd_cost_volume_is_zero_at_the_true_integer_shift():
     moving = torch.rand(1, 3, 12, 12, 12, generator=torch.Generator().manual_seed(0))  # 3 feature channels
     shift = (1, -2, 0)  # fixed(x) = moving(x + shift)
@@ -142,7 +135,7 @@ def test_pyramid_net_recovers_a_translation_by_matching_intensities():
     torch.manual_seed(0)
     net = _block_matching_only(CostVolumePyramidNet(PyramidConfig(feature_channels=(4, 4, 4), search_radius=(1, 2, 2),
                                                                   refine_channels=4, initial_inverse_temperature=20.0)))
-    moving = _smooth_texture((24, 24, 24), seed=1)
+    moving = smooth_texture((24, 24, 24), seed=1)
     true = torch.tensor([3.0, -2.0, 1.0])
     fixed = spatial.warp(moving, true.view(1, 3, 1, 1, 1).expand(1, 3, 24, 24, 24).contiguous(), padding_mode="border")
     with torch.no_grad():
@@ -156,9 +149,9 @@ def test_pyramid_net_recovers_a_translation_by_matching_intensities():
 
 def test_pyramid_net_odd_sizes_and_gradients_reach_every_parameter():
     net = CostVolumePyramidNet(PYRAMID)
-    fixed, moving = _smooth_texture((9, 11, 10), 2), _smooth_texture((9, 11, 10), 3)
+    fixed, moving = smooth_texture((9, 11, 10), 2), smooth_texture((9, 11, 10), 3)
     assert net.predict(fixed, moving).shape == (1, 3, 9, 11, 10)
-    out = net(_smooth_texture((8, 8, 8), 2), _smooth_texture((8, 8, 8), 3))
+    out = net(smooth_texture((8, 8, 8), 2), smooth_texture((8, 8, 8), 3))
     (out.pow(2).mean() + spatial.warp(moving[..., :8, :8, :8], out).mean()).backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
@@ -173,7 +166,7 @@ def test_pyramid_model_saves_and_loads_through_the_registry(tmp_path):
                input_spacing_mm=4.0, hu_window=(-160.0, 240.0))
     loaded, card = load_model(str(tmp_path / "pyr.pt"))
     assert card.architecture == "CostVolumePyramidNet"
-    x, y = _smooth_texture((8, 8, 8), 4), _smooth_texture((8, 8, 8), 5)
+    x, y = smooth_texture((8, 8, 8), 4), smooth_texture((8, 8, 8), 5)
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(x, y), loaded(x, y))
 
@@ -186,7 +179,7 @@ def test_output_smoothing_smooths_the_field_and_keeps_a_translation():
     with torch.no_grad():  # a non-zero correction head so that the raw field is rough
         for net in (rough, smooth):
             torch.nn.init.normal_(net.refiners[0][-1].weight, 0.0, 0.5)
-    x, y = _smooth_texture((16, 16, 16), 6), _smooth_texture((16, 16, 16), 7)
+    x, y = smooth_texture((16, 16, 16), 6), smooth_texture((16, 16, 16), 7)
     with torch.no_grad():
         a, b = rough(x, y), smooth(x, y)
     roughness = [float(spatial.jacobian_determinant(d).std()) for d in (a, b)]
@@ -233,7 +226,7 @@ def test_pyramid_net_inference_path_equals_the_autograd_path():
     with torch.no_grad():
         for refiner in net.refiners:  # non-zero correction heads, so that every branch contributes
             refiner[-1].weight.normal_(0.0, 0.05)
-    fixed, moving = _smooth_texture((12, 16, 8), 5), _smooth_texture((12, 16, 8), 6)
+    fixed, moving = smooth_texture((12, 16, 8), 5), smooth_texture((12, 16, 8), 6)
     with_grad = net(fixed, moving)
     with torch.inference_mode():
         inference = net(fixed, moving)
@@ -309,8 +302,8 @@ def test_boundary_padding_mirrors_the_cut_faces_and_crops_the_field_back():
     # content reaching the d faces (a scan cut through the body), air (0) at the h and w faces
     f = torch.zeros(1, 1, 11, 12, 10)
     m = torch.zeros(1, 1, 11, 12, 10)
-    f[:, :, :, 2:10, 2:8] = _smooth_texture((11, 8, 6), 1)
-    m[:, :, :, 2:10, 2:8] = _smooth_texture((11, 8, 6), 2)
+    f[:, :, :, 2:10, 2:8] = smooth_texture((11, 8, 6), 1)
+    m[:, :, :, 2:10, 2:8] = smooth_texture((11, 8, 6), 2)
     assert content_face_margins(f, m, 3) == (3, 3, 0, 0, 0, 0)
     with torch.no_grad():
         out = padded.predict(f, m)
