@@ -77,10 +77,12 @@ class RegistrationConfig:
     """Bound on each of the affine's three shears (the off-diagonal entries of ``S``, dimensionless).  With the
     scale bound, the principal stretches lie within ``exp(+-(ln affine_max_scale + 2 affine_max_shear))``.  0 allows
     none."""
-    initial_search: bool = False
+    initial_search: bool = True
     """Before the affine, search the translation between the scans exhaustively on a coarse lattice (masked NCC by
     FFT over the overlap of the two fields of view: ``registration/initialisation.py``) instead of starting from the
-    centres of mass: origins hundreds of mm apart and scans covering different parts of the body."""
+    centres of mass: origins hundreds of mm apart and scans covering different parts of the body.  On by default:
+    on the trust benchmark it raised inter-patient organ Dice from 0.34 to 0.54 at no cost within one patient
+    (``benchmarks/README.md``, "Trust benchmark")."""
     initial_search_spacing_mm: float = 8.0
     """Lattice spacing (mm) of the translation search (and of the images it compares); the affine refines it."""
     initial_search_range_mm: float = 300.0

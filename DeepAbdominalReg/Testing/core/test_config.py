@@ -109,7 +109,7 @@ def _unusual() -> RegistrationConfig:
         affine_iterations=11, io_fine_iterations=3, io_iterations=5, working_spacing_mm=3.5,
         affine_levels_mm=(10.0, 5.0), io_transform="svf", io_bending_weight=30.0, io_similarity="mind",
         io_mind_radius_mm=6.0, io_mind_dilation_mm=9.0, affine_max_scale=1.3, affine_max_shear=0.2,
-        initial_search=True, initial_search_spacing_mm=10.0, initial_search_range_mm=200.0,
+        initial_search=False, initial_search_spacing_mm=10.0, initial_search_range_mm=200.0,
         initial_search_min_overlap=0.4, check_affine_scale_range=(0.6, 1.8), check_max_folding_percent=2.0,
         check_hu_window=(-900.0, 900.0), check_min_ncc_gain=-0.05, check_min_ncc=0.4, check_min_body_dice=0.6,
         check_max_displacement_fraction=0.25, check_mirror_margin=0.1, check_max_dice_loss=0.05,

@@ -189,11 +189,11 @@ VARIANTS: dict[str, Variant] = {
                       description="every stage but the deformable ones: the time no deformable stage can go below"),
     "network+io": Variant("balanced", network=True, description="the network, then the balanced instance "
                           "optimisation"),
-    "search": Variant("balanced", {"initial_search": True, "discrete_search": True},
+    "search": Variant("balanced", {"discrete_search": True},
                       description="balanced with the global offset search before the affine and the discrete "
                       "displacement search before the instance optimisation (large motion, far origins)"),
-    "offset-search": Variant("balanced", {"initial_search": True},
-                             description="balanced with the global offset search before the affine only"),
+    "no-offset-search": Variant("balanced", {"initial_search": False},
+                                description="balanced without the global offset search (the centre-of-mass start)"),
     "discrete": Variant("balanced", {"discrete_search": True},
                         description="balanced with the discrete displacement search before the instance "
                         "optimisation only"),

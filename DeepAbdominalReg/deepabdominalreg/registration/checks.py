@@ -21,6 +21,9 @@ The checks, and what each one catches:
   ``check_max_displacement_fraction`` of the fixed body's largest extent (the deformable stage tearing anatomy
   across the body instead of correcting local motion; the affine's translation is not counted: origins hundreds
   of mm apart are normal);
+* **offset search** (when ``initial_search`` ran): its best translation lies on the smallest overlap it allows
+  (``initial_search_min_overlap``): the correlation still rose towards less overlap, as for two scans that share no
+  anatomy (disjoint coverage, another body part), whereas scans sharing anatomy peak inside the allowed overlaps;
 * **mirror**: the affinely aligned moving image, mirrored left-right about the fixed body's midline, matches the
   fixed image better (NCC higher by more than ``check_mirror_margin``) than itself: the moving scan (or its
   header) is probably flipped left-right;
@@ -215,6 +218,12 @@ def judge(
         reasons.append(f"the deformable displacement is very large: 95th percentile {p95:.0f} mm, more than "
                        f"{100 * config.check_max_displacement_fraction:.0f} % of the body's extent ({extent:.0f} mm; "
                        "check_max_displacement_fraction).")
+    if values.get("search_at_overlap_limit"):
+        reasons.append(f"the offset search matched the scans best where their fields of view overlap least "
+                       f"({100 * values.get('search_overlap_fraction', float('nan')):.0f} % of the smaller one, the "
+                       f"least allowed is {100 * config.initial_search_min_overlap:.0f} %: "
+                       "initial_search_min_overlap): the scans probably share no anatomy (disjoint fields of view, "
+                       "another body part); if they truly overlap that little, lower initial_search_min_overlap.")
     mirrored, affine_ncc = values.get("ncc_mirrored"), values.get("ncc_affine")
     if known(mirrored) and known(affine_ncc) and mirrored > affine_ncc + config.check_mirror_margin:
         reasons.append(f"the moving image matches the fixed one better mirrored left-right (NCC {mirrored:.3f} vs "

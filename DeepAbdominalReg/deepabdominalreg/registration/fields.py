@@ -302,6 +302,9 @@ def warp_image(
                 ok = (component >= -0.5) & (component < source_size[a] - 0.5)
                 inside = ok if inside is None else inside.logical_and_(ok)
             del d
+            if not bool(inside.any()):  # the whole slab maps outside the image (e.g. beyond its last slice)
+                out[z0: z0 + n] = default_value
+                continue
             # the source slices the trilinear weights can touch (clamped: outside voxels get the default anyway)
             k0 = max(int(np.floor(max(float(index[2].min()), -0.5))), 0)
             k1 = min(int(np.floor(min(float(index[2].max()), depth - 0.5))) + 2, depth)

@@ -57,6 +57,11 @@ class OffsetSearchResult:
     correlation: float
     overlap_fraction: float
     centre_of_mass_translation_mm: np.ndarray
+    at_overlap_limit: bool = False
+    """True when a lattice neighbour of the best translation was left out for too small an overlap: the
+    correlation still rises towards smaller overlaps, so its maximum is the constraint's, not the anatomy's.
+    Scans that share anatomy peak inside the allowed overlaps; scans that share none (disjoint coverage, another
+    body part) correlate best on the smallest overlap allowed."""
 
 
 def masked_ncc_map(fixed: np.ndarray, fixed_mask: np.ndarray, moving: np.ndarray, moving_mask: np.ndarray
@@ -100,11 +105,20 @@ def masked_ncc_map(fixed: np.ndarray, fixed_mask: np.ndarray, moving: np.ndarray
     return np.clip(ncc, -1.0, 1.0), overlap
 
 
-def _lattice_on_axes(grid: Grid, direction: tuple[float, ...], spacing_mm: float) -> Grid:
-    """An isotropic lattice of ``spacing_mm`` with ``direction``'s axes covering ``grid``'s voxel centres."""
-    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+def _lattice_on_axes(grid: Grid, anchor: Grid) -> Grid:
+    """The nodes of ``anchor``'s isotropic lattice (its axes, spacing and node positions, extended beyond its
+    extent) that cover ``grid``'s voxel centres.
+
+    The two scans are sampled at the same physical points, so every searched translation is a whole number of
+    lattice steps apart from the geometric one: identical scans correlate exactly at translation 0 and the start
+    is the identity, not a sub-lattice offset of the two coarse images' sampling.
+    """
+    d = np.asarray(anchor.direction, dtype=np.float64).reshape(3, 3)
+    spacing_mm = float(anchor.spacing[0])
     along = grid.corners() @ d  # the corners' coordinates along the lattice's axes
-    low, high = along.min(axis=0), along.max(axis=0)
+    node = d.T @ np.asarray(anchor.origin, dtype=np.float64)
+    low = node + spacing_mm * np.floor((along.min(axis=0) - node) / spacing_mm + 1e-6)
+    high = along.max(axis=0)
     size = np.maximum(np.ceil((high - low) / spacing_mm - 1e-6).astype(int) + 1, 2)
     return Grid(size=tuple(int(s) for s in size), spacing=(float(spacing_mm),) * 3,
                 origin=tuple(float(v) for v in d @ low), direction=tuple(float(v) for v in d.ravel()))
@@ -162,8 +176,9 @@ def search_offset(
     fixed_fov = np.ones(fixed_intensity.shape, bool) if fixed_field_of_view is None else fixed_field_of_view
     moving_fov = np.ones(moving_intensity.shape, bool) if moving_field_of_view is None else moving_field_of_view
     spacing = float(settings.spacing_mm)
-    fixed_lattice = make_working_grid(fixed_grid, spacing)
-    moving_lattice = _lattice_on_axes(moving_grid, fixed_lattice.direction, spacing)
+    anchor = make_working_grid(fixed_grid, spacing)
+    # both lattices built alike from one set of nodes: identical scans give identical coarse images and masks
+    fixed_lattice, moving_lattice = _lattice_on_axes(fixed_grid, anchor), _lattice_on_axes(moving_grid, anchor)
     f, f_fov = _coarse(fixed_grid, fixed_intensity, fixed_fov.astype(bool), fixed_lattice)
     m, m_fov = _coarse(moving_grid, moving_intensity, moving_fov.astype(bool), moving_lattice)
     com = (centre_of_mass_lps(moving_grid, np.where(moving_fov, moving_intensity, 0.0))
@@ -194,6 +209,14 @@ def search_offset(
     score = np.where(candidates, ncc, -np.inf)
     best = np.unravel_index(int(np.argmax(score)), score.shape)
     refined = np.asarray(best, dtype=np.float64) + _parabolic_offset(score, best)
+    too_small = in_range & ~candidates
+    at_limit = False
+    for axis in range(3):
+        for step in (-1, 1):
+            neighbour = list(best)
+            neighbour[axis] += step
+            if 0 <= neighbour[axis] < ncc.shape[axis] and too_small[tuple(neighbour)]:
+                at_limit = True
     return OffsetSearchResult(translation_mm=translation(refined), correlation=float(ncc[best]),
                               overlap_fraction=float(overlap[best] / max(smaller, 1.0)),
-                              centre_of_mass_translation_mm=com)
+                              centre_of_mass_translation_mm=com, at_overlap_limit=at_limit)

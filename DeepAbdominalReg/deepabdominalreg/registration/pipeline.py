@@ -42,7 +42,7 @@ from deepabdominalreg.registration.affine import AffineSettings, optimise_affine
 from deepabdominalreg.registration.checks import judge, measure
 from deepabdominalreg.registration.discrete import discrete_search
 from deepabdominalreg.registration.fields import affine_field_displacement, inverse_field_on_grid, warp_image
-from deepabdominalreg.registration.initialisation import OffsetSearchSettings, search_offset
+from deepabdominalreg.registration.initialisation import OffsetSearchResult, OffsetSearchSettings, search_offset
 from deepabdominalreg.registration.instance_optimisation import InstanceOptimisationSettings, instance_optimise
 from deepabdominalreg.registration.network import network_displacement
 from deepabdominalreg.registration.preprocessing import WorkingImage, looks_like_ct, prepare_working_image
@@ -432,6 +432,7 @@ class _Run:
     w_moving: WorkingImage | None = None
     # affine: fixed -> moving, and the moving image through it on the fixed working grid
     affine: sitk.AffineTransform | None = None
+    offset_search: OffsetSearchResult | None = None
     moved: WorkingImage | None = None
     # deformable stages: displacement on the fixed working grid, working-grid voxels (1, 3, D, H, W)
     disp: torch.Tensor | None = None
@@ -542,10 +543,11 @@ def _align_affine(run: _Run) -> None:
         if config.affine:
             start = None
             if config.initial_search:  # the translation searched over every overlap, not the centres of mass
-                start = search_offset(w_fixed.grid, w_fixed.intensity, w_moving.grid, w_moving.intensity,
-                                      OffsetSearchSettings.from_config(config),
-                                      fixed_field_of_view=w_fixed.field_of_view,
-                                      moving_field_of_view=w_moving.field_of_view).translation_mm
+                run.offset_search = search_offset(w_fixed.grid, w_fixed.intensity, w_moving.grid, w_moving.intensity,
+                                                  OffsetSearchSettings.from_config(config),
+                                                  fixed_field_of_view=w_fixed.field_of_view,
+                                                  moving_field_of_view=w_moving.field_of_view)
+                start = run.offset_search.translation_mm
             run.affine = optimise_affine(
                 w_fixed.grid, w_fixed.intensity, w_moving.grid, w_moving.intensity, AffineSettings.from_config(config),
                 device=run.device, fixed_field_of_view=w_fixed.field_of_view,
@@ -782,6 +784,10 @@ def _plausibility(run: _Run, metrics: dict) -> None:
     ``metrics["checks"]``: the plausibility checks of :mod:`deepabdominalreg.registration.checks`."""
     values = measure(run.w_fixed, run.w_moving, run.moved, run.disp, run.deformable_mm, run.affine,
                      run.config.check_hu_window)
+    if run.offset_search is not None:
+        values["search_correlation"] = run.offset_search.correlation
+        values["search_overlap_fraction"] = run.offset_search.overlap_fraction
+        values["search_at_overlap_limit"] = run.offset_search.at_overlap_limit
     status, reasons = judge(values, run.config, folding_percent=metrics["folding_percent"],
                             dice_before=metrics.get("dice_mean_before"), dice_after=metrics.get("dice_mean_after"))
     metrics["checks"] = values

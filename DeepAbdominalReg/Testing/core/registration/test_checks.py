@@ -53,6 +53,10 @@ def test_judge_gives_one_reason_per_failed_check_with_value_and_threshold():
                displacement_p95_mm=200.0, ncc_mirrored=0.99)
     status, reasons = judge(bad, config, folding_percent=0.0, dice_before=0.5, dice_after=0.3)
     assert status == STATUS_SUSPECT and len(reasons) == 8, reasons
+    searched = dict(good, search_correlation=0.9, search_overlap_fraction=0.31, search_at_overlap_limit=True)
+    status, reasons = judge(searched, config, folding_percent=0.0)
+    assert status == STATUS_SUSPECT and len(reasons) == 1 and "31 %" in reasons[0] and "30 %" in reasons[0]
+    assert judge(dict(searched, search_at_overlap_limit=False), config, folding_percent=0.0) == (STATUS_OK, [])
     nan = dict(good, ncc_before=float("nan"), ncc_after=float("nan"))  # nothing to measure: no failure
     assert judge(nan, config)[0] == STATUS_OK
 
@@ -104,3 +108,14 @@ def test_register_command_exit_code_for_a_suspect_result(phantom_pair, tmp_path,
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["status"] == STATUS_SUSPECT and metrics["suspect_reasons"]
     assert main([*argv, "--output-dir", str(tmp_path / "b"), "--accept-suspect"]) == 0
+
+
+def test_disjoint_fields_of_view_are_suspect(phantom_pair):
+    """The superior 40 % against the inferior 40 % at their true places: the offset search can only make them
+    overlap at its smallest allowed overlap, and says so."""
+    image = phantom_pair.fixed_image
+    nz = image.GetSize()[2]
+    result = _register(image[:, :, int(0.6 * nz):], phantom_pair.moving_image[:, :, : int(0.4 * nz)])
+    assert result.metrics["status"] == STATUS_SUSPECT, result.metrics["checks"]
+    assert result.metrics["checks"]["search_at_overlap_limit"] is True
+    assert any("initial_search_min_overlap" in r for r in result.metrics["suspect_reasons"])

@@ -114,6 +114,24 @@ def test_warp_image_by_a_zero_displacement_returns_the_integer_image_unchanged()
     np.testing.assert_array_equal(sitk.GetArrayFromImage(warped), sitk.GetArrayFromImage(image))
 
 
+@pytest.mark.parametrize("interpolator", ["linear", "nearest"])
+def test_warp_image_where_whole_slabs_map_outside_the_image(interpolator):
+    """A displacement carrying the upper half of the output beyond the image's last slice (scans that overlap
+    only in part): those slabs get the default value, the rest equals ITK's resampling."""
+    rng = np.random.default_rng(5)
+    image = FIXED.image_from_array(rng.integers(-1000, 1000, size=FIXED.shape_zyx).astype(np.int16))
+    shift = np.asarray(FIXED.direction).reshape(3, 3)[:, 2] * FIXED.spacing[2] * (FIXED.size[2] // 2 + 0.3)
+    translation = sitk.AffineTransform(3)
+    translation.SetTranslation(tuple(shift))
+    displacement = affine_field_displacement(FIXED, np.zeros((*_field_grid().shape_zyx, 3)), _field_grid(),
+                                             after=translation)
+    warped = sitk.GetArrayFromImage(warp_image(image, displacement, default_value=-1024.0, interpolator=interpolator,
+                                               slab=2))
+    reference = sitk.GetArrayFromImage(resample_image(image, FIXED, translation, interpolator, default_value=-1024.0))
+    assert (reference[FIXED.size[2] // 2 + 1:] == -1024).all() and (reference[:3] != -1024).mean() > 0.5
+    assert (np.abs(warped.astype(np.float64) - reference) > 1.0).mean() < 2e-3  # 1 HU: truncation ties
+
+
 @pytest.mark.parametrize("pixel_type", [sitk.sitkUInt8, sitk.sitkInt32])
 def test_warp_image_nearest_matches_itk_label_resampling(pixel_type):
     """Label maps: nearest-neighbour warping by the dense displacement equals ITK's through the composite."""

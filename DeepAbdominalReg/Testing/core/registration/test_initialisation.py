@@ -95,6 +95,31 @@ def test_search_places_a_partial_scan_with_oblique_direction_and_anisotropic_spa
     assert np.all(np.abs(result.translation_mm - offset) < 8.0), result
 
 
+@pytest.mark.parametrize("geometry", ["plain", "oblique anisotropic"])
+def test_identical_scans_give_exactly_the_zero_translation(phantom, geometry):
+    """Both scans are sampled on one lattice (the moving one's nodes are the fixed one's, extended), so identical
+    scans correlate best at exactly 0 with symmetric neighbours: no sub-lattice offset for the affine to undo."""
+    image = phantom
+    if geometry != "plain":
+        grid = Grid(size=(45, 38, 27), spacing=(3.7, 4.3, 6.1), origin=(-93.0, -71.0, 12.5),
+                    direction=oblique_direction(17.0))
+        image = resample_image(phantom, grid, None, "linear", -1024.0)
+    result = _search(image, image)
+    assert np.abs(result.translation_mm).max() < 1e-6, result
+    assert result.correlation > 0.999 and not result.at_overlap_limit
+
+
+def test_disjoint_scans_peak_at_the_overlap_limit(phantom):
+    """Two slabs that share no anatomy correlate best on the smallest overlap allowed (``at_overlap_limit``, which
+    the plausibility checks flag); two that share 57 % of their slices peak inside the allowed overlaps."""
+    nz = phantom.GetSize()[2]
+    upper, lower = phantom[:, :, int(0.6 * nz):], phantom[:, :, : int(0.4 * nz)]
+    assert _search(upper, lower).at_overlap_limit
+    partial = _search(phantom[:, :, int(0.3 * nz):], phantom[:, :, : int(0.7 * nz)])
+    assert not partial.at_overlap_limit and 0.45 < partial.overlap_fraction < 0.7, partial
+    np.testing.assert_allclose(partial.translation_mm, 0.0, atol=8.0)
+
+
 def test_no_overlap_possible_falls_back_to_the_centres_of_mass(phantom):
     settings = OffsetSearchSettings(spacing_mm=8.0, range_mm=0.0, min_overlap=1.0)
     w = _working(phantom)
