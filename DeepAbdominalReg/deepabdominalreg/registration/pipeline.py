@@ -606,7 +606,7 @@ def _io_tensors(run: _Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     (affinely mapped) moving field of view, where both images have data, less the user's exclusion masks."""
     device = run.device
     fixed_t = torch.as_tensor(run.w_fixed.intensity, device=device)[None, None]
-    moving_t = torch.as_tensor(run.moved.intensity, device=device)[None, None]
+    moving_t = torch.as_tensor(_extended_beyond_field_of_view(run.moved), device=device)[None, None]
     mask = run.w_fixed.mask & run.moved.field_of_view
     if run.exclude_working is not None:
         mask = mask & ~run.exclude_working
@@ -615,6 +615,22 @@ def _io_tensors(run: _Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
                                    "both scans have data; exclude a smaller region.")
     mask_t = torch.as_tensor(mask, device=device)[None, None]
     return fixed_t, moving_t, mask_t
+
+
+def _extended_beyond_field_of_view(image: WorkingImage) -> np.ndarray:
+    """``image.intensity`` with every voxel outside its field of view given the value of the nearest voxel inside.
+
+    Where a scan's field of view cuts the body, the moving intensity would drop from tissue to 0 at the cut while
+    the fixed scan goes on: every similarity window across the cut would see an edge that only one image has, and
+    the optimiser would stretch the tissue next to the cut to move that edge (a rough, wrong field along every cut:
+    ``benchmarks/README.md``, "Fields of view that cut the body").  Replicating the edge values removes the false
+    edge; the similarity mask still counts only voxels inside the field of view.
+    """
+    inside = image.field_of_view
+    if inside.all() or not inside.any():
+        return image.intensity
+    nearest = ndimage.distance_transform_edt(~inside, return_distances=False, return_indices=True)
+    return image.intensity[tuple(nearest)]
 
 
 def _search_discrete(run: _Run) -> None:

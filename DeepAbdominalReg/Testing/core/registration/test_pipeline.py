@@ -338,3 +338,24 @@ def test_both_inverse_paths_of_the_pipeline_agree_and_map_landmarks_back(monkeyp
     # the two paths are two discretisations of one inverse: the bounds leave ~2-3x room over their difference
     assert np.median(difference[moving_body]) < 0.03, np.median(difference[moving_body])
     np.testing.assert_allclose(separable.warped_moving_landmarks_lps, direct.warped_moving_landmarks_lps, atol=0.3)
+
+
+def test_a_moving_field_of_view_that_cuts_the_body_leaves_the_field_smooth_at_the_cut():
+    """The moving scan lacks the fixed scan's inferior quarter (its field of view cuts the body there). Beyond its
+    cut the moving intensity is the edge's, not 0, so no similarity window sees an edge that only one image has:
+    next to the cut the field stays accurate and smooth (with the edge at 0 it was off by 3.2 mm, SDlogJ 0.14)."""
+    from deepabdominalreg.metrics.fields import jacobian_determinant, jacobian_statistics
+    from deepabdominalreg.synthetic.pairs import make_phantom_pair
+
+    pair = make_phantom_pair(seed=3, spacing_mm=4.0, amplitude_mm=8.0)
+    nz = pair.moving_image.GetSize()[2]
+    z_cut = int(0.25 * nz)
+    result = register_pair(pair.fixed_image, pair.moving_image[:, :, z_cut:], config=PRECISE)
+    body = sitk.GetArrayFromImage(result.body_mask).astype(bool)
+    near = np.zeros_like(body)
+    near[z_cut - 1: z_cut + 5] = True  # the fixed slices next to the cut (the motion is a few mm)
+    error = np.linalg.norm(sitk.GetArrayFromImage(result.displacement_lps)
+                           - sitk.GetArrayFromImage(pair.displacement_fixed_to_moving), axis=-1)
+    jacobian = sitk.GetArrayFromImage(jacobian_determinant(result.displacement_lps))
+    assert error[body & near].mean() < 1.5, error[body & near].mean()
+    assert jacobian_statistics(jacobian, body & near)["sdlogj"] < 0.09
