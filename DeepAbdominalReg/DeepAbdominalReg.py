@@ -69,11 +69,13 @@ class DeepAbdominalReg(ScriptedLoadableModule):
 Deformable registration of abdominal CT: affine pre-alignment, an optional deep-learning network, and
 instance optimisation, running in the background with progress and Cancel.<br>
 Select the <b>fixed</b> and <b>moving</b> volumes (optionally segmentations and corresponding landmarks) and press
-<b>Register</b>. Afterwards the slice views show the fixed volume with the warped moving volume (fade slider in
-<i>Display</i>); the Jacobian-determinant map (yellow: folding) and the displacement magnitude are overlays to
-choose there, and <i>Show metrics table</i> shows Dice/HD95 before and after, landmark error, folding, SDlogJ and
-runtime. The output transform (and its inverse) can be applied to the moving volume, its segmentations or
-markups to view them on the fixed volume; a moving volume under it is registered again from its own geometry.
+<b>Register</b>. Under <i>User masks</i>, a segmentation can mark a region left out of the matching (a lesion seen
+in one scan only) or kept rigid (a tumour, a bone). Afterwards the slice views show the fixed volume with the warped
+moving volume (fade slider in <i>Display</i>); the Jacobian-determinant map (yellow: folding) and the displacement
+magnitude are overlays to choose there, and <i>Show metrics table</i> shows Dice/HD95 before and after, landmark
+error, folding, SDlogJ and runtime. The output transform (and its inverse) can be applied to the moving volume, its
+segmentations or markups to view them on the fixed volume; a moving volume under it is registered again from its own
+geometry.
 A new fixed/moving pair gets new output nodes; a rerun of the same pair updates them.<br>
 From the Python console: <code>DeepAbdominalReg.DeepAbdominalRegLogic().register(fixedNode, movingNode,
 movingSegmentationNode=seg)</code>.<br>
@@ -128,6 +130,10 @@ class DeepAbdominalRegParameterNode:
     fixedSegmentation: vtkMRMLSegmentationNode
     fixedLandmarks: vtkMRMLMarkupsFiducialNode
     movingLandmarks: vtkMRMLMarkupsFiducialNode
+    # user masks (all segments of the node together): left out of the similarity, or kept rigid
+    excludeSegmentation: vtkMRMLSegmentationNode
+    movingExcludeSegmentation: vtkMRMLSegmentationNode
+    rigidSegmentation: vtkMRMLSegmentationNode
     # outputs (None: created on success)
     warpedVolume: vtkMRMLScalarVolumeNode
     outputTransform: vtkMRMLTransformNode
@@ -329,6 +335,7 @@ class DeepAbdominalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.cancelButton.enabled = running
             self.ui.showTableButton.enabled = p.metricsTable is not None
             self.ui.inverseTransformSelector.enabled = p.computeInverse
+            self.ui.ioRigidityWeightSpinBox.enabled = p.rigidSegmentation is not None  # unused without the mask
         finally:
             self._updatingGui = False
 
@@ -474,11 +481,14 @@ class DeepAbdominalRegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _inputs(fixedVolumeNode, movingVolumeNode, movingSegmentationNode, fixedSegmentationNode,
-                fixedLandmarksNode, movingLandmarksNode):
+                fixedLandmarksNode, movingLandmarksNode, excludeSegmentationNode=None,
+                movingExcludeSegmentationNode=None, rigidSegmentationNode=None):
         from DeepAbdominalRegLib.task import InputNodes
 
         return InputNodes(fixedVolumeNode, movingVolumeNode, movingSegmentationNode, fixedSegmentationNode,
-                          fixedLandmarksNode, movingLandmarksNode)
+                          fixedLandmarksNode, movingLandmarksNode, excludeSegmentation=excludeSegmentationNode,
+                          movingExcludeSegmentation=movingExcludeSegmentationNode,
+                          rigidSegmentation=rigidSegmentationNode)
 
     @staticmethod
     def _config(config, preset, overrides) -> RegistrationConfig:
@@ -487,37 +497,43 @@ class DeepAbdominalRegLogic(ScriptedLoadableModuleLogic):
         return config.replace(**overrides) if overrides else config
 
     def register(self, fixedVolumeNode, movingVolumeNode, *, movingSegmentationNode=None, fixedSegmentationNode=None,
-                 fixedLandmarksNode=None, movingLandmarksNode=None, config=None, preset=None, outputs=None,
-                 progress=None, shouldStop=None, show=True, **overrides):
+                 fixedLandmarksNode=None, movingLandmarksNode=None, excludeSegmentationNode=None,
+                 movingExcludeSegmentationNode=None, rigidSegmentationNode=None, config=None, preset=None,
+                 outputs=None, progress=None, shouldStop=None, show=True, **overrides):
         """Register in this process (blocking); returns ``DeepAbdominalRegLib.task.OutputNodes``.
 
         ``config``: a ``RegistrationConfig``, or ``preset`` ('fast', 'balanced', 'network', 'accurate') plus keyword
         overrides of its fields (e.g. ``io_iterations=50``).  ``outputs``: an ``OutputNodes`` of existing nodes to
         fill (``None`` members are created).  ``progress(event)`` and ``shouldStop() -> bool`` as in the core.
-        Raises on failure or cancel, leaving the scene unchanged.
+        User masks (segmentation nodes, all segments together): ``excludeSegmentationNode`` (fixed) and
+        ``movingExcludeSegmentationNode`` (moving) are left out of the similarity; ``rigidSegmentationNode`` (fixed)
+        is kept rigid (``io_rigidity_weight``).  Raises on failure or cancel, leaving the scene unchanged.
         """
         from DeepAbdominalRegLib.dependencies import ensureDependencies
         from DeepAbdominalRegLib.task import registerBlocking
 
         ensureDependencies(askConfirmation=True)
         inputs = self._inputs(fixedVolumeNode, movingVolumeNode, movingSegmentationNode, fixedSegmentationNode,
-                              fixedLandmarksNode, movingLandmarksNode)
+                              fixedLandmarksNode, movingLandmarksNode, excludeSegmentationNode,
+                              movingExcludeSegmentationNode, rigidSegmentationNode)
         return registerBlocking(inputs, self._config(config, preset, overrides), outputs,
                                 progress=progress, shouldStop=shouldStop, show=show)
 
     def registerInBackground(self, fixedVolumeNode, movingVolumeNode, *, movingSegmentationNode=None,
                              fixedSegmentationNode=None, fixedLandmarksNode=None, movingLandmarksNode=None,
-                             config=None, preset=None, outputs=None, onProgress=None, onFinished=None, onLog=None,
-                             waitForCompletion=False, show=True, **overrides):
+                             excludeSegmentationNode=None, movingExcludeSegmentationNode=None,
+                             rigidSegmentationNode=None, config=None, preset=None, outputs=None, onProgress=None,
+                             onFinished=None, onLog=None, waitForCompletion=False, show=True, **overrides):
         """Register in a ``PythonSlicer`` subprocess; returns the running ``RegistrationJob`` (call ``cancel()``
         to stop it), or its ``OutputNodes`` when ``waitForCompletion``.  ``onLog(line)`` receives each line the
-        run prints (progress events go to ``onProgress``)."""
+        run prints (progress events go to ``onProgress``).  Inputs and user masks as in :meth:`register`."""
         from DeepAbdominalRegLib.dependencies import ensureDependencies
         from DeepAbdominalRegLib.task import RegistrationJob
 
         ensureDependencies(askConfirmation=True)  # the subprocess uses Slicer's Python and its packages
         inputs = self._inputs(fixedVolumeNode, movingVolumeNode, movingSegmentationNode, fixedSegmentationNode,
-                              fixedLandmarksNode, movingLandmarksNode)
+                              fixedLandmarksNode, movingLandmarksNode, excludeSegmentationNode,
+                              movingExcludeSegmentationNode, rigidSegmentationNode)
         job = RegistrationJob(inputs, self._config(config, preset, overrides), outputs,
                               onProgress=onProgress, onFinished=onFinished, show=show, onLog=onLog)
         job.start()
@@ -540,7 +556,9 @@ class DeepAbdominalRegLogic(ScriptedLoadableModuleLogic):
         return self.registerInBackground(
             p.fixedVolume, p.movingVolume, movingSegmentationNode=p.movingSegmentation,
             fixedSegmentationNode=p.fixedSegmentation, fixedLandmarksNode=p.fixedLandmarks,
-            movingLandmarksNode=p.movingLandmarks, config=configFromParameters(p), outputs=outputs,
+            movingLandmarksNode=p.movingLandmarks, excludeSegmentationNode=p.excludeSegmentation,
+            movingExcludeSegmentationNode=p.movingExcludeSegmentation, rigidSegmentationNode=p.rigidSegmentation,
+            config=configFromParameters(p), outputs=outputs,
             waitForCompletion=waitForCompletion, **kwargs,
         )
 

@@ -282,6 +282,12 @@ def metricsRows(metrics: dict) -> list[tuple[str, str, float, float, str]]:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 rowUnit = unit if label.endswith("_mm") or group == "displacement" else ""
                 rows.append((f"{group.capitalize()} {label}", "", math.nan, _number(value), rowUnit))
+    masks = metrics.get("user_masks") or {}
+    if masks.get("excluded_percent_of_body") is not None:
+        rows.append(("Left out of the similarity", "exclusion masks", math.nan,
+                     _number(masks["excluded_percent_of_body"]), "% of body"))
+    if masks.get("rigid_rms_strain") is not None:
+        rows.append(("RMS strain (0: rigid)", "rigid mask", math.nan, _number(masks["rigid_rms_strain"]), ""))
     rows.append(("Runtime", str(metrics.get("device", "")), math.nan, _number(metrics.get("runtime_s")), "s"))
     for stage, seconds in (metrics.get("stages") or {}).items():
         rows.append(("Stage time", str(stage), math.nan, _number(seconds), "s"))

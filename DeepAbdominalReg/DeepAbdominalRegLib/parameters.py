@@ -48,6 +48,9 @@ INPUT_NODE_PARAMETERS = (
     "fixedSegmentation",
     "fixedLandmarks",
     "movingLandmarks",
+    "excludeSegmentation",
+    "movingExcludeSegmentation",
+    "rigidSegmentation",
 )
 OUTPUT_NODE_PARAMETERS = (
     "warpedVolume",
@@ -58,10 +61,9 @@ OUTPUT_NODE_PARAMETERS = (
     "displacementMagnitudeVolume",
     "metricsTable",
 )
-CONFIG_ONLY_PARAMETERS = frozenset(("checkAffineScaleRange", "checkHuWindow", "ioRigidityWeight"))
-"""Config fields with no panel widget: the two-number ranges of the plausibility checks, and the rigidity weight,
-which acts only with a rigid mask (``register --rigid-mask``; the panel has no mask selector).  The parameter node
-keeps the config's values; set them from the Python console (``parameterNode.checkHuWindow = (-1000.0, 1000.0)``)."""
+CONFIG_ONLY_PARAMETERS = frozenset(("checkAffineScaleRange", "checkHuWindow"))
+"""Config fields with no panel widget: the two-number ranges of the plausibility checks.  The parameter node keeps
+the config's values; set them from the Python console (``parameterNode.checkHuWindow = (-1000.0, 1000.0)``)."""
 
 GUI_ONLY_PARAMETERS = frozenset(INPUT_NODE_PARAMETERS + OUTPUT_NODE_PARAMETERS + ("preset",))
 """Parameter node members that are not RegistrationConfig fields."""

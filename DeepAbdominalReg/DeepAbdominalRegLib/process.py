@@ -82,8 +82,9 @@ class CoreInputs:
     """The MRML inputs converted for the core (SimpleITK images in LPS, landmark arrays in LPS mm).
 
     ``movingSegments`` describes the moving segmentation's segments (IDs, names, colours) for rebuilding the warped
-    segmentation on the MRML side; it is not passed to the core.  The images are ``None`` after
-    :meth:`releaseImages` (a background run, once they are written for the subprocess).
+    segmentation on the MRML side; it is not passed to the core.  The user masks (uint8 0/1 on their volume's grid)
+    are ``excludeMask`` and ``rigidMask`` on the fixed volume, ``movingExcludeMask`` on the moving one.  The images
+    are ``None`` after :meth:`releaseImages` (a background run, once they are written for the subprocess).
     """
 
     fixed: sitk.Image | None
@@ -94,6 +95,9 @@ class CoreInputs:
     movingLandmarksLps: np.ndarray | None = None
     labelNames: dict[int, str] = field(default_factory=dict)
     movingSegments: list[SegmentInfo] = field(default_factory=list)
+    excludeMask: sitk.Image | None = None
+    movingExcludeMask: sitk.Image | None = None
+    rigidMask: sitk.Image | None = None
 
     def registerPairArguments(self) -> dict:
         return {
@@ -102,12 +106,16 @@ class CoreInputs:
             "fixed_landmarks_lps": self.fixedLandmarksLps,
             "moving_landmarks_lps": self.movingLandmarksLps,
             "label_names": dict(self.labelNames) or None,
+            "exclude_mask": self.excludeMask,
+            "moving_exclude_mask": self.movingExcludeMask,
+            "rigid_mask": self.rigidMask,
         }
 
     def releaseImages(self) -> None:
         """Drop the image copies (the subprocess reads the files; kept, they would hold a second copy of every input
         volume in Slicer's process until the run ends).  Segments, names and landmarks stay."""
         self.fixed = self.moving = self.movingLabels = self.fixedLabels = None
+        self.excludeMask = self.movingExcludeMask = self.rigidMask = None
 
 
 _SCALAR_MAPS = ("jacobian", "displacementMagnitude")
@@ -210,18 +218,19 @@ class CoreOutputs:
 
 
 def writeCoreInputs(core: CoreInputs, folder: Path) -> dict[str, Path]:
-    """Write the converted inputs for the command line (uncompressed NRRD, CSV landmarks in LPS, labels.json)."""
+    """Write the converted inputs for the command line (uncompressed NRRD, CSV landmarks in LPS, labels.json); the
+    keys of the returned paths are those of :data:`_INPUT_FLAGS`."""
     from deepabdominalreg.io import write_landmarks
 
     paths = {"fixed": folder / "fixed.nrrd", "moving": folder / "moving.nrrd"}
     sitk.WriteImage(core.fixed, str(paths["fixed"]), False)
     sitk.WriteImage(core.moving, str(paths["moving"]), False)
-    if core.movingLabels is not None:
-        paths["moving_seg"] = folder / "moving_seg.nrrd"
-        sitk.WriteImage(core.movingLabels, str(paths["moving_seg"]), False)
-    if core.fixedLabels is not None:
-        paths["fixed_seg"] = folder / "fixed_seg.nrrd"
-        sitk.WriteImage(core.fixedLabels, str(paths["fixed_seg"]), False)
+    for key, image in (("moving_seg", core.movingLabels), ("fixed_seg", core.fixedLabels),
+                       ("exclude_mask", core.excludeMask), ("moving_exclude_mask", core.movingExcludeMask),
+                       ("rigid_mask", core.rigidMask)):
+        if image is not None:
+            paths[key] = folder / f"{key}.nrrd"
+            sitk.WriteImage(image, str(paths[key]), False)
     if core.labelNames:
         paths["label_names"] = folder / "labels.json"
         paths["label_names"].write_text(json.dumps({str(k): v for k, v in core.labelNames.items()}))
@@ -239,7 +248,9 @@ def writeConfig(config: RegistrationConfig, path: Path) -> Path:
 
 _INPUT_FLAGS = (("fixed", "--fixed"), ("moving", "--moving"), ("moving_seg", "--moving-seg"),
                 ("fixed_seg", "--fixed-seg"), ("label_names", "--label-names"),
-                ("fixed_landmarks", "--fixed-landmarks"), ("moving_landmarks", "--moving-landmarks"))
+                ("fixed_landmarks", "--fixed-landmarks"), ("moving_landmarks", "--moving-landmarks"),
+                ("exclude_mask", "--exclude-mask"), ("moving_exclude_mask", "--moving-exclude-mask"),
+                ("rigid_mask", "--rigid-mask"))
 
 
 def registerCommand(paths: dict[str, Path], outputDir: Path, configPath: Path, python: str | None = None) -> list[str]:

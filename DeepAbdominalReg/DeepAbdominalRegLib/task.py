@@ -19,6 +19,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import SimpleITK as sitk
 from deepabdominalreg.config import RegistrationConfig
 
 from DeepAbdominalRegLib import display, nodes
@@ -49,12 +50,19 @@ __all__ = [
 
 @dataclass
 class InputNodes:
+    """The nodes a registration reads (never modified).  The user masks are segmentation nodes whose segments
+    together form the mask: ``excludeSegmentation`` (fixed) and ``movingExcludeSegmentation`` (moving) are left out
+    of the similarity, ``rigidSegmentation`` (fixed) is kept rigid (``io_rigidity_weight``)."""
+
     fixedVolume: object
     movingVolume: object
     movingSegmentation: object | None = None
     fixedSegmentation: object | None = None
     fixedLandmarks: object | None = None
     movingLandmarks: object | None = None
+    excludeSegmentation: object | None = None
+    movingExcludeSegmentation: object | None = None
+    rigidSegmentation: object | None = None
 
 
 @dataclass
@@ -104,7 +112,32 @@ def prepareCoreInputs(inputs: InputNodes) -> CoreInputs:
                 f"the fixed and moving landmark lists have {len(core.fixedLandmarksLps)} and "
                 f"{len(core.movingLandmarksLps)} points; they must list the same points in the same order."
             )
+    core.excludeMask = _maskImage(inputs.excludeSegmentation, inputs.fixedVolume, "exclusion mask")
+    core.movingExcludeMask = _maskImage(inputs.movingExcludeSegmentation, inputs.movingVolume,
+                                        "moving exclusion mask")
+    core.rigidMask = _maskImage(inputs.rigidSegmentation, inputs.fixedVolume, "rigid mask")
     return core
+
+
+def _maskImage(segmentationNode, volumeNode, role: str):
+    """A user mask as uint8 0/1 on ``volumeNode``'s grid: the voxels of any of its segments (``None`` for no node)."""
+    if segmentationNode is None:
+        return None
+    if not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+        raise nodes.InputNodeError(
+            f"the {role} '{segmentationNode.GetName()}' is a {segmentationNode.GetClassName()}, not a segmentation; "
+            "select a segmentation node (a label map converts to one: Data module, right-click it > Convert "
+            "labelmap to segmentation node)."
+        )
+    labels, _segments = nodes.segmentationNodeToLabelImage(segmentationNode, volumeNode, role)
+    mask = labels > 0  # SimpleITK's comparison gives uint8 0/1
+    if not sitk.GetArrayViewFromImage(mask).any():
+        raise nodes.InputNodeError(
+            f"the {role} '{segmentationNode.GetName()}' is empty on '{volumeNode.GetName()}' (no segment has a voxel "
+            "inside that volume); paint the region in Segment Editor, check that it belongs to this volume, or "
+            "select None."
+        )
+    return mask
 
 
 def checkOutputsAreNotInputs(inputs: InputNodes, requested: OutputNodes | None) -> None:

@@ -17,7 +17,8 @@ from DeepAbdominalRegLib import process
 # options of 'deepabdominalreg register' that are not registration settings: the only flags the module passes
 NON_CONFIG_OPTIONS = {"--fixed", "--moving", "--moving-seg", "--fixed-seg", "--label-names", "--fixed-landmarks",
                       "--moving-landmarks", "--output-dir", "--config", "--no-report", "--progress-json",
-                      "--output-format", "--accept-suspect", "--outputs"}
+                      "--output-format", "--accept-suspect", "--outputs", "--exclude-mask", "--moving-exclude-mask",
+                      "--rigid-mask"}
 
 
 def unusualConfig() -> RegistrationConfig:
