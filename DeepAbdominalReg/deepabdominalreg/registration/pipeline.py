@@ -434,6 +434,8 @@ class _Run:
     affine: sitk.AffineTransform | None = None
     offset_search: OffsetSearchResult | None = None
     moved: WorkingImage | None = None
+    # the similarity's inputs on the fixed working grid (from _io_tensors)
+    io_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     # deformable stages: displacement on the fixed working grid, working-grid voxels (1, 3, D, H, W)
     disp: torch.Tensor | None = None
     folding_retry: dict | None = None
@@ -603,7 +605,14 @@ def _predict_network(run: _Run) -> None:
 
 def _io_tensors(run: _Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fixed and moved working intensities ``(1, 1, D, H, W)`` and the similarity mask: the fixed body inside the
-    (affinely mapped) moving field of view, where both images have data, less the user's exclusion masks."""
+    (affinely mapped) moving field of view, where both images have data, less the user's exclusion masks.  Built
+    once per run (the discrete search and the instance optimisation share them)."""
+    if run.io_inputs is None:
+        run.io_inputs = _build_io_tensors(run)
+    return run.io_inputs
+
+
+def _build_io_tensors(run: _Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     device = run.device
     fixed_t = torch.as_tensor(run.w_fixed.intensity, device=device)[None, None]
     moving_t = torch.as_tensor(_extended_beyond_field_of_view(run.moved), device=device)[None, None]
