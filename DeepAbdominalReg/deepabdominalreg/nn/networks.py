@@ -348,6 +348,7 @@ _ARCHITECTURES = {
     "CostVolumePyramidNet": ("deepabdominalreg.nn.networks", "CostVolumePyramidNet", "PyramidConfig"),
     "DLIR": ("deepabdominalreg.nn.dlir", "DLIR", "DLIRConfig"),
     "MICS": ("deepabdominalreg.nn.mics", "MICS", "MICSConfig"),
+    "SemanticPyramidNet": ("deepabdominalreg.nn.semantic", "SemanticPyramidNet", "SemanticPyramidConfig"),
 }
 """Architecture name (as stored in checkpoints and model cards) -> (module, network class, config class).  Named,
 not imported: the other architectures' modules build on this one's blocks."""

@@ -12,13 +12,13 @@ Conventions (as :mod:`deepabdominalreg.spatial`):
 
 The motion models (thin-plate splines, rigid motion, van Eijnatten fields) are synthetic motion:
 :mod:`deepabdominalreg.synthetic.motion`.  Intensity: :func:`gamma_augment` (gamma 0.5-2, log-uniform),
-:func:`brightness_augment` (x (1 +- 20 %)).  :class:`PairAugmentation` combines them into a synthetic training pair
-whose true displacement is kept.
+:func:`brightness_augment` (x (1 +- 20 %)).  Domain randomisation (images synthesised from the label maps, a cut
+field of view): :mod:`deepabdominalreg.training.synthesis`.  :class:`PairAugmentation` combines them into a
+synthetic training pair whose true displacement is kept.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,6 +34,12 @@ from deepabdominalreg.synthetic.motion import (
     tensor_grid,
     van_eijnatten_displacement,
 )
+from deepabdominalreg.training.synthesis import (
+    gamma_augment,
+    gaussian_noise,
+    random_field_of_view,
+    synthesise_from_labels,
+)
 
 __all__ = [
     "AugmentationConfig",
@@ -46,22 +52,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------------
 # intensity
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def gamma_augment(
-    image: torch.Tensor,
-    gamma_range: tuple[float, float] = (0.5, 2.0),
-    generator: torch.Generator | None = None,
-    gamma: float | None = None,
-) -> torch.Tensor:
-    """``image ** gamma`` for intensities in [0, 1]; ``gamma`` log-uniform in ``gamma_range`` unless given.
-
-    0 and 1 are fixed points, so the body mask (0 outside) and the window's top are kept.
-    """
-    if gamma is None:
-        lo, hi = math.log(gamma_range[0]), math.log(gamma_range[1])
-        gamma = math.exp(float(random_uniform(generator, lo, hi)))
-    return image.clamp(0.0, 1.0).pow(gamma)
 
 
 def brightness_augment(
@@ -111,6 +101,26 @@ class AugmentationConfig:
     noise_std: tuple[float, float] = (0.0, 0.03)
     """Gaussian noise standard deviation (intensity units), uniform in this range, inside the body."""
 
+    # domain randomisation (training.synthesis): at these defaults nothing is drawn, so older runs reproduce
+    synth_probability: float = 0.0
+    """Share of the pairs whose two images are synthesised, independently, from their label maps instead of the
+    volume's intensities (crops without labels never are)."""
+    synth_blur_sigma_mm: tuple[float, float] = (0.0, 4.0)
+    """Gaussian blur of a synthesised image: sigma (mm) uniform in this range."""
+    synth_bias_strength: tuple[float, float] = (0.0, 0.3)
+    """Standard deviation of the log bias field (0.3: about +-30 % intensity), uniform in this range."""
+    synth_bias_spacing_mm: float = 64.0
+    """Control-point spacing (mm) of the bias field: its smoothness."""
+    synth_gamma_range: tuple[float, float] = (0.5, 2.0)
+    """Gamma of a synthesised image, log-uniform in this range."""
+    synth_noise_std: tuple[float, float] = (0.0, 0.05)
+    """Gaussian noise standard deviation of a synthesised image (intensity units of [0, 1]), uniform in this range."""
+    fov_cut_probability: float = 0.0
+    """Share of the intra-patient pairs in which one image loses a slab at one end along ``d`` (cranio-caudal): a
+    shorter field of view, filled with 0; the correspondences into it leave ``fixed_mask``."""
+    fov_cut_max_fraction: float = 0.3
+    """Largest share of the crop's slices cut (the share is uniform in ``(0, max]``)."""
+
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
@@ -132,6 +142,14 @@ class PairAugmentation(nn.Module):
     possibly deformed first), ``fixed`` = moving warped by ``disp`` (``fixed(p) = moving(p + disp(p))``), both with
     independent intensity augmentation and noise, ``moving_labels``/``fixed_labels``, ``moving_mask``/``fixed_mask``
     and ``disp`` — the ground-truth fixed-to-moving displacement (voxels), exactly what a network should predict.
+
+    Domain randomisation: ``synthesis_labels`` (the full label map to synthesise from, same grid; default
+    ``labels``) and ``synthesise`` (``None``: with probability ``synth_probability``; ``True`` always, e.g. a
+    subject without image, ``image=None``).  A synthesised pair has ``moving`` drawn from the (base-deformed) label
+    map and ``fixed`` from the same map warped by ``disp``, with independent appearance draws
+    (:func:`deepabdominalreg.training.synthesis.synthesise_from_labels`); ``labels`` stay the Dice term's.  With
+    probability ``fov_cut_probability`` one image of the pair then loses a slab of slices
+    (:func:`deepabdominalreg.training.synthesis.random_field_of_view`).
     """
 
     def __init__(self, config: AugmentationConfig = AugmentationConfig()) -> None:
@@ -140,6 +158,10 @@ class PairAugmentation(nn.Module):
 
     def _coin(self, p: float, generator) -> bool:
         return p > 0 and float(torch.rand((), generator=generator)) < p
+
+    def draw_synthesis(self, generator: torch.Generator | None) -> bool:
+        """Whether a pair is synthesised (``synth_probability``; draws nothing when it is 0)."""
+        return self._coin(self.config.synth_probability, generator)
 
     def random_field(self, mask: torch.Tensor, spacing_mm: Spacing, prior_field: torch.Tensor | None,
                      generator: torch.Generator | None) -> torch.Tensor:
@@ -175,32 +197,60 @@ class PairAugmentation(nn.Module):
             image = brightness_augment(image, c.brightness_max_change, generator)
         sigma = float(random_uniform(generator, *c.noise_std))
         if sigma > 0:
-            noise = torch.randn(image.shape, generator=generator).to(image.device) * sigma
-            image = (image + noise * mask).clamp(0.0, 1.0)
+            image = (image + gaussian_noise(image, sigma, generator) * mask).clamp(0.0, 1.0)
         return image
 
-    def forward(self, image, labels, mask, spacing_mm, prior_field=None, generator=None) -> dict:
+    def synthesise(self, labels: torch.Tensor, mask: torch.Tensor, spacing_mm: Spacing, generator) -> torch.Tensor:
+        """An image in [0, 1] drawn from ``labels`` with the ``synth_*`` ranges (outside ``mask``: one more class)."""
         c = self.config
-        mask = mask.to(image.dtype)
+        return synthesise_from_labels(labels, generator, spacing_mm=spacing_mm, mask=mask,
+                                      blur_sigma_mm=c.synth_blur_sigma_mm, bias_strength=c.synth_bias_strength,
+                                      bias_spacing_mm=c.synth_bias_spacing_mm, gamma_range=c.synth_gamma_range,
+                                      noise_std=c.synth_noise_std)
+
+    def forward(self, image, labels, mask, spacing_mm, prior_field=None, generator=None, synthesis_labels=None,
+                synthesise=None) -> dict:
+        c = self.config
+        mask = mask.to(torch.float32 if image is None else image.dtype)
         if self._coin(c.base_tps_probability, generator):
-            base = random_tps_displacement(tuple(image.shape[-3:]), spacing_mm, grid_points=c.tps_grid_points,
+            base = random_tps_displacement(tuple(mask.shape[-3:]), spacing_mm, grid_points=c.tps_grid_points,
                                            max_displacement_mm=c.tps_max_displacement_mm,
-                                           generator=generator).to(image.device)
-            image = spatial.warp(image, base)
-            mask = (spatial.warp(mask, base) > 0.5).to(image.dtype)
+                                           generator=generator).to(mask.device)
+            if image is not None:
+                image = spatial.warp(image, base)
+            mask = (spatial.warp(mask, base) > 0.5).to(mask.dtype)
             if labels is not None:
                 labels = spatial.warp(labels, base, mode="nearest")
+            if synthesis_labels is not None:
+                synthesis_labels = spatial.warp(synthesis_labels, base, mode="nearest")
         disp = self.random_field(mask, spacing_mm, prior_field, generator)
-        fixed = spatial.warp(image, disp)
-        fixed_mask = (spatial.warp(mask, disp) > 0.5).to(image.dtype)
-        fixed = fixed * fixed_mask
-        out = {
-            "moving": self.intensity(image, mask, generator),
-            "fixed": self.intensity(fixed, fixed_mask, generator),
-            "moving_mask": mask,
+        fixed_mask = (spatial.warp(mask, disp) > 0.5).to(mask.dtype)
+        source = labels if synthesis_labels is None else synthesis_labels
+        if synthesise is None:
+            synthesise = self.draw_synthesis(generator) and source is not None  # no labels: keep the image
+        if synthesise and source is None:
+            raise ValueError("synthesising a pair needs a label map")
+        if image is None and not synthesise:
+            raise ValueError("a subject without image needs synthesise=True")
+        if synthesise:
+            moving = self.synthesise(source, mask, spacing_mm, generator)
+            fixed = self.synthesise(spatial.warp(source, disp, mode="nearest"), fixed_mask, spacing_mm, generator)
+        else:
+            fixed = spatial.warp(image, disp) * fixed_mask
+            moving = self.intensity(image, mask, generator)
+            fixed = self.intensity(fixed, fixed_mask, generator)
+        moving_mask = mask
+        if self._coin(c.fov_cut_probability, generator):
+            cut = random_field_of_view(fixed, moving, fixed_mask, moving_mask, disp, generator,
+                                       max_fraction=c.fov_cut_max_fraction)
+            fixed, moving, fixed_mask, moving_mask = (cut[k] for k in ("fixed", "moving", "fixed_mask",
+                                                                       "moving_mask"))
+        return {
+            "moving": moving,
+            "fixed": fixed,
+            "moving_mask": moving_mask,
             "fixed_mask": fixed_mask,
             "disp": disp,
             "moving_labels": labels,
             "fixed_labels": None if labels is None else spatial.warp(labels, disp, mode="nearest"),
         }
-        return out

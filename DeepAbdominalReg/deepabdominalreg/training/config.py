@@ -14,9 +14,11 @@ from deepabdominalreg.training.augmentation import AugmentationConfig
 
 REGULARISERS = ("diffusion", "bending", "jacobian")
 SIMILARITIES = ("ncc", "ssim", "mse", "dice", "hausdorff", "supervised", "inverse_consistency")
-NETWORK_TERMS = ("auxiliary",)
-"""Terms the network itself gives (its ``auxiliary_losses()`` after the forward pass, summed), e.g. the bending
-energy of DLIR's B-spline control points; weighted as the regularisers (fixed weight)."""
+NETWORK_TERMS = ("auxiliary", "segmentation")
+"""Terms the network itself gives from its last forward pass, weighted as the regularisers (fixed weight):
+``auxiliary``, its ``auxiliary_losses(fixed, moving, pred)`` summed (e.g. the bending energy of DLIR's B-spline control points), and
+``segmentation``, its ``segmentation_loss(fixed_labels, moving_labels)`` on the pair's label maps (pairs without
+labels leave it out; e.g. SemanticPyramidNet's soft Dice + cross-entropy of its segmentation head)."""
 
 
 @dataclass
@@ -69,7 +71,8 @@ class TrainingConfig:
     loss_weights: dict = field(default_factory=lambda: {"ncc": 1.0, "dice": 1.0, "supervised": 0.1,
                                                         "diffusion": 0.005, "jacobian": 0.1})
     """Initial weight of each term (0 or absent: off).  Terms: ncc, ssim, mse, dice, hausdorff, supervised,
-    inverse_consistency, diffusion, bending, jacobian, auxiliary (the network's own terms: :data:`NETWORK_TERMS`)."""
+    inverse_consistency, diffusion, bending, jacobian, auxiliary and segmentation (the network's own terms, the
+    second on the pair's labels: :data:`NETWORK_TERMS`)."""
     uncertainty_weighting: bool = True
     """Learn the similarity terms' weights (Kendall et al. 2018; DDMR); regularisers keep their weight."""
     learn_regulariser_weights: bool = False

@@ -50,8 +50,16 @@ class LossComputer(nn.Module):
             if auxiliary is None:
                 raise ValueError(f"the loss term 'auxiliary' needs a network with auxiliary_losses(); "
                                  f"{type(network).__name__} has none")
-            values = list(auxiliary().values())
+            values = list(auxiliary(fixed, moving, pred).values())
             out["auxiliary"] = sum(values[1:], values[0]) if values else pred.new_zeros(())
+        if "segmentation" in a:
+            segmentation = getattr(network, "segmentation_loss", None)
+            if segmentation is None:
+                raise ValueError(f"the loss term 'segmentation' needs a network with segmentation_loss(); "
+                                 f"{type(network).__name__} has none")
+            if pair.get("fixed_labels") is not None and pair.get("moving_labels") is not None:
+                # of the last forward pass too: before the inverse-consistency pass below replaces it
+                out["segmentation"] = segmentation(pair["fixed_labels"], pair["moving_labels"])
         if "ncc" in a or "ssim" in a or "mse" in a:
             warped = spatial.warp(moving, pred)
             if "ncc" in a:

@@ -72,7 +72,24 @@ def test_affine_is_the_identity_at_initialisation():
     assert torch.equal(components["translation_mm"], torch.zeros(2, 3))
     assert torch.equal(components["scale"], torch.ones(2, 3))
     assert torch.equal(net.affine_matrix(components), torch.eye(3).expand(2, 3, 3))
-    assert torch.equal(net(fixed, moving), torch.zeros(2, 3, 12, 14, 10))
+    affine_only = DLIR(DLIRConfig(input_spacing_mm=4.0, affine_channels=(4, 8), affine_hidden=8, control_spacing_mm=()))
+    assert torch.equal(affine_only(fixed, moving), torch.zeros(2, 3, 12, 14, 10))
+
+
+def test_an_untrained_deformable_stage_is_a_block_matching_step():
+    """The stage starts from its matching cost's soft-argmin: an untrained network already moves a shifted pair
+    the right way (``warp(moving, u) ~ fixed`` needs ``u_w ~ +shift``) and by part of the shift."""
+    torch.manual_seed(0)
+    pair = _shifted_pair(size=32, shift_vox=2.0)
+    net = DLIR(DLIRConfig(input_spacing_mm=4.0, affine=False, control_spacing_mm=(16.0,),
+                          deformable_channels=(4, 4, 4), search_radius_mm=24.0))
+    with torch.no_grad():
+        disp = net(pair["fixed"], pair["moving"])
+        back = net(pair["moving"], pair["fixed"])
+    centre, centre_back = disp[0, :, 8:24, 8:24, 8:24], back[0, :, 8:24, 8:24, 8:24]
+    # a partial step (the untrained features blur the cost's minimum), in the right direction both ways
+    assert 0.25 < float(centre[2].mean()) < 3.0, float(centre[2].mean())
+    assert -3.0 < float(centre_back[2].mean()) < -0.25, float(centre_back[2].mean())
 
 
 @pytest.mark.parametrize("weight_std, input_scale, raw_outputs", [(0.3, 1.0, "finite"), (1e3, 1.0, "saturating"),

@@ -185,3 +185,20 @@ def test_size_registry_and_checkpoint_round_trip(tmp_path):
     image = torch.rand(1, 1, 9, 12, 10)
     with torch.no_grad():
         torch.testing.assert_close(loaded.predict(image, image.flip(-1)), small.eval().predict(image, image.flip(-1)))
+
+
+def test_the_training_objective_adds_the_mics_terms_of_the_pair():
+    from deepabdominalreg.training.config import TrainingConfig
+    from deepabdominalreg.training.objective import LossComputer
+
+    fixed, moving = _shifted_pair()
+    net = _random_net(0, 0.01)
+    net.train()
+    pair = {"fixed": fixed, "moving": moving, "fixed_mask": torch.ones_like(fixed)}
+    objective = LossComputer(TrainingConfig(loss_weights={"mse": 1.0, "auxiliary": 1.0},
+                                            uncertainty_weighting=False))
+    pred = net(fixed, moving)
+    _, terms = objective(net, pair, pred)
+    expected = net.auxiliary_losses(fixed, moving, pred)
+    assert expected, "MICS's default configuration weighs its symmetry / Jacobian terms"
+    torch.testing.assert_close(terms["auxiliary"], sum(expected.values()))
