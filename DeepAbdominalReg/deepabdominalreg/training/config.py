@@ -16,7 +16,8 @@ REGULARISERS = ("diffusion", "bending", "jacobian")
 SIMILARITIES = ("ncc", "ssim", "mse", "dice", "hausdorff", "supervised", "inverse_consistency")
 NETWORK_TERMS = ("auxiliary", "segmentation")
 """Terms the network itself gives from its last forward pass, weighted as the regularisers (fixed weight):
-``auxiliary``, its ``auxiliary_losses(fixed, moving, pred)`` summed (e.g. the bending energy of DLIR's B-spline control points), and
+``auxiliary``, its ``auxiliary_losses(fixed, moving, pred)`` summed (e.g. the bending energy of DLIR's B-spline
+control points), and
 ``segmentation``, its ``segmentation_loss(fixed_labels, moving_labels)`` on the pair's label maps (pairs without
 labels leave it out; e.g. SemanticPyramidNet's soft Dice + cross-entropy of its segmentation head)."""
 
